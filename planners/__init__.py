@@ -1,0 +1,23 @@
+"""Pure checkpoint-scheduling algorithms over plain data; no torch import.
+
+A planner is a small frozen dataclass with one method,
+``plan(chain, *, budget_bytes) -> Schedule``. It is deterministic, and raises
+:class:`InfeasibleBudgetError` (carrying the minimum feasible budget) when nothing
+fits. :func:`simulate_plan` is the memory model all of them are judged by.
+"""
+
+from planners.chain import Block, Chain, Stage
+from planners.errors import AnodePlanError, InfeasibleBudgetError, PlanInvariantError, format_bytes
+from planners.landmarks import Anode, Landmarks, StoreAll
+from planners.revolve import (Revolve, binomial_beta, optimal_advances, optimal_split, repetition_number,
+                              revolve_ops)
+from planners.schedule import Op, Region, Run, Schedule, count_regions, nesting_depth, validate_schedule
+from planners.simulate import Simulation, TimelineEvent, simulate_plan
+
+__all__ = [
+    "AnodePlanError", "Anode", "Block", "Chain", "InfeasibleBudgetError", "Landmarks", "Op",
+    "PlanInvariantError", "Region", "Revolve", "Run", "Schedule", "Simulation", "Stage", "StoreAll",
+    "TimelineEvent", "binomial_beta", "count_regions", "format_bytes", "nesting_depth",
+    "optimal_advances", "optimal_split", "repetition_number", "revolve_ops", "simulate_plan",
+    "validate_schedule",
+]

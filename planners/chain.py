@@ -1,0 +1,153 @@
+"""The plain-data description of a network that the planners work on.
+
+A network is lowered to a *chain* of stages: stage ``i`` maps the state ``x_i`` to
+``x_{i+1}``. Every time step of every ODE block is one stage, and each run of other
+layers between blocks is one stage. The numbers come from
+``anode_plan.lower_to_chain`` (measured on fake tensors), or are written by hand in
+tests, where unit-sized stages make peaks and recompute counts exact integers.
+
+The memory model behind these fields is documented in :mod:`planners.simulate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a chain and what running it costs.
+
+    Attributes:
+        name: a label for reports, such as ``"layer1.0@step3"`` or ``"stem"``.
+        input_bytes: bytes of the state ``x_i`` that enters the stage.
+        output_bytes: bytes of the state ``x_{i+1}`` it produces.
+        tape_bytes: bytes autograd saves for backward when the stage runs with a tape,
+            not counting its input, its output or parameters (those are counted once,
+            elsewhere).
+        saves_input: the tape keeps ``x_i`` alive.
+        saves_output: the tape keeps ``x_{i+1}`` alive.
+        fwd_taped_bytes: the most memory the taped forward allocates on top of what was
+            live before it (output, tape and temporaries together).
+        fwd_untaped_bytes: the same for an untaped forward (output and temporaries).
+        bwd_bytes: the most memory the backward allocates on top of what was live
+            before it (input gradient, parameter gradients and temporaries).
+        fwd_cost: cost of one forward, in the chain's cost unit (model milliseconds).
+        bwd_cost: cost of one backward.
+        param_ids: indices into :attr:`Chain.param_grad_bytes` of the trainable
+            parameters the stage uses; each one's gradient is allocated by the first
+            backward that reaches it and then stays.
+        block: index of the ODE block this stage is a time step of, or ``None``.
+        step: the time step within that block, or ``None``.
+    """
+
+    name: str
+    input_bytes: int
+    output_bytes: int
+    tape_bytes: int
+    saves_input: bool = True
+    saves_output: bool = False
+    fwd_taped_bytes: int = -1
+    fwd_untaped_bytes: int = -1
+    bwd_bytes: int = -1
+    fwd_cost: float = 1.0
+    bwd_cost: float = 2.0
+    param_ids: tuple[int, ...] = ()
+    block: int | None = None
+    step: int | None = None
+
+    def __post_init__(self) -> None:
+        for attr in ("input_bytes", "output_bytes", "tape_bytes"):
+            if getattr(self, attr) < 0:
+                raise ValueError(f"Stage {self.name!r}: {attr} must be >= 0, got {getattr(self, attr)}")
+        # Defaults for hand-written chains: a taped forward allocates its output and
+        # tape, an untaped one its output, and backward the input gradient.
+        if self.fwd_taped_bytes < 0:
+            object.__setattr__(self, "fwd_taped_bytes", self.output_bytes + self.tape_bytes)
+        if self.fwd_untaped_bytes < 0:
+            object.__setattr__(self, "fwd_untaped_bytes", self.output_bytes)
+        if self.bwd_bytes < 0:
+            object.__setattr__(self, "bwd_bytes", self.input_bytes)
+
+
+@dataclass(frozen=True)
+class Block:
+    """An ODE block: the stages ``start .. stop-1`` are its time steps, in order."""
+
+    name: str
+    start: int
+    stop: int
+    method: str = "euler"
+
+    @property
+    def nt(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Chain:
+    """A chain of stages, with the ODE blocks marked.
+
+    Attributes:
+        stages: the stages in forward order.
+        blocks: the ODE blocks, as ranges of stages, in order and not overlapping.
+        param_grad_bytes: bytes of each trainable parameter's gradient.
+        input_grad: whether the network input's gradient is computed (it is charged).
+        head_bytes: memory the loss after the network is allowed, on top of the output
+            gradient; by default twice the output.
+        name: a label for reports and error messages.
+    """
+
+    stages: tuple[Stage, ...]
+    blocks: tuple[Block, ...] = ()
+    param_grad_bytes: tuple[int, ...] = ()
+    input_grad: bool = False
+    head_bytes: int = -1
+    name: str = "chain"
+    cost_unit: str = field(default="ms")
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("a Chain needs at least one stage")
+        for i in range(len(self.stages) - 1):
+            out_b, in_b = self.stages[i].output_bytes, self.stages[i + 1].input_bytes
+            if out_b != in_b:
+                raise ValueError(f"stage {i} ({self.stages[i].name}) outputs {out_b} bytes but stage "
+                                 f"{i + 1} ({self.stages[i + 1].name}) takes {in_b} bytes")
+        previous_stop = 0
+        for block in self.blocks:
+            if not previous_stop <= block.start < block.stop <= len(self.stages):
+                raise ValueError(f"block {block.name!r} [{block.start}, {block.stop}) does not fit "
+                                 f"in order in a chain of {len(self.stages)} stages")
+            previous_stop = block.stop
+        if self.head_bytes < 0:
+            object.__setattr__(self, "head_bytes", 2 * self.stages[-1].output_bytes)
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    @property
+    def output_bytes(self) -> int:
+        return self.stages[-1].output_bytes
+
+    def block_of(self, stage_idx: int) -> Block | None:
+        for block in self.blocks:
+            if block.start <= stage_idx < block.stop:
+                return block
+        return None
+
+    @classmethod
+    def uniform(cls, n: int, *, state_bytes: int = 1, tape_bytes: int = 1, fwd_cost: float = 1.0,
+                bwd_cost: float = 1.0, as_block: bool = True) -> "Chain":
+        """A chain of ``n`` identical stages; with ``as_block`` they form one ODE block.
+
+        The unit chain of the revolve papers: use it in tests, where every peak is an
+        integer number of states.
+        """
+        stages = tuple(
+            Stage(name=f"step{i}", input_bytes=state_bytes, output_bytes=state_bytes,
+                  tape_bytes=tape_bytes, fwd_cost=fwd_cost, bwd_cost=bwd_cost,
+                  block=0 if as_block else None, step=i if as_block else None)
+            for i in range(n))
+        blocks = (Block("block0", 0, n),) if as_block else ()
+        return cls(stages=stages, blocks=blocks, name=f"uniform{n}")

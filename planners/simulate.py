@@ -1,0 +1,234 @@
+"""Simulate a schedule: its peak memory, its compute cost, and a memory timeline.
+
+This is the memory model every planner is judged against, and the independent
+checker of their results. It mirrors what nested non-reentrant
+``torch.utils.checkpoint`` regions do in PyTorch, buffer by buffer, with reference
+counts:
+
+* A taped ``Run(i)`` allocates, at its peak, ``fwd_taped_bytes`` on top of what is
+  live, and leaves its output ``x_{i+1}`` and its tape. The tape holds ``x_i`` if
+  ``saves_input`` and ``x_{i+1}`` if ``saves_output``.
+* A ``Region`` in a taped context keeps its input (``_NoopSaveInputs`` saves it) and
+  runs its body untaped: each stage peaks at ``fwd_untaped_bytes`` and leaves only its
+  output. Intermediate states die as soon as the next stage has consumed them.
+* In backward, a ``Region`` is recomputed when backward reaches it: its body runs
+  again taped, from the saved input (the "recompute" phase), the recomputed output is
+  dropped unless a tape saved it, and the body is backpropagated in reverse.
+* The backward of ``Run(i)`` peaks at ``bwd_bytes`` on top of what is live, then frees
+  the tape and the output gradient, and leaves the input gradient and the gradients of
+  parameters it touched for the first time (they stay to the end).
+* The network input is not charged (the budget excludes the batch); the output stays
+  live through backward (the caller holds it), and the loss after the network peaks at
+  ``Chain.head_bytes`` on top of everything, then leaves the output gradient.
+
+The peak is the budget the schedule needs: the most memory a training step allocates
+on top of what was allocated when its forward started.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from planners.chain import Chain
+from planners.schedule import Op, Region, Run, Schedule, validate_schedule
+
+KINDS = ("states", "tapes", "gradients", "parameter gradients")
+
+
+@dataclass(frozen=True)
+class TimelineEvent:
+    """One operation of a simulated training step.
+
+    ``phase`` is ``"forward"``, ``"recompute"``, ``"backward"`` or ``"loss"``;
+    ``live_bytes`` is what is live after the operation, ``peak_bytes`` the most
+    during it.
+    """
+
+    phase: str
+    stage: int
+    live_bytes: int
+    peak_bytes: int
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """What a schedule costs under the chain's model.
+
+    Attributes:
+        peak_bytes: the most memory live at once (the budget the schedule needs).
+        compute_cost: forward and backward cost of the whole step, recompute included.
+        baseline_cost: the cost without any recompute (one forward, one backward).
+        forward_counts: how many times each stage's forward runs.
+        peak_breakdown: what is live at the peak, by kind, plus ``"transient"``.
+        timeline: every operation in execution order (empty unless asked for).
+    """
+
+    peak_bytes: int
+    compute_cost: float
+    baseline_cost: float
+    forward_counts: tuple[int, ...]
+    peak_breakdown: tuple[tuple[str, int], ...]
+    timeline: tuple[TimelineEvent, ...] = ()
+
+    @property
+    def recompute_overhead(self) -> float:
+        """Extra compute as a fraction of the step without recompute (0.0 = none)."""
+        return self.compute_cost / self.baseline_cost - 1.0 if self.baseline_cost else 0.0
+
+    @property
+    def recomputed_forwards(self) -> int:
+        """Forward evaluations beyond one per stage."""
+        return sum(self.forward_counts) - len(self.forward_counts)
+
+    def breakdown(self) -> dict[str, int]:
+        return dict(self.peak_breakdown)
+
+
+class _Memory:
+    """Reference-counted buffers, with the peak and what was live at it."""
+
+    def __init__(self, record: bool) -> None:
+        self.live = 0
+        self.peak = 0
+        self.by_kind = {kind: 0 for kind in KINDS}
+        self.peak_breakdown: dict[str, int] = {}
+        self._refs: dict[int, int] = {}
+        self._sizes: dict[int, tuple[str, int]] = {}
+        self._next = 0
+        self.record = record
+        self.events: list[TimelineEvent] = []
+
+    def new(self, kind: str, nbytes: int) -> int:
+        handle = self._next
+        self._next += 1
+        self._refs[handle] = 1
+        self._sizes[handle] = (kind, nbytes)
+        self.live += nbytes
+        self.by_kind[kind] += nbytes
+        self.touch(0)
+        return handle
+
+    def incref(self, handle: int) -> None:
+        self._refs[handle] += 1
+
+    def decref(self, handle: int) -> None:
+        self._refs[handle] -= 1
+        if self._refs[handle] == 0:
+            kind, nbytes = self._sizes.pop(handle)
+            del self._refs[handle]
+            self.live -= nbytes
+            self.by_kind[kind] -= nbytes
+
+    def touch(self, transient: int) -> int:
+        """Note a moment where ``transient`` bytes are allocated on top of what is live."""
+        total = self.live + transient
+        if total > self.peak:
+            self.peak = total
+            self.peak_breakdown = {**self.by_kind, "transient": transient}
+        return total
+
+    def event(self, phase: str, stage: int, peak: int) -> None:
+        if self.record:
+            self.events.append(TimelineEvent(phase, stage, self.live, max(peak, self.live)))
+
+
+class _Simulator:
+    def __init__(self, chain: Chain, record: bool) -> None:
+        self.chain = chain
+        self.stages = chain.stages
+        self.mem = _Memory(record)
+        self.counts = [0] * len(chain.stages)
+        self.cost = 0.0
+        self.grads_done: set[int] = set()
+        self.in_backward = False
+
+    # A record per op of a taped forward: for Run, the handles its tape holds; for
+    # Region, the handle of its saved input.
+    def forward(self, ops: tuple[Op, ...], x: int, taped: bool) -> tuple[int, list]:
+        """Run ``ops`` from state handle ``x`` (whose reference it takes over)."""
+        records: list = []
+        phase = "recompute" if self.in_backward else "forward"
+        for op in ops:
+            if isinstance(op, Run):
+                stage = self.stages[op.stage]
+                peak = self.mem.touch(stage.fwd_taped_bytes if taped else stage.fwd_untaped_bytes)
+                y = self.mem.new("states", stage.output_bytes)
+                self.counts[op.stage] += 1
+                self.cost += stage.fwd_cost
+                if taped:
+                    held = [self.mem.new("tapes", stage.tape_bytes)]
+                    if stage.saves_input:
+                        self.mem.incref(x)
+                        held.append(x)
+                    if stage.saves_output:
+                        self.mem.incref(y)
+                        held.append(y)
+                    records.append(held)
+                self.mem.decref(x)
+                x = y
+                self.mem.event(phase, op.stage, peak)
+            else:
+                if taped:
+                    self.mem.incref(x)
+                    records.append(x)
+                x, _ = self.forward(op.body, x, taped=False)
+        return x, records
+
+    def backward(self, ops: tuple[Op, ...], records: list, grad: int) -> int:
+        """Backpropagate ``ops`` given the output-gradient handle ``grad`` (taken over)."""
+        for op, record in zip(reversed(ops), reversed(records)):
+            if isinstance(op, Run):
+                stage = self.stages[op.stage]
+                peak = self.mem.touch(stage.bwd_bytes)
+                self.cost += stage.bwd_cost
+                charged = op.stage > 0 or self.chain.input_grad
+                grad_in = self.mem.new("gradients", stage.input_bytes if charged else 0)
+                for param in stage.param_ids:
+                    if param not in self.grads_done:
+                        self.grads_done.add(param)
+                        self.mem.new("parameter gradients", self.chain.param_grad_bytes[param])
+                for handle in record:
+                    self.mem.decref(handle)
+                self.mem.decref(grad)
+                grad = grad_in
+                self.mem.event("backward", op.stage, peak)
+            else:
+                saved_input = record
+                self.mem.incref(saved_input)
+                y, inner = self.forward(op.body, saved_input, taped=True)
+                self.mem.decref(y)
+                grad = self.backward(op.body, inner, grad)
+                self.mem.decref(saved_input)
+        return grad
+
+    def run(self, ops: tuple[Op, ...]) -> None:
+        x0 = self.mem.new("states", 0)
+        out, records = self.forward(ops, x0, taped=True)
+        self.in_backward = True
+        grad = self.mem.new("gradients", self.chain.output_bytes)
+        peak = self.mem.touch(self.chain.head_bytes)
+        self.mem.event("loss", len(self.stages), peak)
+        grad_in = self.backward(ops, records, grad)
+        self.mem.decref(grad_in)
+        self.mem.decref(out)
+
+
+def simulate_plan(chain: Chain, schedule: Schedule | tuple[Op, ...], *, timeline: bool = False) -> Simulation:
+    """Simulate one training step of ``schedule`` on ``chain``; see the module docstring.
+
+    Validates the schedule first (:func:`planners.validate_schedule`), so it is also the
+    independent checker of every planner's output.
+    """
+    ops = schedule.ops if isinstance(schedule, Schedule) else schedule
+    validate_schedule(ops, len(chain.stages))
+    sim = _Simulator(chain, record=timeline)
+    sim.run(ops)
+    baseline = sum(stage.fwd_cost + stage.bwd_cost for stage in chain.stages)
+    return Simulation(
+        peak_bytes=sim.mem.peak,
+        compute_cost=sim.cost,
+        baseline_cost=baseline,
+        forward_counts=tuple(sim.counts),
+        peak_breakdown=tuple(sim.mem.peak_breakdown.items()),
+        timeline=tuple(sim.mem.events),
+    )
