@@ -1,6 +1,24 @@
-"""anode-plan: train ODE-block networks under a memory budget with exact gradients."""
+"""anode-plan: train ODE-block networks under a memory budget, with exact gradients.
 
+    compiled = anode_plan.compile(model, memory_budget="4GB", example_inputs=(x,))
+    loss_fn(compiled(x), y).backward()
+
+The public names are re-exported here; everything else may change without notice.
+"""
+
+from anode_plan.budget import parse_memory_budget
+from anode_plan.compiler import CompiledModel, Plan, compile
+from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import (AnodePlanError, BudgetFormatError, ExampleInputsError, InfeasibleBudgetError,
                                InputMismatchError, ODEBlockConfigError, ODEFunctionError, PlanInvariantError,
                                UntraceableModelError)
+from anode_plan.memory import LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode import ODEBlock
+from anode_plan.trace import trace_model
+
+__all__ = [
+    "AnodePlanError", "BudgetFormatError", "CompiledModel", "ExampleInputsError", "InfeasibleBudgetError",
+    "InputMismatchError", "LiveStorageTracker", "MemoryMeasurement", "ODEBlock", "ODEBlockConfigError",
+    "ODEFunctionError", "Plan", "PlanInvariantError", "UntraceableModelError", "compile", "lower_to_chain",
+    "measure_peak_memory", "parse_memory_budget", "trace_model",
+]
