@@ -1,0 +1,243 @@
+"""End-to-end tests of anode_plan.compile: exact gradients, budgets kept, errors, module behaviour."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import anode_plan
+import planners
+from models import mlp_ode, ode_resnet
+
+PLANNERS = [planners.StoreAll(), planners.Anode(), planners.Anode(snapshots="auto"), planners.Anode(snapshots=1),
+            planners.Revolve(), planners.Revolve(snapshots=1), planners.Landmarks()]
+
+
+def _models():
+    return {
+        "resnet-batchnorm": (lambda: ode_resnet(width=4, stages=2, nt=3, method="rk2", norm="batch").double(),
+                             (4, 3, 8, 8)),
+        "resnet-groupnorm": (lambda: ode_resnet(width=4, stages=2, nt=4, method="euler", norm="group").double(),
+                             (4, 3, 8, 8)),
+        "mlp": (lambda: mlp_ode(features=6, hidden=8, blocks=2, nt=5, method="rk4").double(), (5, 6)),
+    }
+
+
+def _min_budget(model, x, planner):
+    with pytest.raises(anode_plan.InfeasibleBudgetError) as info:
+        anode_plan.compile(model, 1, (x,), planner=planner)
+    return info.value.min_budget_bytes
+
+
+def _budgets(model, x, planner, count=5):
+    """``count`` budgets from the planner's minimum to above the store-all peak."""
+    low = _min_budget(model, x, planner)
+    high = int(anode_plan.compile(model, 10**12, (x,), planner=planners.StoreAll()).plan.predicted_peak_bytes * 1.2)
+    high = max(high, low + count)
+    return [low + (high - low) * k // (count - 1) for k in range(count)]
+
+
+def _loss(out, target):
+    return F.cross_entropy(out, target)
+
+
+def _grads_of(model, x, target, compiled=None):
+    x = x.clone().requires_grad_()
+    runner = compiled if compiled is not None else model
+    loss = _loss(runner(x), target)
+    loss.backward()
+    return loss.detach(), x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("model_name", list(_models()))
+@pytest.mark.parametrize("planner", PLANNERS, ids=lambda p: repr(p))
+def test_gradients_equal_plain_autograd_at_every_budget(model_name, planner):
+    build, shape = _models()[model_name]
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    target = torch.randint(0, 3, (shape[0],))
+    budgets = _budgets(build(), x, planner)
+    assert len(set(budgets)) >= 5
+    reference_model = build()
+    ref_loss, ref_dx, ref_grads = _grads_of(reference_model, x, target)
+    for budget in budgets:
+        model = build()
+        compiled = anode_plan.compile(model, budget, (x,), planner=planner)
+        assert compiled.plan.predicted_peak_bytes <= budget
+        loss, dx, grads = _grads_of(model, x, target, compiled)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dx, ref_dx, rtol=1e-10, atol=1e-12)
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-10, atol=1e-12, msg=f"{name} at {budget}")
+        for (name, mine), theirs in zip(model.named_buffers(), reference_model.buffers()):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=f"buffer {name} at budget {budget}")
+
+
+def _count_func_calls(model):
+    counts = {}
+    for name, module in model.named_modules():
+        if isinstance(module, anode_plan.ODEBlock):
+            counts[name] = 0
+            module.func.register_forward_pre_hook(lambda *args, name=name: counts.__setitem__(name, counts[name] + 1))
+    return counts
+
+
+@pytest.mark.parametrize("snapshots", [1, 2, 3, 5])
+def test_runtime_recompute_count_is_revolves_optimum(snapshots):
+    nt = 12
+    model = mlp_ode(features=4, hidden=4, blocks=1, nt=nt, method="rk2").double()
+    x = torch.randn(3, 4, dtype=torch.float64)
+    compiled = anode_plan.compile(model, 10**9, (x,), planner=planners.Revolve(snapshots=snapshots))
+    counts = _count_func_calls(model)
+    compiled(x).sum().backward()
+    steps_run = sum(counts.values()) // 2  # rk2: two evaluations of f per step
+    assert steps_run - nt == planners.optimal_advances(nt, snapshots)
+    block = compiled.plan.chain.blocks[0]
+    assert steps_run == sum(compiled.plan.simulation.forward_counts[block.start:block.stop])
+
+
+def test_runtime_forward_counts_match_simulation_for_every_landmark():
+    model = ode_resnet(width=4, stages=2, nt=4, method="euler", norm="group").double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    for planner in PLANNERS[:-1]:
+        compiled = anode_plan.compile(model, 10**9, (x,), planner=planner)
+        counts = _count_func_calls(model)
+        compiled(x).sum().backward()
+        sim = compiled.plan.simulation
+        for block in compiled.plan.chain.blocks:
+            assert counts[block.name] == sum(sim.forward_counts[block.start:block.stop]), planner
+        for module in model.modules():
+            module._forward_pre_hooks.clear()
+
+
+@pytest.fixture(scope="module")
+def resnet32():
+    torch.manual_seed(0)
+    model = ode_resnet(width=8, stages=2, nt=4, method="rk2", norm="batch")
+    x = torch.randn(8, 3, 16, 16)
+    y = torch.randint(0, 10, (8,))
+    return model, x, y
+
+
+def test_measured_peak_within_budget_and_prediction_within_10_percent(resnet32):
+    model, x, y = resnet32
+    store_all = anode_plan.compile(model, 10**12, (x,), planner=planners.StoreAll()).plan.predicted_peak_bytes
+    minimum = _min_budget(model, x, planners.Landmarks())
+    budgets = sorted({minimum, *(minimum + (store_all - minimum) * k // 6 for k in range(7)), int(store_all * 1.2)})
+    assert len(budgets) >= 7
+    for budget in budgets:
+        compiled = anode_plan.compile(model, budget, (x,))
+        compiled(x)  # warm-up: lazily created state must not count
+        model.zero_grad(set_to_none=True)
+        measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(compiled(x), y).backward()).peak_bytes
+        model.zero_grad(set_to_none=True)
+        predicted = compiled.plan.predicted_peak_bytes
+        assert measured <= budget, (budget, compiled.plan.schedule.description, measured)
+        assert abs(predicted - measured) <= 0.10 * measured, (budget, predicted, measured)
+
+
+def test_smaller_budget_never_costs_less_compute(resnet32):
+    model, x, _ = resnet32
+    minimum = _min_budget(model, x, planners.Landmarks())
+    costs = [anode_plan.compile(model, minimum * k // 2, (x,)).plan.simulation.compute_cost for k in range(2, 12)]
+    assert costs == sorted(costs, reverse=True)
+
+
+@pytest.mark.parametrize("budget, fragment", [
+    ("4 parsecs", "unknown unit 'parsecs'"),
+    (-1, "must be positive"),
+    ("0GB", "at least 1 byte"),
+    ("12 Mb", "reads as bits"),
+    (1.5e9, "is not a budget"),
+])
+def test_bad_budgets_raise_budget_format_error(resnet32, budget, fragment):
+    model, x, _ = resnet32
+    with pytest.raises(anode_plan.BudgetFormatError, match=fragment):
+        anode_plan.compile(model, budget, (x,))
+
+
+def test_budget_units_are_si_and_iec():
+    assert anode_plan.parse_memory_budget("4GB") == 4 * 10**9
+    assert anode_plan.parse_memory_budget("512MiB") == 512 * 2**20
+    assert anode_plan.parse_memory_budget("1.5 GiB") == 3 * 2**29
+    assert anode_plan.parse_memory_budget(12345) == 12345
+
+
+def test_budget_below_minimum_names_the_minimum_and_breakdown(resnet32):
+    model, x, _ = resnet32
+    with pytest.raises(anode_plan.InfeasibleBudgetError) as info:
+        anode_plan.compile(model, "10KB", (x,))
+    error = info.value
+    assert error.min_budget_bytes > 10_000 and error.budget_bytes == 10_000
+    assert "memory_budget='10KB'" in str(error) and "Give at least" in str(error)
+    assert sum(error.breakdown.values()) == error.min_budget_bytes
+    anode_plan.compile(model, error.min_budget_bytes, (x,))  # the minimum itself is feasible
+
+
+def test_compiled_shares_parameters_and_state_dict_keys(resnet32):
+    model, x, y = resnet32
+    compiled = anode_plan.compile(model, "1GB", (x,))
+    assert list(compiled.state_dict()) == list(model.state_dict())
+    assert all(a is b for a, b in zip(compiled.parameters(), model.parameters()))
+    copy_of_model = copy.deepcopy(model)
+    compiled.load_state_dict(copy_of_model.state_dict())
+    opt = torch.optim.SGD(compiled.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    F.cross_entropy(compiled(x), y).backward()
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    compiled.eval()
+    assert not model.training
+    compiled.train()
+    assert model.training
+
+
+def test_no_grad_and_eval_run_without_checkpoint_regions(resnet32, monkeypatch):
+    model, x, _ = resnet32
+    compiled = anode_plan.compile(model, _min_budget(model, x, planners.Landmarks()), (x,))
+    assert planners.count_regions(compiled.plan.schedule.ops) > 0
+    calls = []
+    import anode_plan.runtime as runtime
+    original = runtime.checkpoint
+    monkeypatch.setattr(runtime, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    compiled.eval()
+    with torch.no_grad():
+        plain = model(x)
+        out = compiled(x)
+    compiled.train()
+    torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    assert calls == []
+
+
+def test_batchnorm_statistics_updated_once_per_step():
+    model = ode_resnet(width=4, stages=2, nt=3, method="rk4", norm="batch").double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    compiled = anode_plan.compile(model, 10**9, (x,), planner=planners.Anode(snapshots=1))
+    for _ in range(3):
+        compiled(x).sum().backward()
+        reference(x).sum().backward()
+    for (name, mine), theirs in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("planner", [planners.Anode(), planners.Revolve(snapshots=1), planners.Anode(snapshots=2)],
+                         ids=repr)
+def test_dropout_replays_identically_on_every_recompute(planner):
+    model = mlp_ode(features=4, hidden=16, blocks=2, nt=6, dropout=0.5, time_dependent=True).double()
+    reference = copy.deepcopy(model)
+    x = torch.randn(7, 4, dtype=torch.float64)
+    compiled = anode_plan.compile(model, 10**9, (x,), planner=planner)
+    torch.manual_seed(123)
+    out = compiled(x)
+    out.square().sum().backward()
+    torch.manual_seed(123)
+    ref_out = reference(x)
+    ref_out.square().sum().backward()
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=name)
