@@ -38,7 +38,7 @@ class Anode:
 
     ``snapshots=None`` recomputes every block with all its tapes (the paper's scheme);
     an integer uses revolve with that many slots inside each block's recompute, and
-    ``"auto"`` picks per block the most slots that fit.
+    ``"auto"`` picks the counts per block (see :func:`planners.feasibility.fit_per_block`).
     """
 
     snapshots: int | str | None = None

@@ -119,7 +119,8 @@ class Revolve:
     Use it when even ANODE's one-block-of-tapes does not fit, or when a block's states
     are much smaller than its tapes (then many snapshots beat ANODE in memory *and*
     compute). ``snapshots`` is the number of slots per block, the block input's
-    included; ``None`` picks, block by block, the most that fit the budget.
+    included; ``None`` picks the counts per block that fit the budget, spending memory
+    where it saves the most compute (:func:`planners.feasibility.fit_per_block`).
     """
 
     snapshots: int | None = None
