@@ -7,18 +7,20 @@ The public names are re-exported here; everything else may change without notice
 """
 
 from anode_plan.budget import parse_memory_budget
-from anode_plan.compiler import CompiledModel, Plan, compile
+from anode_plan.compiler import CompiledModel, Plan, compile, plan_for_budget
 from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import (AnodePlanError, BudgetFormatError, ExampleInputsError, InfeasibleBudgetError,
                                InputMismatchError, ODEBlockConfigError, ODEFunctionError, PlanInvariantError,
                                UntraceableModelError)
 from anode_plan.memory import LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode import ODEBlock
+from anode_plan.report import BlockSummary, BudgetLandmarks, find_landmarks, format_report, summarize_blocks
 from anode_plan.trace import trace_model
 
 __all__ = [
     "AnodePlanError", "BudgetFormatError", "CompiledModel", "ExampleInputsError", "InfeasibleBudgetError",
     "InputMismatchError", "LiveStorageTracker", "MemoryMeasurement", "ODEBlock", "ODEBlockConfigError",
     "ODEFunctionError", "Plan", "PlanInvariantError", "UntraceableModelError", "compile", "lower_to_chain",
-    "measure_peak_memory", "parse_memory_budget", "trace_model",
+    "measure_peak_memory", "parse_memory_budget", "plan_for_budget", "trace_model",
+    "BlockSummary", "BudgetLandmarks", "find_landmarks", "format_report", "summarize_blocks",
 ]

@@ -137,9 +137,20 @@ def compile(model: nn.Module, memory_budget: int | str, example_inputs: Sequence
         InfeasibleBudgetError: nothing fits; the error carries the smallest budget.
         UntraceableModelError, ExampleInputsError: the model or inputs cannot be planned.
     """
-    budget_bytes = parse_memory_budget(memory_budget)
+    parse_memory_budget(memory_budget)  # reject a bad budget before tracing
     traced = trace_model(model, example_inputs, leaf_modules=leaf_modules)
     chain = lower_to_chain(model, traced, example_inputs)
+    plan = plan_for_budget(chain, traced, example_inputs, memory_budget, planner)
+    return CompiledModel(model, traced, plan)
+
+
+def plan_for_budget(chain: Chain, traced: TracedModel, example_inputs: Sequence[torch.Tensor],
+                    memory_budget: int | str, planner: Any = None) -> Plan:
+    """Plan an already measured chain for one budget (what :func:`compile` does after tracing).
+
+    Use it to compare several budgets or planners without tracing again.
+    """
+    budget_bytes = parse_memory_budget(memory_budget)
     planner = planner if planner is not None else Landmarks()
     try:
         schedule = planner.plan(chain, budget_bytes=budget_bytes)
@@ -147,8 +158,7 @@ def compile(model: nn.Module, memory_budget: int | str, example_inputs: Sequence
         raise InfeasibleBudgetError(f"memory_budget={memory_budget!r}: {error}", budget_bytes=error.budget_bytes,
                                     min_budget_bytes=error.min_budget_bytes, breakdown=error.breakdown) from None
     simulation = simulate_plan(chain, schedule, timeline=True)
-    plan = Plan(schedule=schedule, chain=chain, budget_bytes=budget_bytes, simulation=simulation,
+    return Plan(schedule=schedule, chain=chain, budget_bytes=budget_bytes, simulation=simulation,
                 input_shapes=tuple(tuple(x.shape) for x in example_inputs),
                 input_dtypes=tuple(str(x.dtype) for x in example_inputs),
                 fingerprint=traced.structure_fingerprint())
-    return CompiledModel(model, traced, plan)
