@@ -86,6 +86,8 @@ class _StageProfile:
         saved_storages = _storages(saved)
         self.saves_input = bool(input_keys & saved_storages.keys())
         self.saves_output = bool(output_keys & saved_storages.keys())
+        self.saved_inputs = _positions(inputs, saved_storages)
+        self.saved_outputs = _positions(outputs, saved_storages)
         excluded = input_keys | output_keys | fixed_storages
         self.tape_bytes = sum(b for k, b in saved_storages.items() if k not in excluded)
         self.output_bytes = sum(b for k, b in _storages(outputs).items() if k not in fixed_storages)
@@ -109,12 +111,46 @@ class _StageProfile:
         self.fwd_cost = fwd_flops / FLOPS_PER_MS + self.fwd_taped_bytes / BYTES_PER_MS
         self.bwd_cost = bwd_flops / FLOPS_PER_MS + self.bwd_bytes / BYTES_PER_MS
 
-    def stage(self, spec: StageSpec, input_bytes: int, output_bytes: int) -> Stage:
-        return Stage(name=spec.name, input_bytes=input_bytes, output_bytes=output_bytes, tape_bytes=self.tape_bytes,
-                     saves_input=self.saves_input, saves_output=self.saves_output,
+    def stage(self, spec: StageSpec, values: "_Values") -> Stage:
+        saved = tuple(values.ids([spec.in_names[p] for p in self.saved_inputs])) + \
+            tuple(values.ids([spec.out_names[p] for p in self.saved_outputs]))
+        return Stage(name=spec.name, input_bytes=values.state_bytes(spec.in_names),
+                     output_bytes=values.state_bytes(spec.out_names), tape_bytes=self.tape_bytes,
+                     saves_input=self.saves_input, saves_output=self.saves_output, saved_values=saved,
                      fwd_taped_bytes=self.fwd_taped_bytes, fwd_untaped_bytes=self.fwd_untaped_bytes,
                      bwd_bytes=self.bwd_bytes, fwd_cost=self.fwd_cost, bwd_cost=self.bwd_cost,
                      param_ids=self.param_ids, block=spec.block, step=spec.step)
+
+
+def _positions(values: Sequence[Any], storages: dict[int, int]) -> tuple[int, ...]:
+    """Positions in ``values`` of the tensors whose storage is among ``storages``."""
+    return tuple(p for p, v in enumerate(values) if isinstance(v, torch.Tensor) and _storage_key(v) in storages)
+
+
+class _Values:
+    """Value ids for the fx names of states: one id per name, bytes from its fake tensor."""
+
+    def __init__(self, fakes: dict[str, Any], fixed: set[int]) -> None:
+        self.fakes = fakes
+        self.fixed = fixed
+        self.id_of: dict[str, int] = {}
+        self.nbytes: list[int] = []
+
+    def ids(self, names: Sequence[str]) -> list[int]:
+        found = []
+        for name in names:
+            if name not in self.id_of:
+                value = self.fakes[name]
+                size = 0
+                if isinstance(value, torch.Tensor) and _storage_key(value) not in self.fixed:
+                    size = value.untyped_storage().nbytes()
+                self.id_of[name] = len(self.nbytes)
+                self.nbytes.append(size)
+            found.append(self.id_of[name])
+        return found
+
+    def state_bytes(self, names: Sequence[str]) -> int:
+        return sum(self.nbytes[v] for v in self.ids(names))
 
 
 def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor]) -> Chain:
@@ -134,9 +170,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
         for name, example in zip(traced.input_names, example_inputs):
             values[name] = fake_mode.from_tensor(example)
 
-    def state_bytes(names: Sequence[str]) -> int:
-        return sum(b for k, b in _storages([values[n] for n in names]).items() if k not in fixed)
-
+    ids = _Values(values, fixed)
     stages: list[Stage] = []
     tracker = LiveStorageTracker()
     with fake_mode, tracker:
@@ -148,7 +182,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
                 profile = _StageProfile(lambda v, s=spec: run_layer_group(fake_model, traced, s, v),
                                         inputs, params, fixed, tracker)
                 values.update(zip(spec.out_names, profile.outputs))
-                stages.append(profile.stage(spec, state_bytes(spec.in_names), state_bytes(spec.out_names)))
+                stages.append(profile.stage(spec, ids))
                 index += 1
                 continue
             block = traced.blocks[spec.block]
@@ -156,13 +190,14 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             z_next = dict(zip(spec.out_names, profile.outputs))[spec.z_out]
             for step_spec in traced.stages[block.start:block.stop]:
                 values[step_spec.z_out] = z_next
-                stages.append(profile.stage(step_spec, state_bytes(step_spec.in_names),
-                                            state_bytes(step_spec.out_names)))
+                stages.append(profile.stage(step_spec, ids))
             index = block.stop
             del profile
     param_bytes = tuple(p.numel() * p.element_size() for p in params)
     blocks = tuple(Block(b.target, b.start, b.stop, b.method) for b in traced.blocks)
     batch = example_inputs[0].shape[0] if example_inputs[0].dim() else 1
+    boundaries = [spec.in_names for spec in traced.stages] + [traced.stages[-1].out_names]
     return Chain(stages=tuple(stages), blocks=blocks, param_grad_bytes=param_bytes,
                  input_grad=any(x.requires_grad for x in example_inputs),
-                 name=f"{traced.model_name} (batch {batch})")
+                 name=f"{traced.model_name} (batch {batch})",
+                 state_values=tuple(tuple(ids.ids(names)) for names in boundaries), value_bytes=tuple(ids.nbytes))

@@ -39,6 +39,9 @@ class Stage:
             backward that reaches it and then stays.
         block: index of the ODE block this stage is a time step of, or ``None``.
         step: the time step within that block, or ``None``.
+        saved_values: the value ids (see :attr:`Chain.state_values`) the tape holds;
+            ``None`` derives them from ``saves_input`` (the input values the stage
+            consumes) and ``saves_output`` (the values it creates).
     """
 
     name: str
@@ -55,6 +58,7 @@ class Stage:
     param_ids: tuple[int, ...] = ()
     block: int | None = None
     step: int | None = None
+    saved_values: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         for attr in ("input_bytes", "output_bytes", "tape_bytes"):
@@ -96,6 +100,12 @@ class Chain:
         head_bytes: memory the loss after the network is allowed, on top of the output
             gradient; by default twice the output.
         name: a label for reports and error messages.
+        state_values: for each boundary ``0..n``, the ids of the values (tensor storages)
+            that make up the state there. A value in two consecutive states is carried
+            through the stage unchanged (a skip connection) and is counted once. By
+            default every state is one value of its own: a plain chain.
+        value_bytes: the bytes of each value id. Values of the network input
+            (``state_values[0]``) are never charged, since the budget excludes the batch.
     """
 
     stages: tuple[Stage, ...]
@@ -105,10 +115,24 @@ class Chain:
     head_bytes: int = -1
     name: str = "chain"
     cost_unit: str = field(default="ms")
+    state_values: tuple[tuple[int, ...], ...] = ()
+    value_bytes: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("a Chain needs at least one stage")
+        if not self.state_values:
+            object.__setattr__(self, "state_values", tuple((i,) for i in range(len(self.stages) + 1)))
+            object.__setattr__(self, "value_bytes", tuple(s.input_bytes for s in self.stages)
+                               + (self.stages[-1].output_bytes,))
+        if len(self.state_values) != len(self.stages) + 1:
+            raise ValueError(f"state_values has {len(self.state_values)} boundaries; a chain of "
+                             f"{len(self.stages)} stages has {len(self.stages) + 1}")
+        for i, values in enumerate(self.state_values):
+            total = sum(self.value_bytes[v] for v in values)
+            expected = self.stages[i].input_bytes if i < len(self.stages) else self.stages[-1].output_bytes
+            if total != expected:
+                raise ValueError(f"the values of state {i} add up to {total} bytes, but its stage says {expected}")
         for i in range(len(self.stages) - 1):
             out_b, in_b = self.stages[i].output_bytes, self.stages[i + 1].input_bytes
             if out_b != in_b:

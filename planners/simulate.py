@@ -3,7 +3,9 @@
 This is the memory model every planner is judged against, and the independent
 checker of their results. It mirrors what nested non-reentrant
 ``torch.utils.checkpoint`` regions do in PyTorch, buffer by buffer, with reference
-counts:
+counts. A state is a set of *values* (tensor storages, :attr:`Chain.state_values`): a
+value carried unchanged through a stage (a skip connection) is one buffer, referenced
+by every state that carries it.
 
 * A taped ``Run(i)`` allocates, at its peak, ``fwd_taped_bytes`` on top of what is
   live, and leaves its output ``x_{i+1}`` and its tape. The tape holds ``x_i`` if
@@ -15,8 +17,9 @@ counts:
   again taped, from the saved input (the "recompute" phase), the recomputed output is
   dropped unless a tape saved it, and the body is backpropagated in reverse.
 * The backward of ``Run(i)`` peaks at ``bwd_bytes`` on top of what is live, then frees
-  the tape and the output gradient, and leaves the input gradient and the gradients of
-  parameters it touched for the first time (they stay to the end).
+  the tape and the gradients of the values the stage created, and leaves the gradients
+  of the values it consumed and of parameters it touched for the first time (those stay
+  to the end).
 * The network input is not charged (the budget excludes the batch); the output stays
   live through backward (the caller holds it), and the loss after the network peaks at
   ``Chain.head_bytes`` on top of everything, then leaves the output gradient.
@@ -133,6 +136,8 @@ class _Memory:
 
 
 class _Simulator:
+    """Runs a schedule over value handles: a state is a dict value id -> handle."""
+
     def __init__(self, chain: Chain, record: bool) -> None:
         self.chain = chain
         self.stages = chain.stages
@@ -140,77 +145,110 @@ class _Simulator:
         self.counts = [0] * len(chain.stages)
         self.cost = 0.0
         self.grads_done: set[int] = set()
+        self.grads: dict[int, int] = {}
+        self.free_values = set(chain.state_values[0])
         self.in_backward = False
+        # Per stage: the values it consumes, creates, and whose references its tape holds.
+        self.consumed, self.created, self.saved = [], [], []
+        for i, stage in enumerate(chain.stages):
+            ins, outs = chain.state_values[i], chain.state_values[i + 1]
+            consumed = tuple(v for v in ins if v not in outs)
+            created = tuple(v for v in outs if v not in ins)
+            if stage.saved_values is not None:
+                saved = stage.saved_values
+            else:
+                saved = (consumed if stage.saves_input else ()) + (created if stage.saves_output else ())
+            self.consumed.append(consumed)
+            self.created.append(created)
+            self.saved.append(saved)
+
+    def _bytes(self, value: int, *, gradient: bool = False) -> int:
+        if value in self.free_values and not (gradient and self.chain.input_grad):
+            return 0
+        return self.chain.value_bytes[value]
 
     # A record per op of a taped forward: for Run, the handles its tape holds; for
-    # Region, the handle of its saved input.
-    def forward(self, ops: tuple[Op, ...], x: int, taped: bool) -> tuple[int, list]:
-        """Run ``ops`` from state handle ``x`` (whose reference it takes over)."""
+    # Region, the state (value -> handle) it saved as its input.
+    def forward(self, ops: tuple[Op, ...], state: dict[int, int], taped: bool) -> tuple[dict[int, int], list]:
+        """Run ``ops`` from ``state``, whose references it takes over; returns the new state."""
         records: list = []
         phase = "recompute" if self.in_backward else "forward"
         for op in ops:
             if isinstance(op, Run):
-                stage = self.stages[op.stage]
+                i = op.stage
+                stage = self.stages[i]
                 peak = self.mem.touch(stage.fwd_taped_bytes if taped else stage.fwd_untaped_bytes)
-                y = self.mem.new("states", stage.output_bytes)
-                self.counts[op.stage] += 1
+                new_state = {}
+                for value in self.chain.state_values[i + 1]:
+                    if value in state:
+                        self.mem.incref(state[value])
+                        new_state[value] = state[value]
+                    else:
+                        new_state[value] = self.mem.new("states", self._bytes(value))
+                self.counts[i] += 1
                 self.cost += stage.fwd_cost
                 if taped:
                     held = [self.mem.new("tapes", stage.tape_bytes)]
-                    if stage.saves_input:
-                        self.mem.incref(x)
-                        held.append(x)
-                    if stage.saves_output:
-                        self.mem.incref(y)
-                        held.append(y)
+                    for value in self.saved[i]:
+                        handle = state[value] if value in state else new_state[value]
+                        self.mem.incref(handle)
+                        held.append(handle)
                     records.append(held)
-                self.mem.decref(x)
-                x = y
-                self.mem.event(phase, op.stage, peak)
+                for handle in state.values():
+                    self.mem.decref(handle)
+                state = new_state
+                self.mem.event(phase, i, peak)
             else:
                 if taped:
-                    self.mem.incref(x)
-                    records.append(x)
-                x, _ = self.forward(op.body, x, taped=False)
-        return x, records
+                    for handle in state.values():
+                        self.mem.incref(handle)
+                    records.append(dict(state))
+                state, _ = self.forward(op.body, state, taped=False)
+        return state, records
 
-    def backward(self, ops: tuple[Op, ...], records: list, grad: int) -> int:
-        """Backpropagate ``ops`` given the output-gradient handle ``grad`` (taken over)."""
+    def backward(self, ops: tuple[Op, ...], records: list) -> None:
+        """Backpropagate ``ops``; gradients live in ``self.grads`` (value id -> handle)."""
         for op, record in zip(reversed(ops), reversed(records)):
             if isinstance(op, Run):
-                stage = self.stages[op.stage]
+                i = op.stage
+                stage = self.stages[i]
                 peak = self.mem.touch(stage.bwd_bytes)
                 self.cost += stage.bwd_cost
-                charged = op.stage > 0 or self.chain.input_grad
-                grad_in = self.mem.new("gradients", stage.input_bytes if charged else 0)
+                for value in self.consumed[i]:
+                    if value not in self.grads:
+                        self.grads[value] = self.mem.new("gradients", self._bytes(value, gradient=True))
                 for param in stage.param_ids:
                     if param not in self.grads_done:
                         self.grads_done.add(param)
                         self.mem.new("parameter gradients", self.chain.param_grad_bytes[param])
                 for handle in record:
                     self.mem.decref(handle)
-                self.mem.decref(grad)
-                grad = grad_in
-                self.mem.event("backward", op.stage, peak)
+                for value in self.created[i]:
+                    if value in self.grads:
+                        self.mem.decref(self.grads.pop(value))
+                self.mem.event("backward", i, peak)
             else:
-                saved_input = record
-                self.mem.incref(saved_input)
-                y, inner = self.forward(op.body, saved_input, taped=True)
-                self.mem.decref(y)
-                grad = self.backward(op.body, inner, grad)
-                self.mem.decref(saved_input)
-        return grad
+                saved_state = record
+                for handle in saved_state.values():
+                    self.mem.incref(handle)
+                out_state, inner = self.forward(op.body, dict(saved_state), taped=True)
+                for handle in out_state.values():
+                    self.mem.decref(handle)
+                self.backward(op.body, inner)
+                for handle in saved_state.values():
+                    self.mem.decref(handle)
 
     def run(self, ops: tuple[Op, ...]) -> None:
-        x0 = self.mem.new("states", 0)
-        out, records = self.forward(ops, x0, taped=True)
+        inputs = {value: self.mem.new("states", 0) for value in self.chain.state_values[0]}
+        out, records = self.forward(ops, inputs, taped=True)
         self.in_backward = True
-        grad = self.mem.new("gradients", self.chain.output_bytes)
+        for value in self.chain.state_values[-1]:
+            self.grads[value] = self.mem.new("gradients", self._bytes(value, gradient=True))
         peak = self.mem.touch(self.chain.head_bytes)
         self.mem.event("loss", len(self.stages), peak)
-        grad_in = self.backward(ops, records, grad)
-        self.mem.decref(grad_in)
-        self.mem.decref(out)
+        self.backward(ops, records)
+        for handle in list(self.grads.values()) + list(out.values()):
+            self.mem.decref(handle)
 
 
 def simulate_plan(chain: Chain, schedule: Schedule | tuple[Op, ...], *, timeline: bool = False) -> Simulation:

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 import anode_plan
 import planners
-from models import mlp_ode, ode_resnet
+from models import mlp_ode, ode_resnet, unet_ode
 
 PLANNERS = [planners.StoreAll(), planners.Anode(), planners.Anode(snapshots="auto"), planners.Anode(snapshots=1),
             planners.Revolve(), planners.Revolve(snapshots=1), planners.Landmarks()]
@@ -138,6 +138,20 @@ def test_measured_peak_within_budget_and_prediction_within_10_percent(resnet32):
         predicted = compiled.plan.predicted_peak_bytes
         assert measured <= budget, (budget, compiled.plan.schedule.description, measured)
         assert abs(predicted - measured) <= 0.10 * measured, (budget, predicted, measured)
+
+
+@pytest.mark.parametrize("planner", [planners.StoreAll(), planners.Anode(), planners.Revolve(snapshots=2),
+                                     planners.Anode(snapshots=1)], ids=repr)
+def test_skip_connections_across_blocks_are_counted_once(planner):
+    """U-Net: encoder outputs ride along in every state until the decoder uses them."""
+    torch.manual_seed(0)
+    model = unet_ode(width=8, nt=3)
+    x = torch.randn(4, 3, 16, 16)
+    compiled = anode_plan.compile(model, "1GB", (x,), planner=planner)
+    compiled(x)
+    measured = anode_plan.measure_peak_memory(lambda: compiled(x).square().mean().backward()).peak_bytes
+    predicted = compiled.plan.predicted_peak_bytes
+    assert measured <= predicted <= 1.10 * measured
 
 
 def test_smaller_budget_never_costs_less_compute(resnet32):
