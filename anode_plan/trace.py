@@ -1,10 +1,11 @@
 """Trace a model with torch.fx and cut it into the stages of a chain.
 
 ``trace_model`` traces ``model.forward`` with every :class:`~anode_plan.ODEBlock` kept
-as a leaf node, then cuts the graph into stages: each run of other operations between
-ODE blocks is one *layer-group* stage, and each time step of each ODE block is one
-*step* stage. Between two stages, the *state* is the tuple of values computed so far
-and still used later, so skip connections that cross a block travel with it.
+as a leaf node, then cuts the graph into stages: each time step of each ODE block is
+one *step* stage, and the other operations form *layer-group* stages, one per layer
+unit (the first two parts of a module path: ``conv1``, ``layer1.0``, ``stem.2``).
+Between two stages, the *state* is the tuple of values computed so far and still used
+later, so skip connections that cross a block travel with it.
 
 Parameters and constants (``get_attr`` nodes) are never part of a state: each stage
 fetches them from the module when it runs.
@@ -197,6 +198,18 @@ def _where(error: Exception) -> str:
     return f" at {last.tb_frame.f_code.co_filename}:{last.tb_lineno}"
 
 
+def _unit_of(node: fx.Node) -> str | None:
+    """The layer unit a node belongs to: the first two parts of its module's path.
+
+    Layer groups are cut where the unit changes, so ``conv1``, ``layer1.0`` (a whole
+    residual block) and ``fc`` become stages of their own and the planners can place
+    checkpoints between them. Functions and methods join the unit of the module before.
+    """
+    if node.op != "call_module":
+        return None
+    return ".".join(str(node.target).split(".")[:2])
+
+
 def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tuple[list[StageSpec], list[BlockSpec]]:
     nodes = list(graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
@@ -210,6 +223,7 @@ def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tupl
     stages: list[StageSpec] = []
     blocks: list[BlockSpec] = []
     group: list[fx.Node] = []
+    group_key: str | None = None
     state = tuple(p.name for p in placeholders)
 
     def close_group(end_index: int) -> None:
@@ -225,8 +239,13 @@ def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tupl
             continue
         module = model.get_submodule(node.target) if node.op == "call_module" else None
         if not isinstance(module, ODEBlock):
+            key = _unit_of(node)
+            if group and key is not None and key != group_key:
+                close_group(position[node] - 1)
+            group_key = key if key is not None else group_key
             group.append(node)
             continue
+        group_key = None
         close_group(position[node] - 1)
         if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
             raise UntraceableModelError(
