@@ -1,0 +1,127 @@
+"""The CP-SAT planner on graphs that are not chains: U-Net skip connections and torchvision's resnet18."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torchvision
+
+import anode_plan
+import planners
+from models import unet_ode
+from planners.cpsat import CPSat, PlanningTimeoutError
+
+
+def _chain(model, x):
+    traced = anode_plan.trace_model(model, (x,))
+    return traced, anode_plan.lower_to_chain(model, traced, (x,))
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = unet_ode(width=4, nt=3).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    return (model, x, *_chain(model, x))
+
+
+def _carries_values(chain):
+    return any(set(a) & set(b) - set(chain.state_values[0]) for a, b in zip(chain.state_values, chain.state_values[1:]))
+
+
+def test_unet_chain_carries_skip_values(unet):
+    _, _, _, chain = unet
+    assert _carries_values(chain)
+
+
+def test_every_cpsat_schedule_is_valid_and_fits(unet):
+    _, _, _, chain = unet
+    store_all = planners.simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=1 << 60)).peak_bytes
+    minimum = None
+    for fraction in (1.2, 1.0, 0.8, 0.6, 0.45, 0.3, 0.2):
+        budget = int(store_all * fraction)
+        try:
+            schedule = CPSat().plan(chain, budget_bytes=budget)
+        except planners.InfeasibleBudgetError as error:
+            assert error.min_budget_bytes > budget
+            minimum = error.min_budget_bytes
+            continue
+        planners.validate_schedule(schedule, len(chain.stages))
+        assert planners.simulate_plan(chain, schedule).peak_bytes <= budget
+        assert schedule.planner == "cp-sat"
+    assert minimum is not None, "expected the smallest budgets to be infeasible"
+    CPSat().plan(chain, budget_bytes=minimum)  # the reported minimum is itself feasible
+
+
+def test_cpsat_reaches_below_the_landmark_minimum_on_a_dag(unet):
+    _, _, _, chain = unet
+    with pytest.raises(planners.InfeasibleBudgetError) as landmark:
+        planners.Landmarks().plan(chain, budget_bytes=1)
+    with pytest.raises(planners.InfeasibleBudgetError) as cpsat:
+        CPSat().plan(chain, budget_bytes=1)
+    assert cpsat.value.min_budget_bytes < landmark.value.min_budget_bytes
+
+
+def test_unet_gradients_exact_and_memory_within_budget(unet):
+    model, x, traced, chain = unet
+    reference = copy.deepcopy(model)
+    ref_x = x.clone().requires_grad_()
+    reference(ref_x).square().mean().backward()
+    with pytest.raises(planners.InfeasibleBudgetError) as info:
+        CPSat().plan(chain, budget_bytes=1)
+    for budget in (info.value.min_budget_bytes, int(info.value.min_budget_bytes * 1.5)):
+        model.zero_grad(set_to_none=True)
+        compiled = anode_plan.compile(model, budget, (x,), planner=CPSat())
+        x_in = x.clone().requires_grad_()
+        compiled(x_in)  # warm-up
+        model.zero_grad(set_to_none=True)
+        measured = anode_plan.measure_peak_memory(lambda: compiled(x_in).square().mean().backward()).peak_bytes
+        assert measured <= budget
+        torch.testing.assert_close(x_in.grad, ref_x.grad, rtol=1e-10, atol=1e-13)
+        for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_resnet18_through_the_same_path():
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    reference = copy.deepcopy(model)
+    x = torch.randn(4, 3, 128, 128)  # float32: activations outweigh the 45 MB of parameter gradients
+    traced, chain = _chain(model, x)
+    assert len(chain.stages) >= 10
+    store_all = planners.simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=1 << 60)).peak_bytes
+    with pytest.raises(planners.InfeasibleBudgetError) as info:
+        CPSat().plan(chain, budget_bytes=1)
+    budget = (info.value.min_budget_bytes + store_all) // 2
+    compiled = anode_plan.compile(model, budget, (x,), planner=CPSat())
+    assert planners.count_regions(compiled.plan.schedule.ops) >= 1
+    compiled(x)
+    model.zero_grad(set_to_none=True)
+    measured = anode_plan.measure_peak_memory(lambda: compiled(x).sum().backward()).peak_bytes
+    assert measured <= budget
+    assert abs(compiled.plan.predicted_peak_bytes - measured) <= 0.10 * measured
+    reference(x)  # the compiled model ran forward twice: BatchNorm statistics match after the same count
+    reference(x).sum().backward()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, b), c in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_time_limit_is_explicit_and_reported():
+    chain = planners.Chain.uniform(12, state_bytes=10, tape_bytes=30)
+    tiny = CPSat(time_limit_s=1e-9)
+    try:
+        schedule = tiny.plan(chain, budget_bytes=10**6)
+    except PlanningTimeoutError as error:
+        assert "time_limit_s" in str(error)
+    else:  # solved before the limit bit: it must then be a checked schedule
+        assert planners.simulate_plan(chain, schedule).peak_bytes <= 10**6
+
+
+def test_cpsat_is_deterministic(unet):
+    _, _, _, chain = unet
+    budget = planners.simulate_plan(chain, planners.Anode().plan(chain, budget_bytes=1 << 60)).peak_bytes
+    assert CPSat().plan(chain, budget_bytes=budget) == CPSat().plan(chain, budget_bytes=budget)
