@@ -64,6 +64,7 @@ class Simulation:
         forward_counts: how many times each stage's forward runs.
         peak_breakdown: what is live at the peak, by kind, plus ``"transient"``.
         timeline: every operation in execution order (empty unless asked for).
+        recompute_cost: the cost of the forward evaluations beyond the first of each stage.
     """
 
     peak_bytes: int
@@ -72,11 +73,12 @@ class Simulation:
     forward_counts: tuple[int, ...]
     peak_breakdown: tuple[tuple[str, int], ...]
     timeline: tuple[TimelineEvent, ...] = ()
+    recompute_cost: float = 0.0
 
     @property
     def recompute_overhead(self) -> float:
-        """Extra compute as a fraction of the step without recompute (0.0 = none)."""
-        return self.compute_cost / self.baseline_cost - 1.0 if self.baseline_cost else 0.0
+        """Extra compute as a fraction of the step without recompute (exactly 0.0 for none)."""
+        return self.recompute_cost / self.baseline_cost if self.baseline_cost else 0.0
 
     @property
     def recomputed_forwards(self) -> int:
@@ -269,4 +271,5 @@ def simulate_plan(chain: Chain, schedule: Schedule | tuple[Op, ...], *, timeline
         forward_counts=tuple(sim.counts),
         peak_breakdown=tuple(sim.mem.peak_breakdown.items()),
         timeline=tuple(sim.mem.events),
+        recompute_cost=sum((count - 1) * stage.fwd_cost for count, stage in zip(sim.counts, chain.stages)),
     )

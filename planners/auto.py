@@ -1,0 +1,56 @@
+"""The default planner: the right exact planner for the network's shape.
+
+* A chain whose states carry no value from one stage to the next but one (a plain
+  sequence of layers and ODE blocks) goes to :class:`~planners.ChainDP`, the optimal
+  heterogeneous-chain dynamic program.
+* A chain that carries skip values (a U-Net, a DenseNet: the graph is not a chain)
+  goes to :class:`~planners.CPSat`, whose memory model counts each carried value once.
+
+Either way the landmark schedules (:class:`~planners.Landmarks`) are planned too, and
+the cheapest schedule that the simulator finds within the budget wins, so ``Auto`` is
+never worse than the landmarks, and its cost never rises when the budget grows
+(each candidate's cost is monotone in the budget, and so is their minimum).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planners.chain import Chain
+from planners.cpsat import CPSat
+from planners.errors import InfeasibleBudgetError
+from planners.landmarks import Landmarks
+from planners.rotor import ChainDP
+from planners.schedule import Schedule
+from planners.simulate import simulate_plan
+
+
+def carries_values(chain: Chain) -> bool:
+    """Whether some value other than the network input rides through a stage unchanged (a skip connection)."""
+    inputs = set(chain.state_values[0])
+    return any((set(before) & set(after)) - inputs for before, after in zip(chain.state_values, chain.state_values[1:]))
+
+
+@dataclass(frozen=True)
+class Auto:
+    """ChainDP for chains, CP-SAT for graphs with skip connections, and never worse than the landmarks."""
+
+    chain_planner: ChainDP = field(default_factory=ChainDP)
+    graph_planner: CPSat = field(default_factory=CPSat)
+
+    def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
+        primary = self.graph_planner if carries_values(chain) else self.chain_planner
+        best, smallest = None, None
+        for planner in (primary, Landmarks()):
+            try:
+                schedule = planner.plan(chain, budget_bytes=budget_bytes)
+            except InfeasibleBudgetError as error:
+                if smallest is None or error.min_budget_bytes < smallest.min_budget_bytes:
+                    smallest = error
+                continue
+            key = (simulate_plan(chain, schedule).compute_cost, planner is not primary)
+            if best is None or key < best[0]:
+                best = (key, schedule)
+        if best is None:
+            raise smallest
+        return best[1]
