@@ -6,11 +6,14 @@ A planner is a small frozen dataclass with one method,
 fits. :func:`simulate_plan` is the memory model all of them are judged by.
 """
 
+from planners.auto import Auto, carries_values
 from planners.chain import Block, Chain, Stage
+from planners.cpsat import CPSat, PlanningTimeoutError
 from planners.errors import AnodePlanError, InfeasibleBudgetError, PlanInvariantError, format_bytes
 from planners.landmarks import Anode, Landmarks, StoreAll
 from planners.revolve import (Revolve, binomial_beta, optimal_advances, optimal_split, repetition_number,
                               revolve_ops)
+from planners.rotor import ChainDP
 from planners.schedule import Op, Region, Run, Schedule, count_regions, nesting_depth, validate_schedule
 from planners.simulate import Simulation, TimelineEvent, simulate_plan
 
@@ -20,4 +23,5 @@ __all__ = [
     "TimelineEvent", "binomial_beta", "count_regions", "format_bytes", "nesting_depth",
     "optimal_advances", "optimal_split", "repetition_number", "revolve_ops", "simulate_plan",
     "validate_schedule",
+    "Auto", "CPSat", "ChainDP", "PlanningTimeoutError", "carries_values",
 ]

@@ -6,10 +6,14 @@
 * A chain that carries skip values (a U-Net, a DenseNet: the graph is not a chain)
   goes to :class:`~planners.CPSat`, whose memory model counts each carried value once.
 
-Either way the landmark schedules (:class:`~planners.Landmarks`) are planned too, and
-the cheapest schedule that the simulator finds within the budget wins, so ``Auto`` is
-never worse than the landmarks, and its cost never rises when the budget grows
-(each candidate's cost is monotone in the budget, and so is their minimum).
+On graphs, and on chains of at most :data:`LANDMARK_STAGE_LIMIT` stages, the landmark
+schedules (:class:`~planners.Landmarks`) are planned too and the cheapest schedule the
+simulator finds within the budget wins: CP-SAT searches one level of regions and the
+two-level DP is not exhaustive, so a landmark can occasionally beat them. On longer
+chains the landmarks are skipped (their per-block search takes seconds at 400 steps,
+while the two-level DP, which searches the landmarks' schedules too, takes under one).
+Which candidates run depends on the chain only, so the cost never rises when the budget
+grows (each candidate's cost is monotone in the budget, and so is their minimum).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from planners.landmarks import Landmarks
 from planners.rotor import ChainDP
 from planners.schedule import Schedule
 from planners.simulate import simulate_plan
+
+LANDMARK_STAGE_LIMIT = 200
 
 
 def carries_values(chain: Chain) -> bool:
@@ -41,7 +47,10 @@ class Auto:
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
         primary = self.graph_planner if carries_values(chain) else self.chain_planner
         best, smallest = None, None
-        for planner in (primary, Landmarks()):
+        candidates = [primary]
+        if primary is self.graph_planner or len(chain.stages) <= LANDMARK_STAGE_LIMIT:
+            candidates.append(Landmarks())
+        for planner in candidates:
             try:
                 schedule = planner.plan(chain, budget_bytes=budget_bytes)
             except InfeasibleBudgetError as error:

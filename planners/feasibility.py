@@ -28,21 +28,22 @@ def require_fit(chain: Chain, ops: tuple[Op, ...], budget_bytes: int, planner: s
     return simulation
 
 
-def fit_per_block(chain: Chain, build: Callable[[Chain, list[int]], tuple[Op, ...]],
+def fit_per_block(chain: Chain, build: Callable[[Chain, list[int]], tuple[Op, ...]], least: Sequence[int],
                   most: Sequence[int], budget_bytes: int, planner: str) -> tuple[list[int], tuple[Op, ...]]:
-    """Choose per-block snapshot counts in ``[1, most[b]]``: the cheapest schedule found that fits.
+    """Choose per-block snapshot counts in ``[least[b], most[b]]``: the cheapest schedule found that fits.
 
-    Walks a path of count vectors that does not depend on the budget: it starts from one
-    snapshot everywhere (the least memory), and each step raises by one the count of the
-    block that saves the most compute per extra byte of peak (free steps first). The
+    Walks a path of count vectors that does not depend on the budget: it starts from the
+    fewest snapshots everywhere (the least memory), and each step raises the count of the
+    block that saves the most compute per extra byte of peak (free steps first) to its
+    next rung (:func:`_next_rung`: by one at first, then geometrically). The
     walk stops at the first point over the budget and returns the cheapest point before
     it (ties to the smaller peak). Since the path is the same for every budget, a larger
     budget only lengthens the walk, so it never costs more. (Raising blocks one after
     the other as far as the budget allows lacks that property: the first block takes
     memory a later block would have used better.) Raises :class:`InfeasibleBudgetError`
-    if one snapshot everywhere does not fit.
+    if the fewest snapshots everywhere do not fit.
     """
-    counts = [1] * len(chain.blocks)
+    counts = list(least)
     ops = build(chain, counts)
     current = require_fit(chain, ops, budget_bytes, planner)
     best_key, best_counts, best_ops = (current.compute_cost, current.peak_bytes), counts, ops
@@ -50,7 +51,7 @@ def fit_per_block(chain: Chain, build: Callable[[Chain, list[int]], tuple[Op, ..
         steps = []
         for block in range(len(counts)):
             if counts[block] < most[block]:
-                trial = counts[:block] + [counts[block] + 1] + counts[block + 1:]
+                trial = counts[:block] + [_next_rung(counts[block], least[block], most[block])] + counts[block + 1:]
                 trial_ops = build(chain, trial)
                 trial_sim = simulate_plan(chain, trial_ops)
                 steps.append((_step_rank(current, trial_sim), block, trial, trial_ops, trial_sim))
@@ -62,6 +63,19 @@ def fit_per_block(chain: Chain, build: Callable[[Chain, list[int]], tuple[Op, ..
         if (current.compute_cost, current.peak_bytes) < best_key:
             best_key, best_counts, best_ops = (current.compute_cost, current.peak_bytes), counts, ops
     return best_counts, best_ops
+
+
+LADDER_DENSE = 32
+
+
+def _next_rung(count: int, least: int, most: int) -> int:
+    """The next snapshot count of a block's walk: +1 for the first ``LADDER_DENSE``, then ×1.25.
+
+    Bounds the walk to about a hundred simulations per block however long the block is.
+    """
+    if count < least + LADDER_DENSE:
+        return count + 1
+    return min(most, max(count + 1, int(count * 1.25)))
 
 
 def _step_rank(before: Simulation, after: Simulation) -> tuple[int, float, int]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from planners.chain import Chain
 from planners.errors import InfeasibleBudgetError
 from planners.feasibility import fit_per_block, require_fit
-from planners.revolve import Revolve, block_ops, revolve_ops, useful_snapshots
+from planners.revolve import Revolve, block_ops, fewest_snapshots, revolve_ops, useful_snapshots
 from planners.schedule import Op, Region, Run, Schedule
 from planners.simulate import simulate_plan
 
@@ -45,7 +45,8 @@ class Anode:
 
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
         if self.snapshots == "auto":
-            counts, ops = fit_per_block(chain, self._ops, [useful_snapshots(b.nt) for b in chain.blocks],
+            counts, ops = fit_per_block(chain, self._ops, [fewest_snapshots(b.nt) for b in chain.blocks],
+                                        [useful_snapshots(b.nt) for b in chain.blocks],
                                         budget_bytes, "ANODE+revolve")
             return Schedule(ops, planner="anode", description=f"ANODE, revolve inside blocks with snapshots {counts}")
         counts = None if self.snapshots is None else [int(self.snapshots)] * len(chain.blocks)
@@ -61,7 +62,8 @@ class Anode:
             if counts is None:
                 body = tuple(Run(i) for i in range(block.start, block.stop))
             else:
-                body = revolve_ops(block.start, block.stop, min(counts[index], useful_snapshots(block.nt)))
+                slots = max(fewest_snapshots(block.nt), min(counts[index], useful_snapshots(block.nt)))
+                body = revolve_ops(block.start, block.stop, slots)
             return (Region(block.start, block.stop, body),)
         return block_ops(chain, choose)
 

@@ -95,6 +95,20 @@ def _check(steps: int, snapshots: int) -> None:
                          f"steps, got s={snapshots}")
 
 
+MAX_REVOLVE_NESTING = 100
+"""The deepest revolve tree planned: ``s`` slots for ``n`` steps nest ``r(n, s)`` regions
+deep, and each level is a nested ``torch.utils.checkpoint`` call (and a level of Python
+recursion in the simulator). One slot on 10,000 steps would nest 9,999 deep."""
+
+
+def fewest_snapshots(steps: int) -> int:
+    """The fewest slots whose revolve tree nests at most :data:`MAX_REVOLVE_NESTING` deep."""
+    snapshots = 1
+    while steps > 1 and binomial_beta(snapshots, MAX_REVOLVE_NESTING) < steps:
+        snapshots += 1
+    return snapshots
+
+
 def useful_snapshots(steps: int) -> int:
     """The most slots that still help: with s = n−1 every state is kept and t = n−1."""
     return max(1, steps - 1)
@@ -120,19 +134,20 @@ class Revolve:
     are much smaller than its tapes (then many snapshots beat ANODE in memory *and*
     compute). ``snapshots`` is the number of slots per block, the block input's
     included; ``None`` picks the counts per block that fit the budget, spending memory
-    where it saves the most compute (:func:`planners.feasibility.fit_per_block`).
+    where it saves the most compute (:func:`planners.feasibility.fit_per_block`). Counts
+    are at least :func:`fewest_snapshots`, so trees nest at most 100 regions deep.
     """
 
     snapshots: int | None = None
 
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
         if self.snapshots is not None:
-            counts = [min(self.snapshots, useful_snapshots(b.nt)) for b in chain.blocks]
+            counts = [max(fewest_snapshots(b.nt), min(self.snapshots, useful_snapshots(b.nt))) for b in chain.blocks]
             ops = self._ops(chain, counts)
             require_fit(chain, ops, budget_bytes, "revolve")
         else:
-            counts, ops = fit_per_block(chain, self._ops, [useful_snapshots(b.nt) for b in chain.blocks],
-                                        budget_bytes, "revolve")
+            counts, ops = fit_per_block(chain, self._ops, [fewest_snapshots(b.nt) for b in chain.blocks],
+                                        [useful_snapshots(b.nt) for b in chain.blocks], budget_bytes, "revolve")
         return Schedule(ops, planner="revolve", description=f"revolve, snapshots per block {counts}")
 
     @staticmethod
@@ -141,4 +156,4 @@ class Revolve:
 
 
 __all__ = ["Revolve", "binomial_beta", "block_ops", "optimal_advances", "optimal_split",
-           "repetition_number", "revolve_ops", "useful_snapshots", "InfeasibleBudgetError"]
+           "repetition_number", "revolve_ops", "useful_snapshots", "fewest_snapshots", "MAX_REVOLVE_NESTING", "InfeasibleBudgetError"]
