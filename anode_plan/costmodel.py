@@ -25,14 +25,21 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeCopyMode, FakeTensorMode
-from torch.utils._pytree import tree_flatten
+from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeCopyMode,
+                                           FakeTensorMode)
+from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from anode_plan.errors import UntraceableModelError
 from anode_plan.memory import LiveStorageTracker
 from anode_plan.trace import StageSpec, TracedModel, run_layer_group, run_step
 from planners import Block, Chain, Stage
 
+# The loss after the network is the user's: it is allowed LOSS_OUTPUTS tensors the size
+# of the output, on top of the output's gradient, plus LOSS_SLACK_BYTES for scalars.
+# Cross-entropy, MSE and x.square().mean() need at most three in backward (measured).
+LOSS_OUTPUTS = 3
+LOSS_SLACK_BYTES = 1024
 FLOPS_PER_MS = 5e7   # 50 GFLOP/s: a nominal rate, for comparing stages
 BYTES_PER_MS = 5e6   # 5 GB/s of memory writes
 
@@ -50,9 +57,11 @@ def _storages(values: Any) -> dict[int, int]:
     return found
 
 
-def _fresh_leaf(value: Any) -> Any:
+def _fresh_input(value: Any) -> Any:
+    """A stand-in for a stage input with its own autograd history (not a leaf, so in-place ops work)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().requires_grad_(value.requires_grad)
+        leaf = value.detach().requires_grad_(value.requires_grad)
+        return leaf.clone() if value.requires_grad else leaf
     return value
 
 
@@ -61,7 +70,7 @@ class _StageProfile:
 
     def __init__(self, fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor],
                  fixed_storages: set[int], tracker: LiveStorageTracker) -> None:
-        inputs = tuple(_fresh_leaf(v) for v in inputs)
+        inputs = tree_map(_fresh_input, tuple(inputs))  # a state value may be a tuple of tensors
         input_keys = set(_storages(inputs))
         self.input_bytes = sum(b for k, b in _storages(inputs).items() if k not in fixed_storages)
 
@@ -93,7 +102,7 @@ class _StageProfile:
         self.output_bytes = sum(b for k, b in _storages(outputs).items() if k not in fixed_storages)
 
         differentiable = [o for o in tree_flatten(outputs)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
-        wrt = [v for v in inputs if isinstance(v, torch.Tensor) and v.requires_grad] + params
+        wrt = [v for v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.requires_grad] + params
         self.param_ids: tuple[int, ...] = ()
         self.bwd_bytes = 0
         bwd_flops = 0
@@ -111,9 +120,12 @@ class _StageProfile:
         self.fwd_cost = fwd_flops / FLOPS_PER_MS + self.fwd_taped_bytes / BYTES_PER_MS
         self.bwd_cost = bwd_flops / FLOPS_PER_MS + self.bwd_bytes / BYTES_PER_MS
 
-    def stage(self, spec: StageSpec, values: "_Values") -> Stage:
-        saved = tuple(values.ids([spec.in_names[p] for p in self.saved_inputs])) + \
-            tuple(values.ids([spec.out_names[p] for p in self.saved_outputs]))
+    def stage(self, spec: StageSpec, values: "_Values", measured: StageSpec | None = None) -> Stage:
+        """The chain's stage for ``spec``, from this profile of ``measured`` (another step of the same block)."""
+        measured = spec if measured is None else measured
+        saved_names = [_same_role(measured.in_names[p], measured, spec) for p in self.saved_inputs] + \
+            [_same_role(measured.out_names[p], measured, spec) for p in self.saved_outputs]
+        saved = tuple(values.ids([name for names in saved_names for name in names]))
         return Stage(name=spec.name, input_bytes=values.state_bytes(spec.in_names),
                      output_bytes=values.state_bytes(spec.out_names), tape_bytes=self.tape_bytes,
                      saves_input=self.saves_input, saves_output=self.saves_output, saved_values=saved,
@@ -122,9 +134,38 @@ class _StageProfile:
                      param_ids=self.param_ids, block=spec.block, step=spec.step)
 
 
+def _measure(spec: StageSpec, *args: Any) -> _StageProfile:
+    """Profile one stage; a layer that needs tensor values, which fake tensors lack, gets a clear error."""
+    try:
+        return _StageProfile(*args)
+    except (DataDependentOutputException, DynamicOutputShapeException) as error:
+        where = "; ".join(getattr(error, "__notes__", ())) or f"stage {spec.name}"
+        raise UntraceableModelError(
+            f"the cost model runs every stage on fake tensors (shapes, no values), and stage {spec.name!r} needs "
+            f"a value ({where}: {type(error).__name__} {error}). A layer there branches on a tensor's value "
+            "(if x.sum() > 0, x.item(), x.tolist()) or makes a value-dependent shape (x.nonzero()). Compute it "
+            "without Python control flow, e.g. torch.where(x.sum() > 0, x, -x), so it can be planned.") from None
+
+
 def _positions(values: Sequence[Any], storages: dict[int, int]) -> tuple[int, ...]:
-    """Positions in ``values`` of the tensors whose storage is among ``storages``."""
-    return tuple(p for p, v in enumerate(values) if isinstance(v, torch.Tensor) and _storage_key(v) in storages)
+    """Positions in ``values`` of the values (tensors, or tuples of them) with a storage among ``storages``."""
+    return tuple(p for p, v in enumerate(values) if _storages(v).keys() & storages.keys())
+
+
+def _same_role(name: str, measured: StageSpec, spec: StageSpec) -> tuple[str, ...]:
+    """The names in step ``spec`` of what ``name`` is in step ``measured`` of the same block.
+
+    One step is measured for all steps of a block; its input state (all of ``z_in``) and
+    output state stand for each step's own, while carried and context values keep their names.
+    """
+    if spec is measured:
+        return (name,)
+    z_in = (measured.z_in,) if isinstance(measured.z_in, str) else tuple(measured.z_in or ())
+    if name in z_in:
+        return (spec.z_in,) if isinstance(spec.z_in, str) else tuple(spec.z_in or ())
+    if name == measured.z_out:
+        return (spec.z_out,)
+    return (name,)
 
 
 class _Values:
@@ -140,10 +181,7 @@ class _Values:
         found = []
         for name in names:
             if name not in self.id_of:
-                value = self.fakes[name]
-                size = 0
-                if isinstance(value, torch.Tensor) and _storage_key(value) not in self.fixed:
-                    size = value.untyped_storage().nbytes()
+                size = sum(b for k, b in _storages(self.fakes[name]).items() if k not in self.fixed)
                 self.id_of[name] = len(self.nbytes)
                 self.nbytes.append(size)
             found.append(self.id_of[name])
@@ -179,18 +217,18 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             spec = traced.stages[index]
             inputs = tuple(values[n] for n in spec.in_names)
             if spec.block is None:
-                profile = _StageProfile(lambda v, s=spec: run_layer_group(fake_model, traced, s, v),
+                profile = _measure(spec, lambda v, s=spec: run_layer_group(fake_model, traced, s, v),
                                         inputs, params, fixed, tracker)
                 values.update(zip(spec.out_names, profile.outputs))
                 stages.append(profile.stage(spec, ids))
                 index += 1
                 continue
             block = traced.blocks[spec.block]
-            profile = _StageProfile(lambda v, s=spec: run_step(fake_model, s, v), inputs, params, fixed, tracker)
+            profile = _measure(spec, lambda v, s=spec: run_step(fake_model, s, v), inputs, params, fixed, tracker)
             z_next = dict(zip(spec.out_names, profile.outputs))[spec.z_out]
             for step_spec in traced.stages[block.start:block.stop]:
                 values[step_spec.z_out] = z_next
-                stages.append(profile.stage(step_spec, ids))
+                stages.append(profile.stage(step_spec, ids, measured=spec))
             index = block.stop
             del profile
     param_bytes = tuple(p.numel() * p.element_size() for p in params)
@@ -199,5 +237,6 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
     boundaries = [spec.in_names for spec in traced.stages] + [traced.stages[-1].out_names]
     return Chain(stages=tuple(stages), blocks=blocks, param_grad_bytes=param_bytes,
                  input_grad=any(x.requires_grad for x in example_inputs),
+                 head_bytes=LOSS_OUTPUTS * stages[-1].output_bytes + LOSS_SLACK_BYTES,
                  name=f"{traced.model_name} (batch {batch})",
                  state_values=tuple(tuple(ids.ids(names)) for names in boundaries), value_bytes=tuple(ids.nbytes))

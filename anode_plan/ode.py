@@ -6,6 +6,10 @@ RK2 (explicit midpoint) or RK4 (classical), as in ANODE (Gholami, Keutzer and Bi
 IJCAI 2019, arXiv 1902.10298). Without the compiler it is an ordinary module whose
 backward is plain autograd through every step. ``anode_plan.compile`` sees each block
 as ``nt`` stages and runs them one at a time through :meth:`ODEBlock.step`.
+
+The state may be one tensor or a tuple of tensors (an augmented state, as in
+torchdiffeq), and the block may take extra tensors that stay constant over the solve
+(``block(z, context)`` calls ``func(t, z, context)``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,33 @@ import math
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake_tensor
 
-from anode_plan.errors import ODEBlockConfigError, ODEFunctionError
+from anode_plan.errors import NonFiniteStateError, ODEBlockConfigError, ODEFunctionError
 
 METHODS = {"euler": 1, "rk2": 2, "rk4": 4}
+
+State = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _map(fn, *states: State) -> State:
+    """Apply ``fn`` to a tensor state, or component by component to a tuple state."""
+    if isinstance(states[0], torch.Tensor):
+        return fn(*states)
+    return tuple(fn(*parts) for parts in zip(*states))
+
+
+def _components(z: State) -> tuple[torch.Tensor, ...]:
+    return (z,) if isinstance(z, torch.Tensor) else tuple(z)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, torch.Tensor):
+        return str(tuple(value.shape))
+    if isinstance(value, (tuple, list)):
+        shapes = [tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__ for c in value]
+        return f"a tuple of {len(shapes)}: {shapes}"
+    return type(value).__name__
 
 
 class ODEBlock(nn.Module):
@@ -27,17 +54,29 @@ class ODEBlock(nn.Module):
     computes exactly ``z + f(0, z)``. Larger ``nt`` gives a finer discretisation of the
     same ODE. For adaptive solvers use torchdiffeq instead; anode-plan plans fixed steps.
 
+    Call it as ``block(z)`` with a floating tensor, or with a tuple of floating tensors
+    (an augmented state; the Runge-Kutta arithmetic is applied to each component and a
+    tuple of the same shapes is returned), optionally followed by tensors that stay
+    constant over the solve: ``block(z, c)`` calls ``func(t, z, c)`` at every stage, and
+    ``c`` gets gradients like any input.
+
     Args:
-        func: an ``nn.Module`` called as ``func(t, z)`` (the torchdiffeq convention), where
-            ``t`` is a 0-dim tensor of ``z``'s dtype and device. It must return a tensor of
-            ``z``'s shape.
+        func: an ``nn.Module`` called as ``func(t, z, *context)`` (the torchdiffeq
+            convention), where ``t`` is a 0-dim tensor of ``z``'s dtype and device. It must
+            return dz/dt: a tensor of ``z``'s shape, or for a tuple state a tuple of the
+            components' shapes. It must not write into ``z`` in place.
         nt: the number of time steps, a positive int.
         method: ``"euler"``, ``"rk2"`` (explicit midpoint) or ``"rk4"`` (classical).
         t_span: the integration interval ``(t0, t1)``; the step is ``(t1 - t0) / nt``.
+        check_finite: after every step, check that the state has no NaN or infinity and
+            raise :class:`~anode_plan.NonFiniteStateError` naming the step if it does.
+            Off by default: the check reads a value back from the device once per step,
+            which stalls a GPU pipeline. A fixed-step solve never hangs on NaN (it takes
+            exactly ``nt`` steps); turn this on to find where a NaN loss comes from.
     """
 
     def __init__(self, func: nn.Module, nt: int, method: str = "euler",
-                 t_span: tuple[float, float] = (0.0, 1.0)) -> None:
+                 t_span: tuple[float, float] = (0.0, 1.0), *, check_finite: bool = False) -> None:
         super().__init__()
         if not isinstance(func, nn.Module):
             raise ODEBlockConfigError(f"ODEBlock(func=...) must be an nn.Module called as func(t, z), got "
@@ -55,6 +94,7 @@ class ODEBlock(nn.Module):
         self.nt = nt
         self.method = method
         self.t_span = (t0, t1)
+        self.check_finite = bool(check_finite)
 
     @property
     def dt(self) -> float:
@@ -68,38 +108,93 @@ class ODEBlock(nn.Module):
     def time(self, step_idx: int) -> float:
         return self.t_span[0] + step_idx * self.dt
 
-    def _f(self, t: float, z: torch.Tensor) -> torch.Tensor:
-        out = self.func(torch.full((), t, dtype=z.dtype, device=z.device), z)
-        if not isinstance(out, torch.Tensor) or out.shape != z.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    def _f(self, t: float, z: State, context: tuple[torch.Tensor, ...]) -> State:
+        first = _components(z)[0]
+        out = self.func(torch.full((), t, dtype=first.dtype, device=first.device), z, *context)
+        if isinstance(z, torch.Tensor):
+            ok = isinstance(out, torch.Tensor) and out.shape == z.shape
+        else:
+            out = tuple(out) if isinstance(out, (tuple, list)) else out
+            ok = isinstance(out, tuple) and len(out) == len(z) and \
+                all(isinstance(o, torch.Tensor) and o.shape == c.shape for o, c in zip(out, z))
+        if not ok:
             raise ODEFunctionError(
-                f"{type(self.func).__name__}.forward(t, z) returned {got} for z of shape {tuple(z.shape)}; an ODE "
-                "function must return dz/dt with the same shape as z (check strides, padding and channel counts)")
+                f"{type(self.func).__name__}.forward(t, z) returned {_describe(out)} for z of shape {_describe(z)}; "
+                "an ODE function must return dz/dt with the same shape as z, component by component for a tuple "
+                "state (check strides, padding and channel counts)")
         return out
 
-    def step(self, step_idx: int, z: torch.Tensor) -> torch.Tensor:
+    def step(self, step_idx: int, z: State, *context: torch.Tensor) -> State:
         """Advance ``z`` by time step ``step_idx`` (0-based): one stage of the compiled chain."""
         if not 0 <= step_idx < self.nt:
             raise IndexError(f"step_idx {step_idx} is outside [0, {self.nt}) for this ODEBlock")
         t, dt = self.time(step_idx), self.dt
+        if isinstance(z, torch.Tensor):
+            out = self._tensor_step(t, dt, z, context)
+        elif self.method == "euler":
+            out = _map(lambda z, k: z + dt * k, z, self._f(t, z, context))
+        elif self.method == "rk2":
+            k1 = self._f(t, z, context)
+            mid = _map(lambda z, k: z + (dt / 2) * k, z, k1)
+            out = _map(lambda z, k: z + dt * k, z, self._f(t + dt / 2, mid, context))
+        else:
+            k1 = self._f(t, z, context)
+            k2 = self._f(t + dt / 2, _map(lambda z, k: z + (dt / 2) * k, z, k1), context)
+            k3 = self._f(t + dt / 2, _map(lambda z, k: z + (dt / 2) * k, z, k2), context)
+            k4 = self._f(t + dt, _map(lambda z, k: z + dt * k, z, k3), context)
+            out = _map(lambda z, a, b, c, d: z + (dt / 6) * (a + 2 * b + 2 * c + d), z, k1, k2, k3, k4)
+        if self.check_finite:
+            self._check_finite(step_idx, z, out)
+        return out
+
+    def _tensor_step(self, t: float, dt: float, z: torch.Tensor, context: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One step of a tensor state, written inline so every ``func`` output dies as early as it can.
+
+        (Passing a temporary through a helper call keeps it alive until the call returns,
+        which costs one extra state of peak memory per step.)
+        """
         if self.method == "euler":
-            return z + dt * self._f(t, z)
+            return z + dt * self._f(t, z, context)
         if self.method == "rk2":
-            k1 = self._f(t, z)
-            return z + dt * self._f(t + dt / 2, z + (dt / 2) * k1)
-        k1 = self._f(t, z)
-        k2 = self._f(t + dt / 2, z + (dt / 2) * k1)
-        k3 = self._f(t + dt / 2, z + (dt / 2) * k2)
-        k4 = self._f(t + dt, z + dt * k3)
+            k1 = self._f(t, z, context)
+            return z + dt * self._f(t + dt / 2, z + (dt / 2) * k1, context)
+        k1 = self._f(t, z, context)
+        k2 = self._f(t + dt / 2, z + (dt / 2) * k1, context)
+        k3 = self._f(t + dt / 2, z + (dt / 2) * k2, context)
+        k4 = self._f(t + dt, z + dt * k3, context)
         return z + (dt / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise ODEFunctionError(f"ODEBlock input must be a floating-point tensor, got "
-                                   f"{getattr(z, 'dtype', type(z).__name__)}")
+    def _check_finite(self, step_idx: int, z: State, out: State) -> None:
+        if any(is_fake_tensor(c) for c in _components(out)):
+            return  # the cost model runs steps on fake tensors, which have no values
+        bad = [int((~torch.isfinite(c)).sum()) for c in _components(out)]
+        if not any(bad):
+            return
+        where = "" if isinstance(out, torch.Tensor) else f" (per component: {bad})"
+        t0, t1 = self.time(step_idx), self.time(step_idx + 1)
+        total = sum(c.numel() for c in _components(out))
+        before = sum(int((~torch.isfinite(c)).sum()) for c in _components(z))
+        cause = (f"its input already had {before} non-finite entries, so look at what comes before this step"
+                 if before else "the input of this step was finite, so this step diverged")
+        raise NonFiniteStateError(
+            f"ODEBlock({type(self.func).__name__}, nt={self.nt}, method={self.method!r}): step {step_idx} "
+            f"(t = {t0:g} -> {t1:g}) gave {sum(bad)} NaN or infinite entries of {total}"
+            f"{where}; {cause}. Lower the learning rate or clip gradients, use more steps (nt) or method='rk4', "
+            "or with float16 autocast use torch.amp.GradScaler. check_finite=False turns this check off.")
+
+    def forward(self, z: State, *context: torch.Tensor) -> State:
+        components = _components(z) if isinstance(z, (torch.Tensor, tuple, list)) else (z,)
+        if not components or not all(isinstance(c, torch.Tensor) and c.is_floating_point() for c in components):
+            raise ODEFunctionError(f"ODEBlock input must be a floating-point tensor or a non-empty tuple of them, got "
+                                   f"{[getattr(c, 'dtype', type(c).__name__) for c in components]}")
+        if not all(isinstance(c, torch.Tensor) for c in context):
+            raise ODEFunctionError(f"ODEBlock(z, *context): the context must be tensors, got "
+                                   f"{[type(c).__name__ for c in context]}")
+        z = z if isinstance(z, torch.Tensor) else tuple(z)
         for step_idx in range(self.nt):
-            z = self.step(step_idx, z)
+            z = self.step(step_idx, z, *context)
         return z
 
     def extra_repr(self) -> str:
-        return f"nt={self.nt}, method={self.method!r}, t_span={self.t_span}"
+        finite = ", check_finite=True" if self.check_finite else ""
+        return f"nt={self.nt}, method={self.method!r}, t_span={self.t_span}{finite}"

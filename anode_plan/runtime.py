@@ -11,7 +11,15 @@ schedule runs as written, with PyTorch's own machinery doing the bookkeeping, an
   and device RNG states it saw at the region's first run);
 * a re-run runs under the autocast state of the original forward;
 * BatchNorm running statistics are updated once per step: a re-run's updates are
-  undone by :class:`RestoreRunningStats` (the ``context_fn`` recompute context).
+  undone by :class:`RestoreRunningStats` (the ``context_fn`` recompute context);
+* a region that writes into its own input in place (which would make its re-run start
+  from the wrong values) raises :class:`~anode_plan.InPlaceModificationError` in forward.
+  An input overwritten after the region ran is caught by autograd's version check when
+  the region is re-run, since checkpoint saves its tensor inputs for backward.
+
+Region inputs are flattened to a list of tensors before they enter ``checkpoint``, so a
+tuple-valued state (an ODE block with a tuple state) is saved, version-checked and used
+to pick the RNG device like any tensor.
 """
 
 from __future__ import annotations
@@ -21,8 +29,10 @@ from typing import Any, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
+from anode_plan.errors import InPlaceModificationError
 from anode_plan.trace import TracedModel, run_layer_group, run_step
 from planners import Op, Run
 
@@ -93,12 +103,33 @@ class ScheduleRunner:
             if isinstance(op, Run):
                 values = self.run_stage(root, op.stage, values)
             else:
-                values = checkpoint(self._region, root, op.body, *values, use_reentrant=False,
+                flat, structure = tree_flatten(values)
+                values = checkpoint(self._region, root, op, structure, *flat, use_reentrant=False,
                                     preserve_rng_state=True, context_fn=self._contexts)
         return values
 
-    def _region(self, root: nn.Module, body: tuple[Op, ...], *values: Any) -> tuple:
-        return self.run_schedule(root, tuple(values), body)
+    def _region(self, root: nn.Module, op: Op, structure: Any, *flat: Any) -> tuple:
+        versions = [value._version if isinstance(value, torch.Tensor) else None for value in flat]
+        inputs = tree_unflatten(list(flat), structure)
+        outputs = self.run_schedule(root, inputs, op.body)
+        for position, (value, version) in enumerate(zip(flat, versions)):
+            if version is not None and value._version != version:
+                self._raise_overwritten(op, inputs, position, version, value._version)
+        return outputs
+
+    def _raise_overwritten(self, op: Op, inputs: tuple, position: int, before: int, after: int) -> None:
+        spec = self.traced.stages[op.start]
+        names = [name if isinstance(value, torch.Tensor) else f"{name}[{i}]"
+                 for name, value in zip(spec.in_names, inputs) for i, _ in enumerate(tree_flatten(value)[0])]
+        name = names[position] if position < len(names) else f"input {position}"
+        last = self.traced.stages[op.stop - 1].name
+        raise InPlaceModificationError(
+            f"the checkpoint region over stages {op.start}..{op.stop - 1} ({spec.name} .. {last}) wrote into its "
+            f"input {name!r} in place (tensor version {before} -> {after}). The region keeps that input and re-runs "
+            "from it in backward, so the gradients would be silently wrong. Make the operation out of place: in the "
+            "ODE function or layer that reads it, replace z.relu_(), ReLU(inplace=True), z += y or z[...] = y with "
+            "z = z.relu(), ReLU(), z = z + y. (Plain autograd may accept it when nothing is recomputed, which is "
+            "why only some budgets fail.)")
 
     def _contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         return contextlib.nullcontext(), RestoreRunningStats(self.norm_layers)

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import torch
 from torch import fx, nn
 
-from anode_plan.errors import ExampleInputsError, UntraceableModelError
+from anode_plan.errors import ExampleInputsError, InPlaceModificationError, UntraceableModelError
 from anode_plan.ode import ODEBlock
 
 
@@ -35,7 +35,11 @@ class StageSpec:
         block_target: for a step, the qualified name of the ``ODEBlock`` module.
         block: for a step, the index of its block in :attr:`TracedModel.blocks`.
         step: for a step, the time step.
-        z_in / z_out: for a step, the names of the ODE state before and after it.
+        z_in / z_out: for a step, the names of the ODE state before and after it. A tuple
+            state enters the first step as several values, so there ``z_in`` is a tuple of
+            names; every later state is one value (a tuple of tensors).
+        context: for a step, the names of the block's constant extra inputs
+            (``block(z, *context)``), carried through all its steps.
     """
 
     name: str
@@ -45,8 +49,9 @@ class StageSpec:
     block_target: str | None = None
     block: int | None = None
     step: int | None = None
-    z_in: str | None = None
+    z_in: str | tuple[str, ...] | None = None
     z_out: str | None = None
+    context: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,12 +92,6 @@ class TracedModel:
     def build_output(self, root: nn.Module, state: dict[str, Any]) -> Any:
         """The model's return value, from the final state."""
         return fx.node.map_arg(self.output_node.args[0], lambda node: _value(root, node, state))
-
-    def structure_fingerprint(self) -> str:
-        """A string that changes when the traced structure changes (for saved plans)."""
-        parts = [f"{node.op}:{node.target}" for node in self.graph.nodes]
-        parts += [f"{b.target}:{b.nt}:{b.method}" for b in self.blocks]
-        return "|".join(str(p) for p in parts)
 
 
 def _value(root: nn.Module, node: Any, state: dict[str, Any]) -> Any:
@@ -138,7 +137,8 @@ def run_step(root: nn.Module, spec: StageSpec, values: Sequence[Any]) -> tuple:
     """Run one ODE time-step stage, carrying the rest of the state through unchanged."""
     env = dict(zip(spec.in_names, values))
     block = root.get_submodule(spec.block_target)
-    env[spec.z_out] = block.step(spec.step, env[spec.z_in])
+    z = env[spec.z_in] if isinstance(spec.z_in, str) else tuple(env[name] for name in spec.z_in)
+    env[spec.z_out] = block.step(spec.step, z, *(env[name] for name in spec.context))
     return tuple(env[name] for name in spec.out_names)
 
 
@@ -156,10 +156,18 @@ def trace_model(model: nn.Module, example_inputs: Sequence[Any], *,
         graph = tracer.trace(model)
     except Exception as error:
         where = _where(error)
+        culprit = _failing_module(model, error)
+        if culprit is None:
+            fix = ("Mark the submodule with data-dependent control flow as a leaf with leaf_modules=[ThatModule], "
+                   "or make loop bounds Python ints.")
+        else:
+            qualname, module = culprit
+            fix = (f"The failing code is in submodule {qualname!r} ({type(module).__name__}): mark it as a leaf "
+                   f"with compile(..., leaf_modules=[{type(module).__name__}]) (it then runs as one opaque layer; "
+                   "its forward must still run on tensors without values, so branch with torch.where rather than "
+                   "on a tensor's value), or make its control flow independent of tensor values.")
         raise UntraceableModelError(
-            f"torch.fx could not trace {name}.forward{where} ({type(error).__name__}: {error}). Mark the "
-            "submodule with data-dependent control flow as a leaf with leaf_modules=[ThatModule], or make loop "
-            "bounds Python ints.") from error
+            f"torch.fx could not trace {name}.forward{where} ({type(error).__name__}: {error}). {fix}") from error
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     if len(placeholders) < len(example_inputs):
         raise ExampleInputsError(f"{name}.forward takes {len(placeholders)} inputs but example_inputs has "
@@ -198,6 +206,19 @@ def _where(error: Exception) -> str:
     return f" at {last.tb_frame.f_code.co_filename}:{last.tb_lineno}"
 
 
+def _failing_module(model: nn.Module, error: Exception) -> tuple[str, nn.Module] | None:
+    """The innermost submodule of ``model`` whose ``forward`` was running when tracing failed."""
+    names = {id(module): qualname for qualname, module in model.named_modules() if qualname}
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        if tb.tb_frame.f_code.co_name == "forward" and id(owner) in names:
+            found = (names[id(owner)], owner)
+        tb = tb.tb_next
+    return found
+
+
 def _unit_of(node: fx.Node) -> str | None:
     """The layer unit a node belongs to: the first two parts of its module's path.
 
@@ -208,6 +229,56 @@ def _unit_of(node: fx.Node) -> str | None:
     if node.op != "call_module":
         return None
     return ".".join(str(node.target).split(".")[:2])
+
+
+def _mutates_input(model: nn.Module, node: fx.Node) -> bool:
+    """Whether a node writes into one of its inputs (``ReLU(inplace=True)``, ``x.add_(y)``).
+
+    A stage boundary never goes right before such a node: the value it overwrites may be
+    a checkpoint region's saved input.
+    """
+    if node.op == "call_module":
+        return bool(getattr(model.get_submodule(node.target), "inplace", False))
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return bool(node.kwargs.get("inplace")) or (name.startswith("i") and name[1:] in _OPERATORS) or \
+            (name.endswith("_") and not name.endswith("__"))
+    return False
+
+
+_OPERATORS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift",
+              "matmul"}
+
+
+def _block_arguments(node: fx.Node) -> tuple[tuple[fx.Node, ...], tuple[fx.Node, ...]]:
+    """The state nodes (one, or the components of a tuple) and the context nodes of a block call."""
+    state = node.args[0] if node.args else None
+    z_nodes = (state,) if isinstance(state, fx.Node) else tuple(state) if isinstance(state, (tuple, list)) else ()
+    context = node.args[1:]
+    if node.kwargs or not z_nodes or not all(isinstance(n, fx.Node) for n in (*z_nodes, *context)):
+        raise UntraceableModelError(
+            f"ODEBlock {node.target!r} is called as {node.format_node()}; anode-plan plans blocks called as "
+            "block(z) or block((z1, z2, ...)) with tensors computed by the model, optionally followed by constant "
+            "tensor arguments block(z, c1, ...), and no keyword arguments")
+    return z_nodes, tuple(context)
+
+
+def _check_not_overwritten(model: nn.Module, block_node: fx.Node, inputs: tuple[fx.Node, ...],
+                           position: dict[fx.Node, int]) -> None:
+    """Raise if the graph writes into an input of ``block_node`` in place after the block has run."""
+    for value in inputs:
+        for user in value.users:
+            if position[user] > position[block_node] and user.args and user.args[0] is value \
+                    and _mutates_input(model, user):
+                what = f"{user.op} {getattr(user.target, '__name__', user.target)}"
+                raise InPlaceModificationError(
+                    f"{type(model).__name__}.forward overwrites {value.name!r}, an input of ODE block "
+                    f"{block_node.target!r}, in place after the block ran (fx node {user.name!r}: {what}). "
+                    "anode-plan may keep the block's input and recompute the block from it in backward, so the "
+                    "gradients would be silently wrong. Use the out-of-place form (z = z.relu(), "
+                    "ReLU(inplace=False), z = z + y) or apply it to a copy.")
 
 
 def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tuple[list[StageSpec], list[BlockSpec]]:
@@ -239,7 +310,7 @@ def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tupl
             continue
         module = model.get_submodule(node.target) if node.op == "call_module" else None
         if not isinstance(module, ODEBlock):
-            key = _unit_of(node)
+            key = None if _mutates_input(model, node) else _unit_of(node)
             if group and key is not None and key != group_key:
                 close_group(position[node] - 1)
             group_key = key if key is not None else group_key
@@ -247,17 +318,18 @@ def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tupl
             continue
         group_key = None
         close_group(position[node] - 1)
-        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
-            raise UntraceableModelError(
-                f"ODEBlock {node.target!r} is called with {len(node.args)} positional and {len(node.kwargs)} keyword "
-                "arguments; anode-plan plans blocks called as block(z) with one tensor")
-        z_in = node.args[0].name
-        if z_in not in state:
-            raise UntraceableModelError(
-                f"ODEBlock {node.target!r} integrates {z_in!r}, which is a parameter or constant rather than a value "
-                "computed from the model inputs; pass it through a layer first")
+        z_nodes, context_nodes = _block_arguments(node)
+        z_in = z_nodes[0].name if isinstance(node.args[0], fx.Node) else tuple(n.name for n in z_nodes)
+        z_names = tuple(n.name for n in z_nodes)
+        for name in z_names + tuple(n.name for n in context_nodes):
+            if name not in state:
+                raise UntraceableModelError(
+                    f"ODEBlock {node.target!r} takes {name!r}, which is a parameter or constant rather than a value "
+                    "computed from the model inputs; pass it through a layer first, or keep it inside the ODE "
+                    "function as a parameter or buffer")
+        _check_not_overwritten(model, node, z_nodes + context_nodes, position)
         after = live_after(position[node])
-        carried = tuple(n for n in state if n != z_in or z_in in after)
+        carried = tuple(n for n in state if n not in z_names or n in after)
         start = len(stages)
         names = state
         for step in range(module.nt):
@@ -265,7 +337,8 @@ def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tupl
             out = after if step == module.nt - 1 else carried + (z_out,)
             z_cur = z_in if step == 0 else f"{node.name}@{step}"
             stages.append(StageSpec(f"{node.target}@{step}", names, out, block_target=node.target,
-                                    block=len(blocks), step=step, z_in=z_cur, z_out=z_out))
+                                    block=len(blocks), step=step, z_in=z_cur, z_out=z_out,
+                                    context=tuple(n.name for n in context_nodes)))
             names = out
         blocks.append(BlockSpec(node.target, start, len(stages), module.nt, module.method))
         state = after

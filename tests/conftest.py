@@ -1,8 +1,16 @@
 import os
 
-import pytest
-import torch
-from hypothesis import settings
+# One thread per process: the tests use tiny models, and several test processes
+# (subprocess CLIs, two-process DDP) share a 2-core CI machine, where spinning OpenMP
+# threads slow small steps by orders of magnitude. Set before torch is imported, so
+# subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+torch.set_num_threads(1)
 
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=30)
 settings.register_profile("dev", deadline=None, max_examples=30)

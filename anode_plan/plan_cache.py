@@ -1,0 +1,109 @@
+"""Which plan a call runs: the plans of one compiled model, keyed by what their memory depends on.
+
+A plan's memory promise holds for the inputs it was measured on and for any smaller
+batch: every activation shrinks with the batch and nothing else grows. It does not hold
+for a larger batch, other non-batch shapes, another dtype or device of the inputs or
+the parameters, another autocast state (autocast halves activations but adds casted
+weights), or a parameter that was frozen when it was planned and now trains. So
+:class:`CompiledModel` describes each training call by a :class:`PlanKey` plus its batch
+sizes, runs the cached plan with the same key and the smallest batch that covers the
+call, and otherwise measures and plans again (about as long as ``compile`` took). A
+plan that cannot fit raises :class:`~anode_plan.InfeasibleBudgetError` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PlanKey:
+    """Everything except the batch sizes that a plan's memory depends on.
+
+    Attributes:
+        inputs: for each input, its shape without the batch dimension, its rank and dtype.
+        tensors: the (dtype, device) pairs of the model's parameters and buffers.
+        trainable: ``requires_grad`` of each parameter, in module order.
+        autocast: the (device type, dtype) of every enabled autocast context.
+    """
+
+    inputs: tuple[tuple[tuple[int, ...], int, str], ...]
+    tensors: frozenset
+    trainable: tuple[bool, ...]
+    autocast: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class CachedPlan:
+    """A plan, the key and batch sizes it was made for, and the runner that executes it."""
+
+    key: PlanKey
+    batches: tuple[int | None, ...]
+    plan: Any
+    runner: Any
+
+
+def _autocast_state(tensors: frozenset) -> tuple[tuple[str, str], ...]:
+    """The enabled autocast contexts among the CPU, CUDA and the model's devices."""
+    devices = sorted({"cpu", "cuda", *(device.type for _, device in tensors)})
+    return tuple((device, str(torch.get_autocast_dtype(device))) for device in devices
+                 if torch.is_autocast_enabled(device))
+
+
+def _model_state(modules: Sequence[nn.Module]) -> tuple[frozenset, tuple[bool, ...]]:
+    kinds = set()
+    trainable = []
+    for module in modules:
+        for param in module._parameters.values():
+            if param is not None:
+                kinds.add((param.dtype, param.device))
+                trainable.append(param.requires_grad)
+        for buf in module._buffers.values():
+            if buf is not None:
+                kinds.add((buf.dtype, buf.device))
+    return frozenset(kinds), tuple(trainable)
+
+
+def describe_call(inputs: Sequence[torch.Tensor], modules: Sequence[nn.Module]) -> tuple[PlanKey, tuple]:
+    """The key and batch sizes (``None`` for a 0-dim input) of a call with ``inputs``."""
+    tensors, trainable = _model_state(modules)
+    key = PlanKey(inputs=tuple((tuple(x.shape[1:]), x.dim(), str(x.dtype)) for x in inputs), tensors=tensors,
+                  trainable=trainable, autocast=_autocast_state(tensors))
+    return key, tuple(x.shape[0] if x.dim() else None for x in inputs)
+
+
+def describe_plan(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str],
+                  modules: Sequence[nn.Module]) -> tuple[PlanKey, tuple]:
+    """The key and batch sizes of a plan made for inputs of ``shapes`` and ``dtypes`` just now."""
+    tensors, trainable = _model_state(modules)
+    key = PlanKey(inputs=tuple((tuple(shape[1:]), len(shape), dtype) for shape, dtype in zip(shapes, dtypes)),
+                  tensors=tensors, trainable=trainable, autocast=_autocast_state(tensors))
+    return key, tuple(shape[0] if shape else None for shape in shapes)
+
+
+def covers(planned: Sequence[int | None], batches: Sequence[int | None]) -> bool:
+    """Whether a plan for batch sizes ``planned`` keeps its promise for ``batches``."""
+    return all(b is None or b <= p for b, p in zip(batches, planned))
+
+
+class PlanCache:
+    """The plans of one compiled model, most recent last; at most :attr:`MAX_PLANS` are kept."""
+
+    MAX_PLANS = 8
+
+    def __init__(self) -> None:
+        self.entries: list[CachedPlan] = []
+
+    def find(self, key: PlanKey, batches: tuple) -> CachedPlan | None:
+        """The plan for ``key`` with the smallest batch that covers ``batches``, or ``None``."""
+        fits = [entry for entry in self.entries if entry.key == key and covers(entry.batches, batches)]
+        return min(fits, key=lambda e: sum(b or 0 for b in e.batches), default=None)
+
+    def add(self, entry: CachedPlan) -> CachedPlan:
+        self.entries.append(entry)
+        del self.entries[:-self.MAX_PLANS]
+        return entry
