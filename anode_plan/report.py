@@ -1,16 +1,29 @@
-"""Describe a plan for people: per-block strategy, snapshots, recompute, peaks and landmarks.
+"""Describe plans for people: per-block strategy, memory at the peak, landmarks, the trade-off curve.
 
-``summarize_blocks`` and ``find_landmarks`` return plain data (frozen dataclasses);
-``format_report`` renders them as text. ``tools/plan_report.py`` and the demo print it.
+``summarize_blocks``, ``find_landmarks`` and ``tradeoff_curve`` return plain data (frozen
+dataclasses); ``format_report``, ``format_landmarks`` and ``format_tradeoff`` render them
+as text. ``tools/plan_report.py`` and the demo print them; :mod:`anode_plan.plot` draws
+them. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
-from planners import (Anode, Chain, InfeasibleBudgetError, Landmarks, Region, Run, StoreAll, format_bytes,
+from planners import (Anode, Auto, Chain, InfeasibleBudgetError, Region, Run, StoreAll, format_bytes,
                       simulate_plan)
 from planners.schedule import Op, nesting_depth
+from planners.simulate import Simulation
+
+# The simulator's kinds of memory, as a report names and explains them.
+_KINDS = (
+    ("parameter gradients", "fixed", "parameter gradients (every schedule pays them)"),
+    ("states", "states", "snapshots kept for backward, the current state and the output"),
+    ("tapes", "tapes", "tensors autograd saved for backward"),
+    ("gradients", "gradients", "gradients of states, flowing back"),
+    ("transient", "transients", "temporaries of the operation running at the peak"),
+)
 
 
 @dataclass(frozen=True)
@@ -74,42 +87,149 @@ def summarize_blocks(plan) -> list[BlockSummary]:
 
 
 def find_landmarks(chain: Chain, planner=None) -> BudgetLandmarks:
-    """Store-all and ANODE peaks, and the smallest budget ``planner`` (default Landmarks) accepts."""
+    """Store-all and ANODE peaks, and the smallest budget ``planner`` (default :class:`planners.Auto`) accepts."""
     huge = 1 << 62
     store_all = simulate_plan(chain, StoreAll().plan(chain, budget_bytes=huge)).peak_bytes
     anode = simulate_plan(chain, Anode().plan(chain, budget_bytes=huge)).peak_bytes
     try:
-        schedule = (planner or Landmarks()).plan(chain, budget_bytes=0)
+        schedule = (planner or Auto()).plan(chain, budget_bytes=0)
         minimum = simulate_plan(chain, schedule).peak_bytes
     except InfeasibleBudgetError as error:
         minimum = error.min_budget_bytes
     return BudgetLandmarks(store_all, anode, minimum)
 
 
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One budget of a sweep and what the planner's schedule for it is predicted to cost.
+
+    ``peak_bytes``, ``compute_cost`` and ``recompute_overhead`` are ``None`` when nothing
+    fits (``min_budget_bytes`` then says what would). ``measured_peak_bytes`` and
+    ``measured_time_ms`` are filled in by callers that run a real step.
+    """
+
+    budget_bytes: int
+    peak_bytes: int | None
+    compute_cost: float | None
+    recompute_overhead: float | None
+    schedule: str
+    min_budget_bytes: int | None = None
+    measured_peak_bytes: int | None = None
+    measured_time_ms: float | None = None
+
+    @property
+    def feasible(self) -> bool:
+        return self.peak_bytes is not None
+
+
+def default_budgets(landmarks: BudgetLandmarks, count: int = 5) -> list[int]:
+    """A sweep that shows the trade-off: the three landmarks and points between, largest first."""
+    low, middle, high = landmarks.minimum_bytes, landmarks.anode_bytes, landmarks.store_all_bytes
+    points = {low, middle, high}
+    for k in range(1, count):
+        points.add(low + (high - low) * k // count)
+    return sorted(points, reverse=True)
+
+
+def tradeoff_curve(chain: Chain, budgets: Sequence[int], planner=None) -> tuple[TradeoffPoint, ...]:
+    """Plan ``chain`` for every budget (bytes) with ``planner`` (default :class:`planners.Auto`) and simulate the result."""
+    planner = planner if planner is not None else Auto()
+    points = []
+    for budget in budgets:
+        try:
+            schedule = planner.plan(chain, budget_bytes=budget)
+        except InfeasibleBudgetError as error:
+            points.append(TradeoffPoint(budget, None, None, None, "infeasible",
+                                        min_budget_bytes=error.min_budget_bytes))
+            continue
+        sim = simulate_plan(chain, schedule)
+        points.append(TradeoffPoint(budget, sim.peak_bytes, sim.compute_cost, sim.recompute_overhead,
+                                    f"{schedule.planner}: {schedule.description}"))
+    return tuple(points)
+
+
+def format_landmarks(landmarks: BudgetLandmarks, indent: str = "  ") -> str:
+    """The three landmark budgets, each in MiB and exact bytes, with what it means."""
+    rows = [("store-all", landmarks.store_all_bytes, "every tape kept, no recompute"),
+            ("ANODE", landmarks.anode_bytes, "each ODE block keeps its input and is recomputed once"),
+            ("minimum", landmarks.minimum_bytes, "the smallest budget any schedule of the planner fits")]
+    lines = [f"{indent}landmarks"]
+    for name, nbytes, meaning in rows:
+        lines.append(f"{indent}  {name:<10}{format_bytes(nbytes):>12}  ({nbytes} bytes)  {meaning}")
+    return "\n".join(lines)
+
+
+def format_breakdown(simulation: Simulation, indent: str = "  ") -> str:
+    """What is live at the predicted peak, by kind, in the order fixed, states, tapes, gradients, transients."""
+    found = simulation.breakdown()
+    lines = [f"{indent}memory at the predicted peak"]
+    for kind, label, meaning in _KINDS:
+        lines.append(f"{indent}  {label:<11}{format_bytes(found.get(kind, 0)):>12}  {meaning}")
+    lines.append(f"{indent}  {'total':<11}{format_bytes(simulation.peak_bytes):>12}  ({simulation.peak_bytes} bytes)")
+    return "\n".join(lines)
+
+
+def format_tradeoff(points: Sequence[TradeoffPoint], cost_unit: str = "ms") -> str:
+    """The budget/compute trade-off as a table, largest budget first as given; measured columns when present."""
+    measured = any(p.measured_peak_bytes is not None for p in points)
+    header = ["budget", "predicted peak", f"step cost ({cost_unit})", "overhead"]
+    if measured:
+        header += ["measured peak", "step time"]
+    header.append("schedule")
+    rows = []
+    for p in points:
+        if not p.feasible:
+            need = f" (needs {format_bytes(p.min_budget_bytes)})" if p.min_budget_bytes is not None else ""
+            rows.append([format_bytes(p.budget_bytes), "infeasible", "-", "-"] + (["-", "-"] if measured else [])
+                        + [f"no schedule fits{need}"])
+            continue
+        row = [format_bytes(p.budget_bytes), format_bytes(p.peak_bytes), f"{p.compute_cost:.1f}",
+               _percent(p.recompute_overhead)]
+        if measured:
+            row += ["-" if p.measured_peak_bytes is None else format_bytes(p.measured_peak_bytes),
+                    "-" if p.measured_time_ms is None else f"{p.measured_time_ms:.1f} ms"]
+        rows.append(row + [p.schedule])
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["trade-off: budget -> predicted step cost"]
+    for row in [header, *rows]:
+        cells = [cell.rjust(width) for cell, width in zip(row[:-1], widths)] + [row[-1]]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
 def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
-    """A text report of ``plan``: summary, peak breakdown, landmarks and a per-block table."""
+    """A text report of ``plan``: schedule, predicted cost, memory at the peak, landmarks, and per block."""
     sim, chain = plan.simulation, plan.chain
     used = sim.peak_bytes / plan.budget_bytes
     lines = [
         f"anode-plan: {chain.name}, budget {format_bytes(plan.budget_bytes)} ({plan.budget_bytes} bytes)",
         f"  schedule     {plan.schedule.planner}: {plan.schedule.description}"
         + ("  [proven optimal]" if plan.schedule.proven_optimal else ""),
-        f"  predicted    peak {format_bytes(sim.peak_bytes)} ({used:.0%} of budget), recompute overhead "
-        f"{sim.recompute_overhead:+.1%} ({sim.recomputed_forwards} extra stage forwards)",
-        "  at the peak  " + ", ".join(f"{kind} {format_bytes(nbytes)}" for kind, nbytes in sim.peak_breakdown),
+        f"  predicted    peak {format_bytes(sim.peak_bytes)} ({used:.0%} of budget), step cost "
+        f"{sim.compute_cost:.1f} {chain.cost_unit} (nominal)",
+        f"  recompute    {sim.recomputed_forwards} extra stage forwards, overhead {_percent(sim.recompute_overhead)} "
+        f"over a step without recompute ({sim.baseline_cost:.1f} {chain.cost_unit})",
+        "",
+        format_breakdown(sim),
     ]
     if landmarks is not None:
-        lines.append(f"  landmarks    store-all {format_bytes(landmarks.store_all_bytes)} | ANODE "
-                     f"{format_bytes(landmarks.anode_bytes)} | minimum {format_bytes(landmarks.minimum_bytes)}")
+        lines += ["", format_landmarks(landmarks)]
     summaries = summarize_blocks(plan)
+    lines.append("")
     if summaries:
         header = ("block", "nt", "method", "strategy", "kept states (steps)", "recomputed steps", "peak")
         rows = [(s.name, str(s.nt), s.method, s.strategy, ",".join(map(str, s.snapshot_steps)) or "-",
                  str(s.recomputed_steps), format_bytes(s.peak_bytes)) for s in summaries]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-        lines.append("")
         for row in [header, *rows]:
             lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     else:
         lines.append("  (no ODE blocks: the model is planned as a plain chain of layers)")
     return "\n".join(lines)
+
+
+def _percent(fraction: float) -> str:
+    """``+25.9%``; rounding noise around zero prints as ``+0.0%``, not ``-0.0%``."""
+    return f"{0.0 if abs(fraction) < 5e-4 else fraction:+.1%}"

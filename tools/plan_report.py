@@ -1,84 +1,273 @@
 #!/usr/bin/env python
-"""Inspect the schedule anode-plan picks for a model and a memory budget.
+"""Inspect the schedule anode-plan picks for a model and a memory budget; draw it, measure it, save it.
 
-    python tools/plan_report.py                                   # the default ODE-ResNet, a few budgets
-    python tools/plan_report.py --model ode_resnet --kwargs nt=16 method=rk4 --batch 64 --budget 300MB
-    python tools/plan_report.py --budget 100MB 200MB 400MB        # a sweep: the trade-off curve
-    python tools/plan_report.py --model mypkg.nets:build --input-shape 3,64,64 --budget 1GiB
+    python tools/plan_report.py                                   # the default ODE-ResNet, a sweep of budgets
+    python tools/plan_report.py --kwargs nt=16 method=rk4 --batch 64 --budget 300MB
+    python tools/plan_report.py --budget 20MB:80MB:7              # a range: 7 budgets from 20MB to 80MB
+    python tools/plan_report.py --budget 30MB 40MB,60MB --measure # a list, with a real step per budget
+    python tools/plan_report.py --model mypkg.nets:build --kwargs depth=4 --input-shape 3,64,64 --budget 1GiB
+    python tools/plan_report.py --budget 30MB --save plan.yaml --plot out.png
+    python tools/plan_report.py --plan plan.yaml                  # report on a saved plan
+    python tools/plan_report.py --plan plan.yaml --model ode_resnet --measure   # check it on the model and run it
+
+For one budget it prints the schedule, the memory at the predicted peak (fixed costs,
+states, tapes, gradients, transients), the recompute overhead, the landmarks (store-all,
+ANODE and minimum budgets) and a table per ODE block. For several budgets it prints the
+trade-off curve (budget against predicted step cost) and the report of the median
+budget (all of them with --details). --plot out.png writes out-tradeoff.png and
+out-timeline.png (needs matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from dataclasses import replace
 
 import torch
+from torch.utils._pytree import tree_flatten
 
-from _common import input_shape, load_model, parse_kwargs
+from _common import input_shape, load_model, parse_budgets, parse_kwargs
 
 import anode_plan
-import planners
+from anode_plan.compiler import PLANNER_NAMES as PLANNERS
 from planners import format_bytes
 
-PLANNERS = {
-    "landmarks": planners.Landmarks,
-    "store-all": planners.StoreAll,
-    "anode": planners.Anode,
-    "revolve": planners.Revolve,
-}
+DEFAULT_MODEL = "ode_resnet"
+DEFAULT_BATCH = 32
+CURVE_POINTS = 48
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="ode_resnet",
-                        help=f"a model name ({', '.join(sorted(__import__('models').MODELS))}) or package.module:factory")
+    known = ", ".join(sorted(__import__("models").MODELS))
+    parser.add_argument("--model", help=f"a model name ({known}) or package.module:factory (default {DEFAULT_MODEL})")
     parser.add_argument("--kwargs", nargs="*", default=[], metavar="KEY=VALUE", help="arguments of the model factory")
-    parser.add_argument("--batch", type=int, default=32, help="batch size of the example input (default 32)")
+    parser.add_argument("--batch", type=int, help=f"batch size of the example input (default {DEFAULT_BATCH})")
     parser.add_argument("--input-shape", help="input shape without the batch, e.g. 3,32,32 (default: the model's)")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--budget", nargs="*", default=[],
-                        help="one or more budgets (4GB, 512MiB, bytes); default: the landmarks and points between")
-    parser.add_argument("--planner", choices=sorted(PLANNERS), default="landmarks")
+    parser.add_argument("--dtype", choices=["float32", "float64"],
+                        help="dtype of the model and input (default float32, or a saved plan's)")
+    parser.add_argument("--budget", nargs="*", default=[], metavar="BUDGET",
+                        help="budgets: 300MB, 512MiB or bytes; lists (30MB 40MB or 30MB,40MB) and ranges "
+                             "start:stop:count (20MB:80MB:7). Default: the landmarks and points between")
+    parser.add_argument("--planner", choices=sorted(PLANNERS), default="auto")
+    parser.add_argument("--plan", metavar="PLAN.yaml",
+                        help="report on a saved plan; with --model, check it against that model first")
+    parser.add_argument("--measure", action="store_true",
+                        help="run a real training step per budget and print its measured peak and time")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="with --measure, time N steps and report the fastest (default 1)")
+    parser.add_argument("--plot", metavar="OUT.png",
+                        help="draw the trade-off curve and the step's memory timeline to OUT-tradeoff.png and "
+                             "OUT-timeline.png (needs matplotlib)")
+    parser.add_argument("--save", metavar="PLAN.yaml", help="save the plan (the reported budget's) as YAML")
+    parser.add_argument("--dump", action="store_true", help="print the plan file of the reported plan")
+    parser.add_argument("--details", action="store_true", help="for a sweep, print the full report of every budget")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        budgets = parse_budgets(args.budget)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.repeat < 1:
+        parser.error(f"--repeat {args.repeat}: give a positive number of timed steps")
+    if args.plan and budgets:
+        parser.error("--plan reports on the saved plan at its own budget; leave out --budget")
+    if args.plan and args.measure and not args.model:
+        parser.error("--measure runs the saved plan on a model: give --model (and --kwargs) as well")
+    planner = PLANNERS[args.planner]()
+    try:
+        if args.plan:
+            return _report_saved(args, planner)
+        return _report_budgets(args, planner, budgets)
+    except anode_plan.AnodePlanError as error:
+        print(f"{type(error).__name__}: {error}")
+        return 1
+
+
+# ------------------------------------------------------------------------------- model and budgets
+
+
+def _build(args: argparse.Namespace) -> tuple[torch.nn.Module, str, dict]:
     kwargs = parse_kwargs(args.kwargs)
-    model, label = load_model(args.model, kwargs)
-    dtype = getattr(torch, args.dtype)
-    model = model.to(dtype)
-    x = torch.randn(input_shape(args.model, args.batch, args.input_shape, kwargs), dtype=dtype)
+    model, label = load_model(args.model or DEFAULT_MODEL, kwargs)
+    return model.to(getattr(torch, args.dtype)), label, kwargs
+
+
+def _report_budgets(args: argparse.Namespace, planner, budgets: list[int]) -> int:
+    args.dtype = args.dtype or "float32"
+    model, label, kwargs = _build(args)
+    torch.manual_seed(0)
+    shape = input_shape(args.model or DEFAULT_MODEL, args.batch or DEFAULT_BATCH, args.input_shape, kwargs)
+    x = torch.randn(shape, dtype=getattr(torch, args.dtype))
     traced = anode_plan.trace_model(model, (x,))
     chain = anode_plan.lower_to_chain(model, traced, (x,))
-    planner = PLANNERS[args.planner]()
     marks = anode_plan.find_landmarks(chain, planner)
-    budgets = args.budget or _default_budgets(marks)
-    print(f"model {label} {kwargs or ''}, input {tuple(x.shape)} {args.dtype}, {len(chain.stages)} stages, "
-          f"{len(chain.blocks)} ODE blocks")
-    curve = []
-    for budget in budgets:
+    sweep = not budgets or len(budgets) > 1
+    budgets = budgets or anode_plan.default_budgets(marks)
+    print(f"model {label}{' ' + str(kwargs) if kwargs else ''}, input {tuple(x.shape)} {args.dtype}, "
+          f"{len(chain.stages)} stages, {len(chain.blocks)} ODE blocks, planner {args.planner}")
+    points = list(anode_plan.tradeoff_curve(chain, budgets, planner))
+    plans = {p.budget_bytes: anode_plan.plan_for_budget(chain, traced, (x,), p.budget_bytes, planner)
+             for p in points if p.feasible}
+    if not plans:
         print()
-        try:
-            plan = anode_plan.plan_for_budget(chain, traced, (x,), budget, planner)
-        except anode_plan.InfeasibleBudgetError as error:
-            print(f"budget {budget}: infeasible. {error}")
-            curve.append((budget, None, None))
-            continue
-        print(anode_plan.format_report(plan, marks))
-        curve.append((budget, plan.simulation.peak_bytes, plan.simulation.recompute_overhead))
-    if len(curve) > 1:
-        print("\ntrade-off: budget -> predicted peak, recompute overhead")
-        for budget, peak, overhead in curve:
-            shown = format_bytes(budget) if isinstance(budget, int) else budget
-            print(f"  {shown:>12}  " + ("infeasible" if peak is None else
-                                        f"{format_bytes(peak):>12}  {overhead:+7.1%}"))
+        print(anode_plan.format_landmarks(marks))
+        for point in points:
+            print(f"\nbudget {format_bytes(point.budget_bytes)} ({point.budget_bytes} bytes) is infeasible: the "
+                  f"smallest schedule of {args.planner} needs {format_bytes(point.min_budget_bytes)} "
+                  f"({point.min_budget_bytes} bytes). Give at least that, or lower the batch size.")
+        return 1
+    feasible = sorted(plans)
+    chosen = plans[feasible[len(feasible) // 2]]
+    plain = None
+    if args.measure:
+        plain = _measure_step(model, model, x, args.repeat)
+        for index, point in enumerate(points):
+            if point.feasible:
+                compiled = anode_plan.CompiledModel(model, traced, plans[point.budget_bytes])
+                step = _measure_step(compiled, model, x, args.repeat)
+                points[index] = replace(point, measured_peak_bytes=step.peak_bytes, measured_time_ms=step.time_ms)
+    if sweep:
+        print()
+        print(anode_plan.format_landmarks(marks))
+        print()
+        print(anode_plan.format_tradeoff(points, chain.cost_unit))
+        if plain is not None:
+            print(f"  plain autograd (no plan): measured peak {format_bytes(plain.peak_bytes)}, step time "
+                  f"{plain.time_ms:.1f} ms")
+    shown = [plans[b] for b in feasible] if (args.details or not sweep) else [chosen]
+    for plan in shown:
+        print()
+        if sweep and not args.details:
+            print("the median feasible budget of the sweep, in detail (--details for every budget):")
+        print(anode_plan.format_report(plan, None if sweep else marks))
+        point = next((p for p in points if p.budget_bytes == plan.budget_bytes), None)
+        if plain is not None and point is not None:
+            print(_format_measured(plan, point, plain))
+    _outputs(args, chosen, chain, marks, planner, budgets)
     return 0
 
 
-def _default_budgets(marks: anode_plan.BudgetLandmarks) -> list[int]:
-    low, high = marks.minimum_bytes, marks.store_all_bytes
-    points = {low, marks.anode_bytes, high, (low + marks.anode_bytes) // 2, (marks.anode_bytes + high) // 2}
-    return sorted(points, reverse=True)
+# ------------------------------------------------------------------------------- a saved plan
+
+
+def _report_saved(args: argparse.Namespace, planner) -> int:
+    plan = anode_plan.load_plan(args.plan)
+    saved_dtype = plan.input_dtypes[0].removeprefix("torch.")
+    args.dtype = args.dtype or (saved_dtype if saved_dtype in ("float32", "float64") else "float32")
+    print(f"saved plan {args.plan}: planner {plan.schedule.planner}, inputs "
+          + ", ".join(f"{shape} {dtype}" for shape, dtype in zip(plan.input_shapes, plan.input_dtypes))
+          + f", structure digest {plan.fingerprint}")
+    measured = None
+    if args.model:
+        model, label, kwargs = _build(args)
+        inputs = None  # by default the file's shapes; --batch or --input-shape checks the plan against others
+        if args.batch or args.input_shape:
+            shape = input_shape(args.model, args.batch or plan.input_shapes[0][0], args.input_shape, kwargs)
+            inputs = (torch.randn(shape, dtype=getattr(torch, args.dtype)),)
+        compiled = anode_plan.compile(model, example_inputs=inputs, plan=args.plan)
+        print(f"checked against model {label}{' ' + str(kwargs) if kwargs else ''}: same structure and inputs; "
+              f"re-measured, the schedule fits its budget")
+        plan = compiled.plan
+        if args.measure:
+            torch.manual_seed(0)
+            x = torch.randn(plan.input_shapes[0], dtype=getattr(torch, plan.input_dtypes[0].removeprefix("torch.")))
+            plain = _measure_step(model, model, x, args.repeat)
+            step = _measure_step(compiled, model, x, args.repeat)
+            point = anode_plan.TradeoffPoint(plan.budget_bytes, plan.predicted_peak_bytes,
+                                             plan.simulation.compute_cost, plan.recompute_overhead, "",
+                                             measured_peak_bytes=step.peak_bytes, measured_time_ms=step.time_ms)
+            measured = _format_measured(plan, point, plain)
+    marks = anode_plan.find_landmarks(plan.chain, planner)
+    print()
+    print(anode_plan.format_report(plan, marks))
+    if measured:
+        print(measured)
+    _outputs(args, plan, plan.chain, marks, planner, [plan.budget_bytes])
+    return 0
+
+
+# ------------------------------------------------------------------------------- measuring
+
+
+def _loss(output) -> torch.Tensor:
+    tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum(t.square().mean() for t in tensors)
+
+
+def _clear_grads(model: torch.nn.Module) -> None:
+    for parameter in model.parameters():
+        parameter.grad = None
+
+
+def _measure_step(module: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor,
+                  repeat: int = 1) -> anode_plan.MemoryMeasurement:
+    """One warm-up step, one step under the memory tracker (the peak), then the fastest of ``repeat`` timed steps."""
+    def step() -> None:
+        _loss(module(x)).backward()
+
+    _clear_grads(model)
+    step()
+    _clear_grads(model)
+    peak = anode_plan.measure_peak_memory(step, device=x.device)
+    times_ms = []
+    for _ in range(repeat):
+        _clear_grads(model)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        began = time.perf_counter()
+        step()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
+        times_ms.append((time.perf_counter() - began) * 1e3)
+    _clear_grads(model)
+    return anode_plan.MemoryMeasurement(peak.peak_bytes, min(times_ms), peak.method)
+
+
+def _format_measured(plan, point, plain) -> str:
+    peak, predicted = point.measured_peak_bytes, plan.predicted_peak_bytes
+    within = "within" if peak <= plan.budget_bytes else "OVER"
+    return (f"  measured     peak {format_bytes(peak)} ({within} budget; prediction {(predicted - peak) / peak:+.1%} "
+            f"of it), step time {point.measured_time_ms:.1f} ms, {point.measured_time_ms / plain.time_ms - 1:+.1%} "
+            f"against plain autograd's {plain.time_ms:.1f} ms (predicted {max(plan.recompute_overhead, 0.0):+.1%})")
+
+
+# ------------------------------------------------------------------------------- files and pictures
+
+
+def _outputs(args, plan, chain, marks, planner, budgets: list[int]) -> None:
+    """--save, --dump and --plot, for ``plan``; ``budgets`` are marked on the curve's sweep too."""
+    if args.save:
+        anode_plan.save_plan(plan, args.save)
+        print(f"\nsaved the plan for budget {format_bytes(plan.budget_bytes)} to {args.save}; reuse it with "
+              f"anode_plan.compile(model, plan={args.save!r})")
+    if args.dump:
+        print()
+        print(anode_plan.dump_plan(plan), end="")
+    if args.plot:
+        low, high = marks.minimum_bytes, int(marks.store_all_bytes * 1.08)
+        dense = {low + (high - low) * k // (CURVE_POINTS - 1) for k in range(CURVE_POINTS)}
+        dense |= {marks.anode_bytes, marks.store_all_bytes, *budgets}
+        curve = anode_plan.tradeoff_curve(chain, sorted(dense), planner)
+        chosen = anode_plan.TradeoffPoint(plan.budget_bytes, plan.predicted_peak_bytes, plan.simulation.compute_cost,
+                                          plan.recompute_overhead, plan.schedule.description)
+        tradeoff_path, timeline_path = figure_paths(args.plot)
+        title = f"{chain.name}: memory / compute trade-off"
+        anode_plan.plot_tradeoff(curve, marks, chosen=chosen, title=title).savefig(tradeoff_path)
+        anode_plan.plot_timeline(plan).savefig(timeline_path)
+        print(f"\ndrew {tradeoff_path} and {timeline_path}")
+
+
+def figure_paths(path: str) -> tuple[str, str]:
+    """``out.png`` -> ``("out-tradeoff.png", "out-timeline.png")``."""
+    stem, suffix = os.path.splitext(path)
+    return f"{stem}-tradeoff{suffix or '.png'}", f"{stem}-timeline{suffix or '.png'}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,123 @@
+"""Draw plans: the memory/compute trade-off curve, and the memory timeline of one training step.
+
+Both functions return a ``matplotlib.figure.Figure`` (made without ``pyplot``, so no
+global state or GUI backend is touched); save it with ``figure.savefig("out.png")``.
+matplotlib is an optional extra: ``pip install "anode-plan[plot]"``. Without it, the
+functions raise :class:`~anode_plan.errors.PlotUnavailableError`; the rest of
+anode-plan never imports it.
+
+* :func:`plot_tradeoff` — predicted step cost against the memory budget, from
+  :func:`anode_plan.tradeoff_curve`, with the landmarks (minimum, ANODE, store-all)
+  drawn as vertical lines and the infeasible budgets shaded.
+* :func:`plot_timeline` — live memory over one simulated training step of a plan
+  (``plan.simulation.timeline``), the x axis in the cost model's time, each operation
+  coloured by phase (forward, loss, recompute, backward), with the budget line.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from anode_plan.errors import PlotUnavailableError
+from anode_plan.report import BudgetLandmarks, TradeoffPoint
+from planners import format_bytes
+
+PHASE_COLORS = {"forward": "#4C72B0", "loss": "#8172B3", "recompute": "#DD8452", "backward": "#55A868"}
+_MIB = 2**20
+
+
+def _new_figure(width: float, height: float) -> Any:
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise PlotUnavailableError(
+            f"drawing a plan needs matplotlib, which is not installed ({error}); install the optional extra with "
+            "pip install \"anode-plan[plot]\" (or pip install matplotlib), or leave out --plot") from error
+    return Figure(figsize=(width, height), dpi=100, layout="constrained")
+
+
+def plot_tradeoff(points: Sequence[TradeoffPoint], landmarks: BudgetLandmarks, *,
+                  chosen: TradeoffPoint | None = None, title: str = "") -> Any:
+    """The trade-off curve: predicted step cost (% of a step without recompute) against the budget.
+
+    ``points`` come from :func:`anode_plan.tradeoff_curve`; a dense sweep from the minimum
+    to past store-all gives the clearest curve. ``chosen`` (a plan's point) is marked with a star.
+    """
+    figure = _new_figure(8.0, 4.5)
+    ax = figure.subplots()
+    feasible = sorted((p for p in points if p.feasible), key=lambda p: p.budget_bytes)
+    xs = [p.budget_bytes / _MIB for p in feasible]
+    ys = [100.0 * (1.0 + p.recompute_overhead) for p in feasible]
+    right = max([landmarks.store_all_bytes * 1.18 / _MIB] + [p.budget_bytes / _MIB for p in points])
+    if feasible:
+        ax.step(xs + [right], ys + [ys[-1]], where="post", color="#4C72B0", linewidth=2,
+                label="predicted step cost of the planner's schedule")
+        ax.plot(xs, ys, "o", color="#4C72B0", markersize=3.5)
+    ax.axvspan(0, landmarks.minimum_bytes / _MIB, color="#DDDDDD", zorder=0, label="infeasible: no schedule fits")
+    marks = [("minimum", landmarks.minimum_bytes, "#C44E52"), ("ANODE", landmarks.anode_bytes, "#8172B3"),
+             ("store-all", landmarks.store_all_bytes, "#55A868")]
+    label_at = ax.get_xaxis_transform()  # x in data, y in axes fractions: labels sit in the headroom on top
+    for name, nbytes, color in marks:
+        ax.axvline(nbytes / _MIB, color=color, linestyle="--", linewidth=1.3)
+        ax.text(nbytes / _MIB, 0.97, f" {name}\n {format_bytes(nbytes)}", transform=label_at, color=color,
+                fontsize=9, va="top", ha="left")
+    if chosen is not None and chosen.feasible:
+        ax.plot([chosen.budget_bytes / _MIB], [100.0 * (1.0 + chosen.recompute_overhead)], "*", color="#DD8452",
+                markersize=15, markeredgecolor="black", zorder=5,
+                label=f"the plan: budget {format_bytes(chosen.budget_bytes)}, {chosen.recompute_overhead:+.0%}")
+    low, high = min(ys, default=100.0), max(ys, default=100.0)
+    span = max(high - low, 10.0)
+    ax.set_xlim(0, right)
+    ax.set_ylim(low - 0.08 * span, high + 0.3 * span)
+    ax.set_xlabel("memory budget (MiB)")
+    ax.set_ylabel("predicted step cost\n(% of a step without recompute)")
+    ax.set_title(title or "memory / compute trade-off")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize=8.5, frameon=False)
+    return figure
+
+
+def plot_timeline(plan: Any, *, title: str = "") -> Any:
+    """Memory over one simulated training step of ``plan`` (an :class:`anode_plan.Plan`).
+
+    Each operation is a bar as wide as its predicted cost and as tall as its peak, coloured
+    by phase; the black steps are what stays live after each operation. The budget and the
+    predicted peak are horizontal lines.
+    """
+    chain, sim = plan.chain, plan.simulation
+    if not sim.timeline:
+        raise ValueError("plan.simulation has no timeline; simulate with simulate_plan(..., timeline=True)")
+    loss_cost = 0.01 * sim.baseline_cost or 1.0
+    edges, heights, lives, colors = [0.0], [], [], []
+    for event in sim.timeline:
+        if event.phase == "loss":
+            cost = loss_cost
+        elif event.phase == "backward":
+            cost = chain.stages[event.stage].bwd_cost
+        else:
+            cost = chain.stages[event.stage].fwd_cost
+        edges.append(edges[-1] + max(cost, 1e-9))
+        heights.append(event.peak_bytes / _MIB)
+        lives.append(event.live_bytes / _MIB)
+        colors.append(PHASE_COLORS[event.phase])
+    figure = _new_figure(8.0, 4.2)
+    ax = figure.subplots()
+    widths = [b - a for a, b in zip(edges, edges[1:])]
+    ax.bar(edges[:-1], heights, width=widths, align="edge", color=colors, linewidth=0)
+    ax.stairs(lives, edges, color="black", linewidth=1.0, label="live after each operation")
+    budget = plan.budget_bytes / _MIB
+    ax.axhline(budget, color="#C44E52", linestyle="--", linewidth=1.5,
+               label=f"budget {format_bytes(plan.budget_bytes)}")
+    ax.axhline(sim.peak_bytes / _MIB, color="#C44E52", linestyle=":", linewidth=1.0,
+               label=f"predicted peak {format_bytes(sim.peak_bytes)}")
+    for phase, color in PHASE_COLORS.items():
+        if any(event.phase == phase for event in sim.timeline):
+            ax.bar([0], [0], color=color, label=phase)
+    ax.set_xlim(0, edges[-1])
+    ax.set_ylim(0, max(budget, sim.peak_bytes / _MIB) * 1.3)
+    ax.set_xlabel(f"time in the training step (predicted, {chain.cost_unit} of the cost model)")
+    ax.set_ylabel("memory (MiB)")
+    ax.set_title(title or f"{chain.name}: one training step, {plan.schedule.description}")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8.5, ncols=3, framealpha=0.95)
+    return figure

@@ -1,0 +1,195 @@
+"""tools/plan_report.py: the command line, checked against the API's numbers.
+
+Two tests run the tool as a subprocess, as a user would (the default model; a model from
+``tests/factories.py`` given as ``module:factory``); the rest call its ``main`` in-process
+on tiny models to stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import anode_plan
+import planners
+from models import ode_resnet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "plan_report.py")
+TINY = ["--kwargs", "width=4", "stages=2", "nt=2", "--batch", "4", "--input-shape", "3,16,16"]
+# One intra-op thread: on a busy 2-core machine OpenMP threads of tiny kernels wait on each other
+# and a step of a tiny model can take a second instead of milliseconds. Results are unaffected.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _run_tool(*args: str) -> str:
+    result = subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def _printed_landmarks(text: str) -> dict[str, int]:
+    found = dict(re.findall(r"^\s+(store-all|ANODE|minimum)\s+[\d.]+ \w+\s+\((\d+) bytes\)", text, re.MULTILINE))
+    assert set(found) == {"store-all", "ANODE", "minimum"}, text
+    return {name: int(nbytes) for name, nbytes in found.items()}
+
+
+def _api_landmarks(model, x) -> dict[str, int]:
+    traced = anode_plan.trace_model(model, (x,))
+    marks = anode_plan.find_landmarks(anode_plan.lower_to_chain(model, traced, (x,)))
+    return {"store-all": marks.store_all_bytes, "ANODE": marks.anode_bytes, "minimum": marks.minimum_bytes}
+
+
+@pytest.fixture(scope="module")
+def tool():
+    """The tool's module, imported as ``python tools/plan_report.py`` would import it."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        yield importlib.import_module("plan_report")
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tools"))
+
+
+def test_cli_with_no_arguments_reports_on_the_default_model():
+    out = _run_tool()
+    assert "model ode_resnet, input (32, 3, 32, 32) float32" in out
+    x = torch.randn(32, 3, 32, 32)
+    assert _printed_landmarks(out) == _api_landmarks(ode_resnet(), x)
+    assert "trade-off: budget -> predicted step cost" in out
+    assert "memory at the predicted peak" in out and "kept states (steps)" in out
+
+
+def test_cli_on_a_module_factory_model_matches_the_api_and_writes_plan_and_pictures(tmp_path):
+    sys.path.insert(0, ROOT)
+    try:
+        factories = importlib.import_module("tests.factories")
+    finally:
+        sys.path.remove(ROOT)
+    model, x = factories.tiny_odenet(channels=4, nt=3), torch.randn(4, 3, 8, 8)
+    traced = anode_plan.trace_model(model, (x,))
+    chain = anode_plan.lower_to_chain(model, traced, (x,))
+    marks = anode_plan.find_landmarks(chain)
+    budget = (marks.minimum_bytes + marks.anode_bytes) // 2
+    plan = anode_plan.plan_for_budget(chain, traced, (x,), budget)
+
+    saved, picture = tmp_path / "plan.yaml", tmp_path / "out.png"
+    out = _run_tool("--model", "tests.factories:tiny_odenet", "--kwargs", "channels=4", "nt=3",
+                    "--input-shape", "3,8,8", "--batch", "4", "--budget", str(budget),
+                    "--save", str(saved), "--plot", str(picture))
+    assert _printed_landmarks(out) == _api_landmarks(model, x)
+    assert f"budget {planners.format_bytes(budget)} ({budget} bytes)" in out
+    assert f"({plan.predicted_peak_bytes} bytes)" in out  # the predicted peak, in the memory breakdown
+    assert f"overhead {plan.recompute_overhead:+.1%}" in out
+    for block in ("ode1", "ode2"):
+        assert re.search(rf"^\s+{block}\s+3\s+rk2\s", out, re.MULTILINE)
+    assert anode_plan.load_plan(saved) == plan  # planned and measured in another process: the same plan
+    for path in (tmp_path / "out-tradeoff.png", tmp_path / "out-timeline.png"):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 200_000
+
+
+def test_a_range_of_budgets_with_measure_prints_the_curve_and_measurements(tool, capsys):
+    assert tool.main([*TINY, "--budget", "180KB:280KB:3", "--measure"]) == 0
+    out = capsys.readouterr().out
+    table = out[out.index("trade-off"):out.index("plain autograd")]
+    assert "measured peak" in table and "step time" in table
+    assert len(re.findall(r"^\s+[\d.]+ [KM]iB\s", table, re.MULTILINE)) == 3
+    assert "plain autograd (no plan): measured peak" in out
+
+
+def test_one_budget_with_measure_prints_measured_beside_predicted(tool, capsys):
+    assert tool.main([*TINY, "--budget", "240KB", "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"measured\s+peak [\d.]+ \w+ \(within budget; prediction [+-][\d.]+% of it\), step time", out)
+
+
+def test_an_infeasible_budget_says_what_would_fit(tool, capsys):
+    assert tool.main([*TINY, "--budget", "10KB"]) == 1
+    out = capsys.readouterr().out
+    assert "is infeasible: the smallest schedule of auto needs" in out and "Give at least that" in out
+
+
+def test_report_on_a_saved_plan_with_and_without_the_model(tool, capsys, tmp_path):
+    model, x = ode_resnet(width=4, stages=2, nt=2), torch.randn(4, 3, 16, 16)
+    compiled = anode_plan.compile(model, "240KB", (x,))
+    path = tmp_path / "plan.yaml"
+    anode_plan.save_plan(compiled.plan, path)
+
+    assert tool.main(["--plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"saved plan {path}: planner {compiled.plan.schedule.planner}" in out
+    assert "budget 234.38 KiB (240000 bytes)" in out and "landmarks" in out
+
+    assert tool.main(["--plan", str(path), "--model", "ode_resnet", *TINY[:4], "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "checked against model ode_resnet" in out and "measured     peak" in out
+
+    assert tool.main(["--plan", str(path), "--model", "ode_resnet", "--kwargs", "width=4", "stages=2", "nt=3"]) == 1
+    out = capsys.readouterr().out
+    assert "PlanMismatchError" in out and "ODE block body.0 (nt=2, euler) in the plan is body.0 (nt=3, euler)" in out
+
+
+def test_dump_prints_a_plan_file(tool, capsys):
+    assert tool.main([*TINY, "--budget", "220KB", "--dump"]) == 0
+    out = capsys.readouterr().out
+    data = yaml.safe_load(out[out.index("# anode-plan plan"):])
+    assert data["format"] == "anode-plan plan" and data["budget_bytes"] == 220_000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "20MB:80MB"], "a range is start:stop:count"),
+    (["--budget", "12 Mb"], "reads as bits"),
+    (["--plan", "p.yaml", "--budget", "1MB"], "leave out --budget"),
+    (["--plan", "p.yaml", "--measure"], "give --model"),
+])
+def test_bad_arguments_are_usage_errors(tool, capsys, argv, message):
+    with pytest.raises(SystemExit) as info:
+        tool.main(argv)
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_lists_the_options(tool, capsys):
+    with pytest.raises(SystemExit) as info:
+        tool.main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    for option in ("--model", "--kwargs", "--batch", "--input-shape", "--budget", "--measure", "--plot", "--plan",
+                   "--save"):
+        assert option in out
+
+
+def test_budget_lists_and_ranges():
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    try:
+        common = importlib.import_module("_common")
+    finally:
+        sys.path.remove(os.path.join(ROOT, "tools"))
+    assert common.parse_budgets(["20MB:80MB:7"]) == [20_000_000 + 10_000_000 * k for k in range(7)]
+    assert common.parse_budgets(["1MiB", "2MB,3000"]) == [2**20, 2_000_000, 3000]
+    assert common.parse_budgets(["1MB:1MB:1"]) == [1_000_000]
+    with pytest.raises(ValueError, match="start:stop:count"):
+        common.parse_budgets(["1MB:2MB:0"])
+
+
+def test_plots_need_matplotlib_and_say_how_to_get_it(monkeypatch):
+    model, x = ode_resnet(width=4, stages=2, nt=2), torch.randn(4, 3, 16, 16)
+    plan = anode_plan.compile(model, "240KB", (x,)).plan
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(anode_plan.PlotUnavailableError, match=r'pip install "anode-plan\[plot\]"'):
+        anode_plan.plot_timeline(plan)
