@@ -7,14 +7,19 @@ The public names are re-exported here; everything else may change without notice
 """
 
 from anode_plan.budget import parse_memory_budget
-from anode_plan.compiler import CompiledModel, Plan, compile, plan_for_budget
+from anode_plan.compiler import CompiledModel, Plan, compile, load_plan, plan_for_budget
 from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import (AnodePlanError, BudgetFormatError, ExampleInputsError, InfeasibleBudgetError,
                                InputMismatchError, ODEBlockConfigError, ODEFunctionError, PlanInvariantError,
                                UntraceableModelError)
+from anode_plan.errors import PlanFileError, PlanMismatchError, PlanOverBudgetError, PlotUnavailableError
+from anode_plan.errors import InPlaceModificationError, NonFiniteStateError, PlannerSpecError
 from anode_plan.memory import LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode import ODEBlock
-from anode_plan.report import BlockSummary, BudgetLandmarks, find_landmarks, format_report, summarize_blocks
+from anode_plan.planfile import dump_plan, save_plan
+from anode_plan.plot import plot_timeline, plot_tradeoff
+from anode_plan.report import (BlockSummary, BudgetLandmarks, TradeoffPoint, default_budgets, find_landmarks,
+                               format_landmarks, format_report, format_tradeoff, summarize_blocks, tradeoff_curve)
 from anode_plan.trace import trace_model
 
 __all__ = [
@@ -23,4 +28,8 @@ __all__ = [
     "ODEFunctionError", "Plan", "PlanInvariantError", "UntraceableModelError", "compile", "lower_to_chain",
     "measure_peak_memory", "parse_memory_budget", "plan_for_budget", "trace_model",
     "BlockSummary", "BudgetLandmarks", "find_landmarks", "format_report", "summarize_blocks",
+    "PlanFileError", "PlanMismatchError", "PlanOverBudgetError", "PlotUnavailableError", "dump_plan", "load_plan",
+    "save_plan", "plot_timeline", "plot_tradeoff", "TradeoffPoint", "default_budgets", "format_landmarks",
+    "format_tradeoff", "tradeoff_curve",
+    "InPlaceModificationError", "PlannerSpecError", "NonFiniteStateError",
 ]

@@ -22,6 +22,10 @@ class ODEFunctionError(AnodePlanError, RuntimeError):
     """An ODE function returned the wrong shape, or the state is not a floating tensor."""
 
 
+class PlannerSpecError(AnodePlanError, ValueError):
+    """``planner=`` is neither a known planner name nor an object with ``plan(chain, *, budget_bytes)``."""
+
+
 class UntraceableModelError(AnodePlanError, RuntimeError):
     """torch.fx could not trace the model, or the traced graph cannot be planned."""
 
@@ -34,6 +38,52 @@ class InputMismatchError(AnodePlanError, ValueError):
     """A compiled model was called with inputs that do not fit its plan (for example a larger batch)."""
 
 
+class InPlaceModificationError(AnodePlanError, RuntimeError):
+    """A value a checkpoint region recomputes from was overwritten in place after the region first ran.
+
+    The region keeps a reference to its input and recomputes from it in backward, so an
+    in-place write (``z.relu_()``, ``ReLU(inplace=True)``, ``z.add_(1)`` on an ODE block's
+    input after the block, or inside the ODE function on ``z``) would silently change the
+    gradients. Use the out-of-place form (``z = z.relu()``).
+    """
+
+
+class NonFiniteStateError(AnodePlanError, FloatingPointError):
+    """An ODE block built with ``check_finite=True`` produced a NaN or infinite state."""
+
+
+class PlanFileError(AnodePlanError, ValueError):
+    """A plan file cannot be read: not YAML, not a plan, another format version, or a field of the wrong type."""
+
+
+class PlanMismatchError(AnodePlanError, ValueError):
+    """A saved plan was given to a model or input shape other than the one it was made for.
+
+    ``differences`` lists what differs, one sentence each.
+    """
+
+    def __init__(self, message: str, *, differences: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.differences = tuple(differences)
+
+
+class PlanOverBudgetError(AnodePlanError, ValueError):
+    """A saved plan's schedule, simulated on the model as measured now, needs more than its budget.
+
+    ``peak_bytes`` is what it needs, ``budget_bytes`` the budget it was checked against.
+    """
+
+    def __init__(self, message: str, *, peak_bytes: int, budget_bytes: int) -> None:
+        super().__init__(message)
+        self.peak_bytes = peak_bytes
+        self.budget_bytes = budget_bytes
+
+
+class PlotUnavailableError(AnodePlanError, ImportError):
+    """Drawing a plan needs matplotlib, the optional ``[plot]`` extra, and it is not installed."""
+
+
 __all__ = ["AnodePlanError", "BudgetFormatError", "ExampleInputsError", "InfeasibleBudgetError",
-           "InputMismatchError", "ODEBlockConfigError", "ODEFunctionError", "PlanInvariantError",
-           "UntraceableModelError"]
+           "InputMismatchError", "ODEBlockConfigError", "ODEFunctionError", "PlanFileError", "PlanInvariantError", "PlannerSpecError",
+           "PlanMismatchError", "PlanOverBudgetError", "PlotUnavailableError", "UntraceableModelError",
+           "InPlaceModificationError", "NonFiniteStateError"]
