@@ -16,6 +16,8 @@ anode-plan never imports it.
 
 from __future__ import annotations
 
+import textwrap
+
 from typing import Any, Sequence
 
 from anode_plan.errors import PlotUnavailableError
@@ -117,7 +119,8 @@ def plot_timeline(plan: Any, *, title: str = "") -> Any:
     ax.set_ylim(0, max(budget, sim.peak_bytes / _MIB) * 1.3)
     ax.set_xlabel(f"time in the training step (predicted, {chain.cost_unit} of the cost model)")
     ax.set_ylabel("memory (MiB)")
-    ax.set_title(title or f"{chain.name}: one training step, {plan.schedule.description}")
+    default = f"{chain.name}: one training step under the {plan.schedule.planner} schedule"
+    ax.set_title(textwrap.fill(title or default, 90), fontsize=10)
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8.5, ncols=3, framealpha=0.95)
     return figure
