@@ -6,14 +6,13 @@
 * A chain that carries skip values (a U-Net, a DenseNet: the graph is not a chain)
   goes to :class:`~planners.CPSat`, whose memory model counts each carried value once.
 
-On graphs, and on chains of at most :data:`LANDMARK_STAGE_LIMIT` stages, the landmark
-schedules (:class:`~planners.Landmarks`) are planned too and the cheapest schedule the
-simulator finds within the budget wins: CP-SAT searches one level of regions and the
-two-level DP is not exhaustive, so a landmark can occasionally beat them. On longer
-chains the landmarks are skipped (their per-block search takes seconds at 400 steps,
-while the two-level DP, which searches the landmarks' schedules too, takes under one).
-Which candidates run depends on the chain only, so the cost never rises when the budget
-grows (each candidate's cost is monotone in the budget, and so is their minimum).
+On graphs the landmark schedules (:class:`~planners.Landmarks`) are planned too, and the
+cheapest schedule the simulator finds within the budget wins: CP-SAT searches one level
+of regions, so a landmark (revolve's nested trees) can occasionally beat it. On chains
+the DP already searches every landmark schedule (the flat DP exactly; the two-level DP
+has store-all, ANODE and revolve among its options), so the landmarks are not planned
+again. Which candidates run depends on the chain only, so the cost never rises when the
+budget grows (each candidate's cost is monotone in the budget, and so is their minimum).
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ from planners.rotor import ChainDP
 from planners.schedule import Schedule
 from planners.simulate import simulate_plan
 
-LANDMARK_STAGE_LIMIT = 200
-
 
 def carries_values(chain: Chain) -> bool:
     """Whether some value other than the network input rides through a stage unchanged (a skip connection)."""
@@ -39,7 +36,7 @@ def carries_values(chain: Chain) -> bool:
 
 @dataclass(frozen=True)
 class Auto:
-    """ChainDP for chains, CP-SAT for graphs with skip connections, and never worse than the landmarks."""
+    """ChainDP for chains, CP-SAT (and the landmarks) for graphs with skip connections."""
 
     chain_planner: ChainDP = field(default_factory=ChainDP)
     graph_planner: CPSat = field(default_factory=CPSat)
@@ -48,7 +45,7 @@ class Auto:
         primary = self.graph_planner if carries_values(chain) else self.chain_planner
         best, smallest = None, None
         candidates = [primary]
-        if primary is self.graph_planner or len(chain.stages) <= LANDMARK_STAGE_LIMIT:
+        if primary is self.graph_planner:
             candidates.append(Landmarks())
         for planner in candidates:
             try:

@@ -150,11 +150,13 @@ class ChainEvents:
 
     def stage_signature(self, stage: int) -> tuple:
         """Everything the events of ``stage`` depend on, but its position: two stages
-        with equal signatures and equal surroundings price every list the same."""
+        with equal signatures and equal surroundings price every list the same. (The
+        stage's own forward cost, not a difference of prefix sums, whose rounding varies
+        with the position and would keep identical steps from sharing lists.)"""
         return (self.state_bytes[stage], self.state_bytes[stage + 1], self.kept_state_bytes[stage],
                 self.hold_after[stage], self.held_output_bytes[stage], self.tape_bytes[stage],
                 self.taped_peak[stage], self.untaped_peak[stage], self.backward_peak[stage],
-                self.new_param_grad_bytes[stage], self.step_cost[stage], self.forward_cost(stage, stage + 1))
+                self.new_param_grad_bytes[stage], self.step_cost[stage], self.chain.stages[stage].fwd_cost)
 
     # -- context of a list of operations over [start, stop) --------------------------------
 

@@ -557,3 +557,20 @@ def test_macro_cuts():
     # Three units: the last step alone, and the other nine steps in two chunks.
     assert macro_cuts(chain, 3) == [0, 1, 5, 10, 11, 12, 16, 21, 22, 23]
     assert macro_cuts(chain, 50) == list(range(24))
+
+
+def test_identical_steps_of_a_lowered_odenet_share_one_signature():
+    """The two-level DP shares revolve sub-lists between identical steps; a cost that differs
+    in the last bit (prefix-sum rounding) once kept a 10,000-step block from sharing anything."""
+    import torch
+
+    import anode_plan
+    from models import ode_resnet
+    from planners.rotor_events import ChainEvents
+
+    model = ode_resnet(width=4, stages=1, nt=60, method="rk2")
+    x = torch.randn(2, 3, 8, 8)
+    chain = anode_plan.lower_to_chain(model, anode_plan.trace_model(model, (x,)), (x,))
+    events = ChainEvents(chain)
+    block = chain.blocks[0]
+    assert len({events.stage_signature(stage) for stage in range(block.start + 1, block.stop - 1)}) == 1
