@@ -125,3 +125,41 @@ def test_cpsat_is_deterministic(unet):
     _, _, _, chain = unet
     budget = planners.simulate_plan(chain, planners.Anode().plan(chain, budget_bytes=1 << 60)).peak_bytes
     assert CPSat().plan(chain, budget_bytes=budget) == CPSat().plan(chain, budget_bytes=budget)
+
+
+def _random_odenet_chain(seed):
+    import random
+    rng = random.Random(seed)
+    names, blocks = [], []
+    for b in range(rng.randint(1, 3)):
+        names.append((f"layer{b}", None, None))
+        start = len(names)
+        names += [(f"block{b}@{i}", b, i) for i in range(rng.randint(2, 5))]
+        blocks.append(planners.Block(f"block{b}", start, len(names)))
+    sizes = [rng.randint(1, 8) * 1000 for _ in range(len(names) + 1)]
+    stages = tuple(planners.Stage(name, sizes[i], sizes[i + 1], rng.randint(1, 20) * 1000,
+                                  fwd_cost=rng.uniform(1, 3), bwd_cost=rng.uniform(2, 5), block=b, step=s)
+                   for i, (name, b, s) in enumerate(names))
+    return planners.Chain(stages, tuple(blocks))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_on_chains_cpsat_fits_or_says_so_and_never_beats_the_exact_dp(seed):
+    """CP-SAT searches one level of regions over macro-stages, a subset of the DP's schedules.
+
+    So on chains it may cost more than the flat DP (the exact optimum), never less, and it
+    must never return a schedule over the budget, even where its memory model is off.
+    """
+    chain = _random_odenet_chain(seed)
+    store_all = planners.simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=1 << 60)).peak_bytes
+    for fraction in (0.8, 0.6, 0.45):
+        budget = int(store_all * fraction)
+        try:
+            schedule = CPSat().plan(chain, budget_bytes=budget)
+        except planners.InfeasibleBudgetError as error:
+            assert error.min_budget_bytes > budget
+            continue
+        cost = planners.simulate_plan(chain, schedule).compute_cost
+        assert planners.simulate_plan(chain, schedule).peak_bytes <= budget
+        optimum = planners.simulate_plan(chain, planners.ChainDP(two_level=False).plan(chain, budget_bytes=budget))
+        assert cost >= optimum.compute_cost - 1e-9
