@@ -1,0 +1,354 @@
+"""anode-plan against what users would pick instead, on one ODE-ResNet, batch and solver, in one process.
+
+The peers, all on the same model object (same parameters, same batch, same fixed-step solver):
+
+* plain autograd (every tape kept);
+* ``torch.utils.checkpoint`` (non-reentrant) on every ODE block: ANODE by hand;
+* ``torch.utils.checkpoint`` on every time step;
+* ``checkpoint_sequential`` over the unrolled network with round(√n) segments;
+* torchdiffeq ``odeint`` with the same fixed-step method and grid (backprop through the solver);
+* torchdiffeq ``odeint_adjoint``, the Neural-ODE adjoint (reverse solve, O(L) memory);
+* ``torch.compile`` (inductor) with ``torch._functorch.config.activation_memory_budget`` at a few
+  fractions; the first step's time, which compiles forward and backward, is reported.
+
+Then anode-plan (``anode_plan.compile`` with the default planner) once per peer, with that
+peer's measured peak as ``memory_budget``. Where a peer's peak is below anode-plan's minimum,
+the row says so and gives the minimum.
+
+For every method: the measured peak of one warm training step (forward, cross-entropy,
+backward); the step time, as the median over ``--repeats`` rounds in which every method runs
+once (order rotated each round) and its ratio to plain autograd as the median of the per-round
+ratios; the largest relative parameter-gradient error against plain autograd in float64 on the
+same weights and batch (max over parameters of max|g - g64| / max|g64|); and, for anode-plan,
+whether the measured peak stayed within the budget.
+
+Memory on the CPU. ``anode_plan.measure_peak_memory`` tracks tensor storages with a
+``TorchDispatchMode``. TorchDynamo does not run compiled code while such a mode is active (it
+falls back to eager, "non-infra torch dispatch mode present"), so for the ``torch.compile``
+rows that number would be the eager model's. Those rows use the allocator's peak instead:
+the PyTorch profiler's record of every allocation and free of the c10 CPU allocator, which
+inductor's generated code also goes through. It is reported for every method, next to the
+tracker, as a cross-check. On CUDA both are ``torch.cuda.max_memory_allocated``.
+
+Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/compare.py --quick              # smoke run, about a minute
+    PYTHONPATH=. python benchmarks/compare.py --write              # full run (5-6 min here); RESULTS.md + compare.png
+
+Needs the benchmark extra for the torchdiffeq peers and the plot (``pip install -e ".[bench]"``);
+without torchdiffeq those peers are skipped with a message, without matplotlib the plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import copy
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+# Before torch starts OpenMP (see budget_sweep.py): passive waiting keeps a shared 2-core machine usable.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# A cold inductor cache, removed at exit, so the compile time reported is what a first run pays. Set
+# TORCHINDUCTOR_CACHE_DIR yourself to reuse one.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="anode-plan-compare-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+import anode_plan  # noqa: E402
+import planners  # noqa: E402
+from _common import (RESULTS_PATH, allocator_peak_bytes, clear_grads, gradients, kept_after_forward_bytes,  # noqa: E402
+                     load_average, log, machine_info, max_relative_grad_error, mib, source_version, timed_ms,
+                     write_section)
+from _compare_report import (ADJOINT, PLAIN, SECTION_TITLE, CompareConfig, CompareReport, Infeasible,  # noqa: E402
+                             Measured, Timing, plot, render_section, section_title)
+from _peers import (SequentialCheckpointed, checkpoint_blocks_model, checkpoint_steps_model,  # noqa: E402
+                    torchdiffeq_missing, torchdiffeq_model)
+from models import example_input_shape, ode_resnet  # noqa: E402
+
+DEFAULT_PLOT = Path(__file__).resolve().parent / "compare.png"
+SOLVER_MATCH_TOLERANCE = 1e-12  # relative, in float64: the torchdiffeq solve must be the same computation
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to run a training step of the model: a peer, or anode-plan at a peer's peak."""
+
+    name: str
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    family: str  # "peer" or "anode-plan"
+    budget_of: str | None = None
+    budget_bytes: int | None = None
+    plan: str = ""
+    setup_s: float | None = None  # anode_plan.compile's time (trace, measure, plan)
+    compile_fraction: float | None = None
+    predicted_peak_bytes: int | None = None
+    predicted_recompute: float | None = None
+
+
+# --- the peers -----------------------------------------------------------------------------------------------------
+
+def compiled_forward(model: nn.Module, tag: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` of ``model(x)`` with a code object of its own.
+
+    TorchDynamo caches compiled graphs on the code object it compiles; a fresh one per
+    activation budget keeps each budget's graphs apart in one process (and leaves the
+    eager model uncompiled), with no ``torch._dynamo.reset()`` that would drop the others.
+    """
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return model(x)
+
+    forward.__code__ = forward.__code__.replace(co_name=f"compiled_forward_{tag}")
+    return torch.compile(forward)
+
+
+def build_peers(model: nn.Module, config: CompareConfig, skipped: list[str]) -> list[Candidate]:
+    peers = [
+        Candidate(PLAIN, model, "peer"),
+        Candidate("checkpoint every ODE block (ANODE by hand)", checkpoint_blocks_model(model), "peer"),
+        Candidate("checkpoint every step", checkpoint_steps_model(model), "peer"),
+    ]
+    sequential = SequentialCheckpointed(model)
+    peers.append(Candidate(f"checkpoint_sequential, {sequential.segments} segments of {len(sequential.layers)} layers",
+                           sequential, "peer"))
+    missing = torchdiffeq_missing()
+    if missing is None:
+        peers.append(Candidate("torchdiffeq odeint", torchdiffeq_model(model, adjoint=False), "peer"))
+        peers.append(Candidate(ADJOINT, torchdiffeq_model(model, adjoint=True), "peer"))
+    else:
+        log(missing)
+        skipped.append(missing)
+    for k, fraction in enumerate(config.compile_budgets):
+        peers.append(Candidate(f"torch.compile, activation_memory_budget={fraction:g}",
+                               compiled_forward(model, f"budget_{k}"), "peer", compile_fraction=fraction))
+    return peers
+
+
+# --- measuring -----------------------------------------------------------------------------------------------------
+
+def train_step(forward: Callable, x: torch.Tensor, y: torch.Tensor) -> None:
+    F.cross_entropy(forward(x), y).backward()
+
+
+def measure(candidate: Candidate, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+            reference: list[torch.Tensor], device: torch.device) -> Measured:
+    """Warm up (compiling, for torch.compile), check the gradients, measure the peak of one more step."""
+    step = lambda: train_step(candidate.forward, x, y)  # noqa: E731
+    clear_grads(params)
+    if candidate.compile_fraction is not None:
+        with torch._functorch.config.patch(activation_memory_budget=candidate.compile_fraction):
+            first_ms = timed_ms(step)  # the partition into saved and recomputed values is chosen here
+    else:
+        first_ms = timed_ms(step)
+    clear_grads(params)
+    step()  # a second warm step: the gradients checked are those of a warm step
+    grad_rel_err = max_relative_grad_error(gradients(params), reference)
+    clear_grads(params)
+    tracker = kept = None
+    if candidate.compile_fraction is None or device.type == "cuda":
+        tracker = anode_plan.measure_peak_memory(step, device=device).peak_bytes
+        clear_grads(params)
+        kept = kept_after_forward_bytes(lambda: F.cross_entropy(candidate.forward(x), y), device=device)
+    allocator = allocator_peak_bytes(step, device=device)
+    clear_grads(params)
+    return Measured(name=candidate.name, family=candidate.family, budget_of=candidate.budget_of,
+                    budget_bytes=candidate.budget_bytes, plan=candidate.plan, first_step_s=first_ms / 1e3,
+                    setup_s=candidate.setup_s, compile_fraction=candidate.compile_fraction,
+                    tracker_peak_bytes=tracker, allocator_peak_bytes=allocator, kept_bytes=kept,
+                    grad_rel_err=grad_rel_err,
+                    predicted_peak_bytes=candidate.predicted_peak_bytes,
+                    predicted_recompute=candidate.predicted_recompute)
+
+
+def time_all(candidates: list[Candidate], params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
+             repeats: int, device: torch.device) -> dict[str, Timing]:
+    """``repeats`` rounds; each runs every candidate once, starting one later each round (against drift)."""
+    samples: dict[str, list[float]] = {c.name: [] for c in candidates}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)  # noqa: E731
+    for round_idx in range(repeats):
+        shift = round_idx % len(candidates)
+        for candidate in candidates[shift:] + candidates[:shift]:
+            clear_grads(params)
+            sync()
+            samples[candidate.name].append(timed_ms(lambda: (train_step(candidate.forward, x, y), sync())))
+        log(f"  timing round {round_idx + 1}/{repeats} done")
+    clear_grads(params)
+    plain = samples[PLAIN]
+    timings = {}
+    for name, times in samples.items():
+        ratios = [t / p for t, p in zip(times, plain)]
+        low, _, high = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        timings[name] = Timing(statistics.median(times), statistics.median(ratios), (low, high), tuple(times))
+    return timings
+
+
+def check_solvers(model64: nn.Module, x64: torch.Tensor) -> dict[str, float]:
+    """Relative max difference of the torchdiffeq variants' outputs from the ODE blocks', in float64."""
+    if torchdiffeq_missing() is not None:
+        return {}
+    with torch.no_grad():
+        want = model64(x64)
+        scale = float(want.abs().max())
+        diffs = {name: float((torchdiffeq_model(model64, adjoint=adjoint)(x64) - want).abs().max()) / scale
+                 for name, adjoint in (("odeint", False), ("odeint_adjoint", True))}
+    bad = {name: diff for name, diff in diffs.items() if diff > SOLVER_MATCH_TOLERANCE}
+    if bad:
+        raise RuntimeError(f"torchdiffeq's solve differs from the ODE blocks' in float64 by {bad} (relative), more "
+                           f"than {SOLVER_MATCH_TOLERANCE:g}: the peers would not integrate the same ODE. Check the "
+                           "method mapping in benchmarks/_peers.py.")
+    return diffs
+
+
+def min_budget(model: nn.Module, x: torch.Tensor) -> int:
+    try:
+        anode_plan.compile(model, 1, (x,))
+    except anode_plan.InfeasibleBudgetError as error:
+        return error.min_budget_bytes
+    raise RuntimeError("anode_plan.compile(memory_budget=1) succeeded; the minimum budget cannot be read from "
+                       "the error")
+
+
+def run_compare(config: CompareConfig) -> CompareReport:
+    began = time.perf_counter()
+    load_before = load_average()
+    torch.set_num_threads(config.num_threads)
+    device = torch.device(config.device)
+    model = ode_resnet(width=config.width, stages=config.stages, nt=config.nt, method=config.method,
+                       norm=config.norm, seed=config.seed).train()
+    generator = torch.Generator().manual_seed(config.seed)
+    x = torch.randn(example_input_shape("ode_resnet", config.batch_size), generator=generator)
+    y = torch.randint(0, 10, (config.batch_size,), generator=generator)
+
+    # float64 reference on the same weights and batch, computed once, before any step changes BN statistics
+    model64 = copy.deepcopy(model).double().to(device)
+    x64, y = x.double().to(device), y.to(device)
+    solver_match = check_solvers(model64, x64)
+    params64 = list(model64.parameters())
+    train_step(model64, x64, y)
+    reference = gradients(params64)
+    del model64, params64
+
+    model.to(device)
+    x = x.to(device)
+    params = list(model.parameters())
+    log(f"model: {config.model_call()}, batch {config.batch_size}, {device}")
+    skipped: list[str] = []
+    peers = build_peers(model, config, skipped)
+    measured: list[Measured] = []
+    for peer in peers:
+        result = measure(peer, params, x, y, reference, device)
+        measured.append(result)
+        compile_note = "" if peer.compile_fraction is None else f", first step (compile) {result.first_step_s:.0f} s"
+        log(f"  {peer.name:<55} peak {mib(result.peak_bytes):>8} MiB (allocator {mib(result.allocator_peak_bytes)})"
+            f"  grad err {result.grad_rel_err:.1e}{compile_note}  ({time.perf_counter() - began:.0f} s)")
+
+    minimum = min_budget(model, x)
+    store_all = anode_plan.compile(model, 2**50, (x,), planner=planners.StoreAll()).plan.predicted_peak_bytes
+    log(f"anode-plan minimum budget {mib(minimum)} MiB, store-all predicted {mib(store_all)} MiB")
+    planned: list[Candidate] = []
+    infeasible: list[Infeasible] = []
+    for peer in measured:
+        if peer.peak_bytes < minimum:
+            infeasible.append(Infeasible(peer.name, peer.peak_bytes, minimum))
+            continue
+        setup_began = time.perf_counter()
+        compiled = anode_plan.compile(model, peer.peak_bytes, (x,))
+        setup_s = time.perf_counter() - setup_began
+        plan = compiled.plan
+        planned.append(Candidate(f"anode-plan at the peak of: {peer.name}", compiled, "anode-plan",
+                                 budget_of=peer.name, budget_bytes=peer.peak_bytes,
+                                 plan=f"{plan.schedule.description} ({plan.schedule.planner})", setup_s=setup_s,
+                                 predicted_peak_bytes=plan.predicted_peak_bytes,
+                                 predicted_recompute=plan.recompute_overhead))
+    for candidate in planned:
+        result = measure(candidate, params, x, y, reference, device)
+        measured.append(result)
+        log(f"  {candidate.name[:55]:<55} peak {mib(result.peak_bytes):>8} MiB of {mib(candidate.budget_bytes)}"
+            f"  {candidate.plan}  grad err {result.grad_rel_err:.1e}  ({time.perf_counter() - began:.0f} s)")
+
+    log(f"timing {len(peers) + len(planned)} methods, {config.repeats} rounds")
+    timings = time_all(peers + planned, params, x, y, config.repeats, device)
+    return CompareReport(config=config, results=tuple(measured), infeasible=tuple(infeasible), timings=timings,
+                         min_budget_bytes=minimum, store_all_predicted_bytes=store_all, solver_match=solver_match,
+                         skipped=tuple(skipped),
+                         plain64_err=next(r.grad_rel_err for r in measured if r.name == PLAIN),
+                         machine=machine_info(config.num_threads) if device.type == "cpu" else
+                         f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}",
+                         source=source_version(), load_before=load_before, load_after=load_average(),
+                         runtime_s=time.perf_counter() - began)
+
+# --- command line --------------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> tuple[CompareConfig, Path | None, Path | None]:
+    defaults = CompareConfig()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--width", type=int, default=defaults.width, help="channels of the first stage")
+    parser.add_argument("--stages", type=int, default=defaults.stages, help="resolution stages, one ODE block each")
+    parser.add_argument("--nt", type=int, default=defaults.nt, help="time steps per ODE block")
+    parser.add_argument("--method", default=defaults.method, choices=["euler", "rk2"],
+                        help="ODE solver (torchdiffeq has no classical RK4 fixed-grid solver)")
+    parser.add_argument("--norm", default=defaults.norm, choices=["batch", "group"], help="normalisation layer")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per training step")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the weights and the batch")
+    parser.add_argument("--repeats", type=int, default=defaults.repeats, help="timing rounds")
+    parser.add_argument("--threads", type=int, default=defaults.num_threads, help="torch.set_num_threads")
+    parser.add_argument("--compile-budgets", type=float, nargs="*", default=list(defaults.compile_budgets),
+                        help="activation_memory_budget fractions for torch.compile; none to skip it")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: width 4, 2 stages, nt 2, batch 8, 3 rounds, one compile budget")
+    parser.add_argument("--write", nargs="?", type=Path, const=RESULTS_PATH, default=None, metavar="PATH",
+                        help=f"also replace the section {SECTION_TITLE[3:]!r} of PATH (default {RESULTS_PATH.name}) "
+                             "and draw the plot")
+    parser.add_argument("--plot", type=Path, default=None, metavar="PNG",
+                        help=f"draw the plot here (default with --write: {DEFAULT_PLOT.name} next to this script)")
+    args = parser.parse_args(argv)
+    config = CompareConfig(width=args.width, stages=args.stages, nt=args.nt, method=args.method, norm=args.norm,
+                           batch_size=args.batch_size, seed=args.seed, repeats=args.repeats,
+                           num_threads=args.threads, compile_budgets=tuple(args.compile_budgets), device=args.device)
+    if args.quick:
+        config = replace(config, width=4, stages=2, nt=2, batch_size=8, repeats=3,
+                         compile_budgets=config.compile_budgets[:1], quick=True)
+    if args.quick and args.write is not None and args.write.resolve() == RESULTS_PATH:
+        parser.error(f"--quick results are a smoke test; give --write another PATH than {RESULTS_PATH}")
+    if config.repeats < 1:
+        parser.error(f"--repeats {config.repeats}: give at least 1 (5 or more for reportable timings)")
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {config.device}: no CUDA device is available")
+    default_plot = DEFAULT_PLOT.with_name("compare-cuda.png") if config.device.startswith("cuda") else DEFAULT_PLOT
+    plot_path = args.plot if args.plot is not None else (default_plot if args.write is not None else None)
+    return config, args.write, plot_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, write_path, plot_path = parse_args(argv)
+    report = run_compare(config)
+    plotted = plot_path is not None and plot(report, plot_path)
+    if plotted:
+        log(f"wrote {plot_path}")
+    plot_name = None
+    if plotted and write_path is not None:
+        plot_name = os.path.relpath(plot_path, write_path.resolve().parent)
+    section = render_section(report, plot_name)
+    print(section)
+    if write_path is not None:
+        write_section(write_path, section_title(config), section)
+        log(f"wrote the section {section_title(config)[3:]!r} of {write_path}")
+    log(f"done in {report.runtime_s:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Optimal planning: planning times, and landmark schedules against the DP on a heterogeneous ODE-ResNet.
+
+Two parts, both written to ``benchmarks/RESULTS.md`` with ``--write``:
+
+1. **Planning time** of the default planner on the three sizes the design asks for: an
+   ODE-ResNet with 4 blocks of 100 steps (target < 1 s), one block of 10,000 steps
+   (< 10 s), and CP-SAT on a 100-stage U-Net-shaped chain whose skip values nest
+   (< 30 s). Each is planned at several budgets; the slowest is reported.
+2. **Three curves** on one ODE-ResNet whose stages differ in resolution and width:
+   at each budget from the minimum to store-all, the predicted step cost of
+   (a) the landmark schedules only (``planners.Landmarks``, what the foundation had),
+   (b) the two-level DP (``ChainDP(two_level=True)``), and (c) the flat DP, the exact
+   optimum under the model. For (a) and (c) it also measures the real peak of a
+   training step and the step time relative to plain autograd (median of paired,
+   interleaved runs).
+
+    PYTHONPATH=. python benchmarks/planner_sweep.py [--quick] [--write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch.nn import functional as F  # noqa: E402
+
+import anode_plan  # noqa: E402
+import planners  # noqa: E402
+from _common import RESULTS_PATH, load_average, machine_info, mib, write_section  # noqa: E402
+from models import ode_resnet  # noqa: E402
+
+SECTION_TITLE = "## Optimal planning: planning time and the DP against the landmarks (CPU)"
+
+
+def _odenet_chain(*, stages: int, nt: int, batch: int, size: int) -> planners.Chain:
+    model = ode_resnet(width=16, stages=stages, nt=nt, method="rk2")
+    x = torch.randn(batch, 3, size, size)
+    return anode_plan.lower_to_chain(model, anode_plan.trace_model(model, (x,)), (x,))
+
+
+def _unet_like_chain(stages: int) -> planners.Chain:
+    """A synthetic U-Net: the first half makes skip values that the second half consumes, nested."""
+    half = stages // 2
+    state_values, value_bytes, next_id, skips = [(0,)], [0], 1, []
+    for i in range(stages):
+        current = next_id
+        next_id += 1
+        size = 2**20 >> min(i, stages - 1 - i) // 10
+        value_bytes.append(size)
+        if i < half and i % 5 == 4:
+            skips.append(current - 1)  # the previous output stays live as a skip
+        if i >= half and skips and (stages - i) % 5 == 0:
+            skips.pop()
+        state_values.append(tuple(skips) + (current,))
+    stage_list = []
+    for i in range(stages):
+        in_bytes = sum(value_bytes[v] for v in state_values[i])
+        out_bytes = sum(value_bytes[v] for v in state_values[i + 1])
+        stage_list.append(planners.Stage(f"s{i}", in_bytes, out_bytes, 3 * value_bytes[state_values[i + 1][-1]],
+                                         fwd_cost=1.0, bwd_cost=2.0))
+    return planners.Chain(tuple(stage_list), state_values=tuple(state_values), value_bytes=tuple(value_bytes),
+                          name=f"U-Net-shaped chain of {stages} stages")
+
+
+def planning_times(quick: bool) -> list[tuple[str, int, float, str, str]]:
+    cases = [("ODE-ResNet, 4 blocks x 100 steps", _odenet_chain(stages=4, nt=25 if quick else 100, batch=8, size=32),
+              "< 1 s"),
+             ("one block x 10,000 steps", _odenet_chain(stages=1, nt=1000 if quick else 10_000, batch=8, size=16),
+              "< 10 s"),
+             ("U-Net-shaped DAG, 100 stages (CP-SAT)", _unet_like_chain(40 if quick else 100), "< 30 s")]
+    rows = []
+    for label, chain, target in cases:
+        store_all = planners.simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=1 << 60)).peak_bytes
+        slowest, planner_name = 0.0, ""
+        for fraction in (0.9, 0.5, 0.25, 0.1):
+            began = time.perf_counter()
+            try:
+                schedule = planners.Auto().plan(chain, budget_bytes=int(store_all * fraction))
+                planner_name = schedule.planner
+            except planners.InfeasibleBudgetError:
+                pass
+            slowest = max(slowest, time.perf_counter() - began)
+        rows.append((label, len(chain.stages), slowest, planner_name, target))
+        print(f"  {label}: {len(chain.stages)} stages, slowest plan {slowest:.2f} s ({planner_name})", flush=True)
+    return rows
+
+
+def _step_ratio(compiled, model, x, y, repeats: int) -> float:
+    def step(runner):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(runner(x), y).backward()
+    step(compiled), step(model)
+    ratios = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        step(compiled)
+        mine = time.perf_counter() - began
+        began = time.perf_counter()
+        step(model)
+        ratios.append(mine / (time.perf_counter() - began))
+    return statistics.median(ratios)
+
+
+def three_curves(quick: bool) -> tuple[str, list[str]]:
+    torch.manual_seed(0)
+    model = ode_resnet(width=16, stages=3, nt=4 if quick else 6, method="rk2")
+    x, y = torch.randn(16 if quick else 32, 3, 32, 32), torch.randint(0, 10, (16 if quick else 32,))
+    traced = anode_plan.trace_model(model, (x,))
+    chain = anode_plan.lower_to_chain(model, traced, (x,))
+    flat, two_level, landmarks = planners.ChainDP(two_level=False), planners.ChainDP(two_level=True), planners.Landmarks()
+    store_all = planners.simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=1 << 60)).peak_bytes
+    try:
+        flat.plan(chain, budget_bytes=1)
+    except planners.InfeasibleBudgetError as error:
+        minimum = error.min_budget_bytes
+    budgets = [minimum + (store_all - minimum) * k // 7 for k in range(8)]
+    rows = []
+    for budget in budgets:
+        cells = [mib(budget)]
+        for planner in (landmarks, two_level, flat):
+            try:
+                plan = anode_plan.plan_for_budget(chain, traced, (x,), budget, planner)
+            except anode_plan.InfeasibleBudgetError:
+                cells.append("infeasible")
+                continue
+            text = f"+{plan.recompute_overhead:.1%}"
+            if planner is not two_level:
+                compiled = anode_plan.CompiledModel(model, traced, plan)
+                compiled(x)
+                model.zero_grad(set_to_none=True)
+                measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(compiled(x), y).backward())
+                ratio = _step_ratio(compiled, model, x, y, 3 if quick else 5)
+                held = "ok" if measured.peak_bytes <= budget else "OVER"
+                text += f" · {mib(measured.peak_bytes)} MiB {held} · {ratio:.2f}x"
+            cells.append(text)
+        rows.append("| " + " | ".join(cells) + " |")
+        print("  " + rows[-1], flush=True)
+    header = (f"`ode_resnet(width=16, stages=3, nt={4 if quick else 6}, method='rk2')`, batch {x.shape[0]}, "
+              f"{len(chain.stages)} stages; store-all {mib(store_all)} MiB, flat-DP minimum {mib(minimum)} MiB.")
+    return header, rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--write", action="store_true", help=f"update the section in {RESULTS_PATH}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    load_before = load_average()
+    print("planning time:", flush=True)
+    times = planning_times(args.quick)
+    print("three curves:", flush=True)
+    header, rows = three_curves(args.quick)
+    lines = [SECTION_TITLE, "", f"Written by `benchmarks/planner_sweep.py`{' --quick' if args.quick else ''}. "
+             f"{machine_info(2)}; 1-minute load average {load_before[0]:.1f} before, {load_average()[0]:.1f} after.",
+             "", "**Planning time** of `planners.Auto` (the default), slowest of four budgets (90%, 50%, 25%, 10% "
+             "of store-all):", "", "| chain | stages | slowest plan | planner | target |", "|---|---|---|---|---|"]
+    lines += [f"| {label} | {n} | {seconds:.2f} s | {name} | {target} |" for label, n, seconds, name, target in times]
+    lines += ["", f"**The DP against the landmarks.** {header} Each cell: predicted recompute overhead; for the "
+              "landmarks and the flat DP also the measured peak of a training step (`measure_peak_memory`), whether "
+              "it held the budget, and the step time relative to plain autograd (median of paired runs).", "",
+              "| budget (MiB) | landmarks only | two-level DP (predicted) | flat DP (exact optimum) |",
+              "|---|---|---|---|", *rows, ""]
+    section = "\n".join(lines)
+    print(section)
+    if args.write:
+        write_section(RESULTS_PATH, SECTION_TITLE, section)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
