@@ -116,7 +116,7 @@ class _StageProfile:
             first_param = len(wrt) - len(params)
             self.param_ids = tuple(i for i, g in enumerate(grads[first_param:]) if g is not None)
             del grads, seeds
-        del saved
+        saved.clear()
         self.fwd_cost = fwd_flops / FLOPS_PER_MS + self.fwd_taped_bytes / BYTES_PER_MS
         self.bwd_cost = bwd_flops / FLOPS_PER_MS + self.bwd_bytes / BYTES_PER_MS
 

@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -50,6 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import anode_plan  # noqa: E402
+from _common import log, machine_info, mib, percent, source_version  # noqa: E402
 import planners  # noqa: E402
 from models import example_input_shape, ode_resnet  # noqa: E402
 
@@ -150,40 +149,6 @@ class SweepReport:
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
     runtime_s: float
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def mib(num_bytes: float) -> str:
-    return f"{num_bytes / MIB:.2f}"
-
-
-def percent(fraction: float) -> str:
-    """``0.318 -> '31.8%'``; float noise around zero (store-all's overhead is ~-1e-16) prints as 0.0%."""
-    return f"{100 * fraction:.1f}%" if abs(fraction) >= 5e-4 else "0.0%"
-
-
-def machine_info(num_threads: int) -> str:
-    return (f"{platform.machine()} CPU, os.cpu_count()={os.cpu_count()}, torch.set_num_threads({num_threads}), "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, {platform.system()}")
-
-
-def source_version() -> str:
-    """The commit the library was run from, and whether its files outside benchmarks/ had local changes."""
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--", ".", ":!benchmarks"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    if not status:
-        return f"commit {commit}"
-    return f"commit {commit} plus local changes to {len(status)} files outside benchmarks/"
 
 
 def train_step(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -21,11 +21,10 @@ from dataclasses import dataclass, field
 
 from planners.chain import Chain
 from planners.cpsat import CPSat
-from planners.errors import InfeasibleBudgetError
+from planners.feasibility import cheapest_fitting
 from planners.landmarks import Landmarks
 from planners.rotor import ChainDP
 from planners.schedule import Schedule
-from planners.simulate import simulate_plan
 
 
 def carries_values(chain: Chain) -> bool:
@@ -43,20 +42,5 @@ class Auto:
 
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
         primary = self.graph_planner if carries_values(chain) else self.chain_planner
-        best, smallest = None, None
-        candidates = [primary]
-        if primary is self.graph_planner:
-            candidates.append(Landmarks())
-        for planner in candidates:
-            try:
-                schedule = planner.plan(chain, budget_bytes=budget_bytes)
-            except InfeasibleBudgetError as error:
-                if smallest is None or error.min_budget_bytes < smallest.min_budget_bytes:
-                    smallest = error
-                continue
-            key = (simulate_plan(chain, schedule).compute_cost, planner is not primary)
-            if best is None or key < best[0]:
-                best = (key, schedule)
-        if best is None:
-            raise smallest
-        return best[1]
+        candidates = [primary] + ([Landmarks()] if primary is self.graph_planner else [])
+        return cheapest_fitting(chain, candidates, budget_bytes)

@@ -43,11 +43,11 @@ import math
 from dataclasses import dataclass
 
 from planners.chain import Chain
-from planners.errors import AnodePlanError, InfeasibleBudgetError, PlanInvariantError
+from planners.errors import AnodePlanError, PlanInvariantError
 from planners.feasibility import infeasible_error
 from planners.revolve import revolve_ops, useful_snapshots
 from planners.schedule import Op, Region, Run, Schedule
-from planners.simulate import Simulation, simulate_plan
+from planners.simulate import simulate_plan
 
 
 class PlanningTimeoutError(AnodePlanError, RuntimeError):

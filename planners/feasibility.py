@@ -6,7 +6,7 @@ from typing import Callable, Sequence
 
 from planners.chain import Chain
 from planners.errors import InfeasibleBudgetError, format_bytes
-from planners.schedule import Op
+from planners.schedule import Op, Schedule
 from planners.simulate import Simulation, simulate_plan
 
 
@@ -85,3 +85,27 @@ def _step_rank(before: Simulation, after: Simulation) -> tuple[int, float, int]:
     if extra <= 0:
         return 0, -saved, extra
     return 1, -saved / extra, extra
+
+
+def cheapest_fitting(chain: Chain, candidates: Sequence, budget_bytes: int) -> Schedule:
+    """The cheapest schedule any of ``candidates`` (planners) plans within the budget.
+
+    Ties in simulated cost go to the smaller peak, then to the earlier candidate. If none
+    fits, re-raises the candidates' :class:`InfeasibleBudgetError` with the smallest
+    ``min_budget_bytes`` (it names the candidate in its message).
+    """
+    best, smallest = None, None
+    for order, planner in enumerate(candidates):
+        try:
+            schedule = planner.plan(chain, budget_bytes=budget_bytes)
+        except InfeasibleBudgetError as error:
+            if smallest is None or error.min_budget_bytes < smallest.min_budget_bytes:
+                smallest = error
+            continue
+        simulation = simulate_plan(chain, schedule)
+        key = (simulation.compute_cost, simulation.peak_bytes, order)
+        if best is None or key < best[0]:
+            best = (key, schedule)
+    if best is None:
+        raise smallest
+    return best[1]

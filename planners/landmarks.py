@@ -15,11 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planners.chain import Chain
-from planners.errors import InfeasibleBudgetError
-from planners.feasibility import fit_per_block, require_fit
+from planners.feasibility import cheapest_fitting, fit_per_block, require_fit
 from planners.revolve import Revolve, block_ops, fewest_snapshots, revolve_ops, useful_snapshots
 from planners.schedule import Op, Region, Run, Schedule
-from planners.simulate import simulate_plan
 
 
 @dataclass(frozen=True)
@@ -78,21 +76,5 @@ class Landmarks:
 
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
         candidates = (StoreAll(), Anode(), Revolve(), Anode(snapshots="auto"))
-        best = None
-        smallest: InfeasibleBudgetError | None = None
-        for planner in candidates:
-            try:
-                schedule = planner.plan(chain, budget_bytes=budget_bytes)
-            except InfeasibleBudgetError as error:
-                if smallest is None or error.min_budget_bytes < smallest.min_budget_bytes:
-                    smallest = error
-                continue
-            simulation = simulate_plan(chain, schedule)
-            key = (simulation.compute_cost, simulation.peak_bytes)
-            if best is None or key < best[0]:
-                best = (key, schedule)
-        if best is None:
-            assert smallest is not None
-            raise smallest  # the candidate with the smallest feasible budget, named in its message
-        schedule = best[1]
+        schedule = cheapest_fitting(chain, candidates, budget_bytes)
         return Schedule(schedule.ops, planner=f"landmarks:{schedule.planner}", description=schedule.description)

@@ -33,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planners.chain import Chain
-from planners.schedule import Op, Region, Run, Schedule, validate_schedule
+from planners.schedule import Op, Run, Schedule, validate_schedule
 
 KINDS = ("states", "tapes", "gradients", "parameter gradients")
 

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 import anode_plan

@@ -20,7 +20,6 @@ from torch.nn import functional as F
 from _common import ROOT  # noqa: F401  (puts the checkout on sys.path)
 
 import anode_plan
-import planners
 from models import ode_resnet
 from planners import format_bytes
 
