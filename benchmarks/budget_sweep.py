@@ -48,7 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import anode_plan  # noqa: E402
-from _common import log, machine_info, mib, percent, source_version  # noqa: E402
+from _common import log, machine_info, mib, percent, source_version, write_section  # noqa: E402
 import planners  # noqa: E402
 from models import example_input_shape, ode_resnet  # noqa: E402
 
@@ -435,19 +435,6 @@ def render_section(report: SweepReport) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace the section titled :data:`SECTION_TITLE` in ``path`` (up to the next ``## ``), or append it."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION_TITLE), None)
-    if start is None:
-        new_text = text.rstrip("\n") + "\n\n" + section
-    else:
-        stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new_text = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + [""] + lines[stop:])
-    path.write_text(new_text.rstrip("\n") + "\n")
-
-
 def parse_args(argv: list[str] | None = None) -> tuple[SweepConfig, Path | None]:
     defaults = SweepConfig()
     parser = argparse.ArgumentParser(
@@ -494,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     section = render_section(report)
     print(section)
     if write_path is not None:
-        write_section(write_path, section)
+        write_section(write_path, SECTION_TITLE, section)
         log(f"wrote the section {SECTION_TITLE[3:]!r} of {write_path}")
     log(f"done in {report.runtime_s:.0f} s")
     return 0
