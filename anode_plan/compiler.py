@@ -187,9 +187,9 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
             another shape, dtype or device) plans again under the same budget, or raises
             :class:`InfeasibleBudgetError` if nothing fits (see :class:`CompiledModel`).
         planner: ``"auto"`` (the default: :class:`planners.Auto`, the optimal chain DP for
-            chains and CP-SAT for graphs with skip connections, never worse than the
-            landmark schedules), another name from :data:`PLANNER_NAMES`, or a planner
-            object with ``plan(chain, *, budget_bytes)``.
+            chains, CP-SAT and the landmark schedules for graphs with skip connections),
+            another name from :data:`PLANNER_NAMES`, or a planner object with
+            ``plan(chain, *, budget_bytes)``.
         leaf_modules: module classes fx should not trace into.
         plan: a saved plan (a path written by :func:`anode_plan.save_plan`, or a
             :class:`Plan`) to reuse instead of planning. The model is traced and measured

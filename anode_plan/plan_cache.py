@@ -70,15 +70,12 @@ def _model_state(modules: Sequence[nn.Module]) -> tuple[frozenset, tuple[bool, .
 
 def describe_call(inputs: Sequence[torch.Tensor], modules: Sequence[nn.Module]) -> tuple[PlanKey, tuple]:
     """The key and batch sizes (``None`` for a 0-dim input) of a call with ``inputs``."""
-    tensors, trainable = _model_state(modules)
-    key = PlanKey(inputs=tuple((tuple(x.shape[1:]), x.dim(), str(x.dtype)) for x in inputs), tensors=tensors,
-                  trainable=trainable, autocast=_autocast_state(tensors))
-    return key, tuple(x.shape[0] if x.dim() else None for x in inputs)
+    return describe_plan([tuple(x.shape) for x in inputs], [str(x.dtype) for x in inputs], modules)
 
 
 def describe_plan(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str],
                   modules: Sequence[nn.Module]) -> tuple[PlanKey, tuple]:
-    """The key and batch sizes of a plan made for inputs of ``shapes`` and ``dtypes`` just now."""
+    """The key and batch sizes of a plan (or call) with inputs of ``shapes`` and ``dtypes``, as the model is now."""
     tensors, trainable = _model_state(modules)
     key = PlanKey(inputs=tuple((tuple(shape[1:]), len(shape), dtype) for shape, dtype in zip(shapes, dtypes)),
                   tensors=tensors, trainable=trainable, autocast=_autocast_state(tensors))

@@ -21,8 +21,8 @@ The format, version 1 (``Run(i)`` is written ``i``; a ``Region`` as a mapping)::
     fingerprint: 3e5d0c7a91b2f4d8      # structure_digest(traced)
     inputs: [{shape: [32, 3, 32, 32], dtype: torch.float32}]
     budget_bytes: 30000000
-    planner: landmarks:revolve
-    description: revolve, snapshots per block [1, 2, 3]
+    planner: chain-dp
+    description: 'flat DP over 19 stages: 3 regions, nesting depth 1, ...'
     proven_optimal: false
     schedule: [0, 1, {region: [3, 6], body: [...]}, ...]
     chain: {name: ..., stages: [...], blocks: [...], ...}
@@ -98,7 +98,7 @@ def dump_plan(plan: Any) -> str:
     header = [
         f"anode-plan plan for {chain.name}: budget {format_bytes(plan.budget_bytes)}",
         f"schedule {plan.schedule.planner}: {plan.schedule.description}",
-        f"predicted peak {format_bytes(sim.peak_bytes)}, recompute overhead {max(sim.recompute_overhead, 0.0):+.1%} "
+        f"predicted peak {format_bytes(sim.peak_bytes)}, recompute overhead {sim.recompute_overhead:+.1%} "
         "(recomputed whenever the plan is loaded)",
         'reuse it with anode_plan.compile(model, plan="this file"); it is checked against the model again',
     ]

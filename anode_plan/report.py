@@ -231,5 +231,5 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
 
 
 def _percent(fraction: float) -> str:
-    """``+25.9%``; rounding noise around zero prints as ``+0.0%``, not ``-0.0%``."""
-    return f"{0.0 if abs(fraction) < 5e-4 else fraction:+.1%}"
+    """``+25.9%`` (overheads are exactly 0.0 without recompute, never negative)."""
+    return f"{fraction:+.1%}"

@@ -31,8 +31,8 @@ def mib(num_bytes: float) -> str:
 
 
 def percent(fraction: float) -> str:
-    """``0.318 -> '31.8%'``; float noise around zero (store-all's overhead is ~-1e-16) prints as 0.0%."""
-    return f"{100 * fraction:.1f}%" if abs(fraction) >= 5e-4 else "0.0%"
+    """``0.318 -> '31.8%'``."""
+    return f"{100 * fraction:.1f}%"
 
 
 def machine_info(num_threads: int) -> str:

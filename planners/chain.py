@@ -154,12 +154,6 @@ class Chain:
     def output_bytes(self) -> int:
         return self.stages[-1].output_bytes
 
-    def block_of(self, stage_idx: int) -> Block | None:
-        for block in self.blocks:
-            if block.start <= stage_idx < block.stop:
-                return block
-        return None
-
     @classmethod
     def uniform(cls, n: int, *, state_bytes: int = 1, tape_bytes: int = 1, fwd_cost: float = 1.0,
                 bwd_cost: float = 1.0, as_block: bool = True) -> "Chain":

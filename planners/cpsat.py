@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from planners.chain import Chain
 from planners.errors import AnodePlanError, PlanInvariantError
 from planners.feasibility import infeasible_error
-from planners.revolve import revolve_ops, useful_snapshots
+from planners.revolve import fewest_snapshots, revolve_ops, useful_snapshots
 from planners.schedule import Op, Region, Run, Schedule
 from planners.simulate import simulate_plan
 
@@ -70,7 +70,6 @@ class _Profile:
     forward_peak: int      # peak of its taped forward, its own output included
     kept: int              # what stays after its taped forward (tapes, inner snapshots, output)
     backward_peak: int     # peak of its backward and inner recompute, all its own memory included
-    label: str
 
 
 def _macros(chain: Chain) -> list[_Macro]:
@@ -83,24 +82,21 @@ def _macros(chain: Chain) -> list[_Macro]:
     return macros
 
 
-def _options(macro: _Macro, snapshot_choices: int) -> list[tuple[str, tuple[Op, ...]]]:
+def _options(macro: _Macro, snapshot_choices: int) -> list[tuple[Op, ...]]:
+    """The inner schedules a macro-stage may run: its tapes; for a block also ANODE, revolve, ANODE+revolve."""
     runs = tuple(Run(i) for i in range(macro.start, macro.stop))
-    if macro.block is None or macro.stop - macro.start < 2:
-        return [("tapes", runs)] + ([("ANODE", (Region(macro.start, macro.stop, runs),))] if macro.block is not None else [])
+    if macro.block is None:
+        return [runs]
+    options = [runs, (Region(macro.start, macro.stop, runs),)]
     steps = macro.stop - macro.start
+    if steps < 2:
+        return options
     most = useful_snapshots(steps)
     choices = sorted({max(1, round(most ** (k / max(1, snapshot_choices - 1)))) for k in range(snapshot_choices)})
-    choices = [s for s in choices if s < steps and _nesting_ok(steps, s)]
-    options = [("tapes", runs), ("ANODE", (Region(macro.start, macro.stop, runs),))]
-    for s in choices:
+    for s in (s for s in choices if fewest_snapshots(steps) <= s < steps):
         inner = revolve_ops(macro.start, macro.stop, s)
-        options.append((f"revolve s={s}", inner))
-        options.append((f"ANODE+revolve s={s}", (Region(macro.start, macro.stop, inner),)))
+        options += [inner, (Region(macro.start, macro.stop, inner),)]
     return options
-
-
-def _nesting_ok(steps: int, snapshots: int, limit: int = 100) -> bool:
-    return math.comb(snapshots + limit, snapshots) >= steps
 
 
 def _sub_chain(chain: Chain, macro: _Macro) -> Chain:
@@ -111,15 +107,14 @@ def _sub_chain(chain: Chain, macro: _Macro) -> Chain:
                  value_bytes=chain.value_bytes)
 
 
-def _profile(chain: Chain, macro: _Macro, label: str, ops: tuple[Op, ...]) -> _Profile:
+def _profile(chain: Chain, macro: _Macro, ops: tuple[Op, ...]) -> _Profile:
     shifted = _shift(ops, -macro.start)
     sim = simulate_plan(_sub_chain(chain, macro), shifted, timeline=True)
     forward = [e for e in sim.timeline if e.phase == "forward"]
     later = [e for e in sim.timeline if e.phase in ("recompute", "backward")]
     loss = next(e for e in sim.timeline if e.phase == "loss")
     return _Profile(ops=ops, cost=sim.compute_cost, forward_peak=max(e.peak_bytes for e in forward),
-                    kept=forward[-1].live_bytes, backward_peak=max([loss.live_bytes] + [e.peak_bytes for e in later]),
-                    label=label)
+                    kept=forward[-1].live_bytes, backward_peak=max([loss.live_bytes] + [e.peak_bytes for e in later]))
 
 
 def _shift(ops: tuple[Op, ...], offset: int) -> tuple[Op, ...]:
@@ -149,7 +144,7 @@ class CPSat:
 
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
         macros = _macros(chain)
-        profiles = [[_profile(chain, m, label, ops) for label, ops in _options(m, self.snapshot_choices)]
+        profiles = [[_profile(chain, m, ops) for ops in _options(m, self.snapshot_choices)]
                     for m in macros]
         target = budget_bytes
         for attempt in range(self.max_resolves + 1):
@@ -160,7 +155,7 @@ class CPSat:
             sim = simulate_plan(chain, ops)
             if sim.peak_bytes <= budget_bytes:
                 return Schedule(ops, planner="cp-sat", proven_optimal=optimal,
-                                description=self._describe(ops, macros, profiles, optimal))
+                                description=self._describe(ops, macros, optimal))
             # The model under-counted this schedule: ask again for less, more each time.
             target -= (sim.peak_bytes - budget_bytes) * (attempt + 1)
         # The model is conservative, or under-counted too often: its smallest-peak
@@ -170,7 +165,7 @@ class CPSat:
         if smallest.peak_bytes > budget_bytes:
             raise infeasible_error(chain, "CP-SAT", budget_bytes, smallest)
         return Schedule(ops, planner="cp-sat", proven_optimal=False,
-                        description=self._describe(ops, macros, profiles, False))
+                        description=self._describe(ops, macros, False))
 
     def _smallest(self, chain, macros, profiles) -> tuple[Op, ...]:
         """The schedule of least modelled peak (what the infeasibility error reports)."""
@@ -180,7 +175,7 @@ class CPSat:
         return solved[0]
 
     @staticmethod
-    def _describe(ops, macros, profiles, optimal) -> str:
+    def _describe(ops, macros, optimal) -> str:
         regions = sum(isinstance(op, Region) for op in ops)
         return f"CP-SAT, {regions} top-level regions over {len(macros)} macro-stages" + \
             ("" if optimal else " (feasible, not proven optimal)")

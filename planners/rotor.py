@@ -40,18 +40,18 @@ Conventions:
   cut into ``memory_slots`` equal slots and each keeps its cheapest point. That only
   drops options, never makes a plan exceed the budget; the plan is ``proven_optimal``
   when no frontier needed it. Rotor's implementations tabulate 500 slots; exact points
-  need fewer, and 128 keeps the two-level DP on a 400-step ODE-ResNet well under a second.
+  need fewer, so the default is 128.
 * Scope. Regions are nested ``torch.utils.checkpoint`` calls; the DP searches every
   schedule of them except a region whose body is one region over the same stages
   (never cheaper, never smaller), so the flat DP is the exact optimum under the model.
 
 When to use it: whenever the budget lies between the smallest schedule and store-all
 and the compute matters; it dominates :class:`~planners.Landmarks`, whose schedules it
-searches too. The flat DP costs O(n³·K) for frontiers of K points: under a second up to
-:data:`FLAT_STAGE_LIMIT` heterogeneous stages. Above that (or with ``two_level=True``) it
-runs the two-level DP of :mod:`planners.rotor_two_level`, over layers and chunks of ODE
-blocks with binomial checkpointing inside: about 0.5 s of CPU for 4 blocks of 100 steps,
-1.7 s for one block of 10,000. That is not proven optimal; how far it lands from the
+searches too. The flat DP costs O(n³·K) for frontiers of K points, so it runs up to
+:data:`FLAT_STAGE_LIMIT` stages. Above that (or with ``two_level=True``) it runs the
+two-level DP of :mod:`planners.rotor_two_level`, over layers and chunks of ODE blocks
+with binomial checkpointing inside: 0.77 s for 4 blocks of 100 steps and 1.81 s for one
+block of 10,000 on the CPU (slowest of four budgets, ``benchmarks/planner_sweep.py``). That is not proven optimal; how far it lands from the
 flat optimum is measured in tests/test_rotor.py.
 """
 

@@ -60,13 +60,6 @@ class Schedule:
     description: str = ""
 
 
-def op_range(op: Op) -> tuple[int, int]:
-    """The ``[start, stop)`` range of stages an operation covers."""
-    if isinstance(op, Run):
-        return op.stage, op.stage + 1
-    return op.start, op.stop
-
-
 def validate_schedule(schedule: Schedule | tuple[Op, ...], num_stages: int) -> None:
     """Check that a schedule covers stages ``0 .. num_stages-1`` once each, in order.
 

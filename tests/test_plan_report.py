@@ -24,21 +24,10 @@ from models import ode_resnet
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "plan_report.py")
 TINY = ["--kwargs", "width=4", "stages=2", "nt=2", "--batch", "4", "--input-shape", "3,16,16"]
-# One intra-op thread: on a busy 2-core machine OpenMP threads of tiny kernels wait on each other
-# and a step of a tiny model can take a second instead of milliseconds. Results are unaffected.
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run_tool(*args: str) -> str:
-    result = subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, env=ONE_THREAD, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, TOOL, *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout

@@ -18,15 +18,6 @@ PLANNERS = [planners.StoreAll(), planners.Anode(), planners.Anode(snapshots=1), 
 HUGE = 10**12
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: tiny kernels on a busy 2-core machine are much faster without OpenMP waits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _model(nt: int = 3):
     return ode_resnet(width=4, stages=2, nt=nt, method="rk2", norm="batch").double()
 
