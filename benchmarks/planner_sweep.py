@@ -9,8 +9,9 @@ Two parts, both written to ``benchmarks/RESULTS.md`` with ``--write``:
 2. **Three curves** on one ODE-ResNet whose stages differ in resolution and width:
    at each budget from the minimum to store-all, the predicted step cost of
    (a) the landmark schedules only (``planners.Landmarks``, what the foundation had),
-   (b) the two-level DP (``ChainDP(two_level=True)``), and (c) the flat DP, the exact
-   optimum under the model. For (a) and (c) it also measures the real peak of a
+   (b) the two-level DP (``ChainDP(two_level=True)``), (c) CP-SAT (``CPSat()``, which
+   must agree with the DP on a chain), and (d) the flat DP, the exact optimum under the
+   model. For (a) and (d) it also measures the real peak of a
    training step and the step time relative to plain autograd (median of paired,
    interleaved runs).
 
@@ -113,6 +114,7 @@ def three_curves(quick: bool) -> tuple[str, list[str]]:
     traced = anode_plan.trace_model(model, (x,))
     chain = anode_plan.lower_to_chain(model, traced, (x,))
     flat, two_level, landmarks = planners.ChainDP(two_level=False), planners.ChainDP(two_level=True), planners.Landmarks()
+    cpsat = planners.CPSat()
     store_all = planners.simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=1 << 60)).peak_bytes
     try:
         flat.plan(chain, budget_bytes=1)
@@ -122,14 +124,14 @@ def three_curves(quick: bool) -> tuple[str, list[str]]:
     rows = []
     for budget in budgets:
         cells = [mib(budget)]
-        for planner in (landmarks, two_level, flat):
+        for planner in (landmarks, two_level, cpsat, flat):
             try:
                 plan = anode_plan.plan_for_budget(chain, traced, (x,), budget, planner)
             except anode_plan.InfeasibleBudgetError:
                 cells.append("infeasible")
                 continue
             text = f"+{plan.recompute_overhead:.1%}"
-            if planner is not two_level:
+            if planner not in (two_level, cpsat):
                 compiled = anode_plan.CompiledModel(model, traced, plan)
                 compiled(x)
                 model.zero_grad(set_to_none=True)
@@ -164,8 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"**The DP against the landmarks.** {header} Each cell: predicted recompute overhead; for the "
               "landmarks and the flat DP also the measured peak of a training step (`measure_peak_memory`), whether "
               "it held the budget, and the step time relative to plain autograd (median of paired runs).", "",
-              "| budget (MiB) | landmarks only | two-level DP (predicted) | flat DP (exact optimum) |",
-              "|---|---|---|---|", *rows, ""]
+              "| budget (MiB) | landmarks only | two-level DP (predicted) | CP-SAT (predicted) | flat DP (exact optimum) |",
+              "|---|---|---|---|---|", *rows, ""]
     section = "\n".join(lines)
     print(section)
     if args.write:

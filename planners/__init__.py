@@ -6,8 +6,8 @@ A planner is a small frozen dataclass with one method,
 fits. :func:`simulate_plan` is the memory model all of them are judged by.
 """
 
-from planners.auto import Auto, carries_values
-from planners.chain import Block, Chain, Stage
+from planners.auto import Auto
+from planners.chain import Block, Chain, Stage, carries_values
 from planners.cpsat import CPSat, PlanningTimeoutError
 from planners.errors import AnodePlanError, InfeasibleBudgetError, PlanInvariantError, format_bytes
 from planners.landmarks import Anode, Landmarks, StoreAll

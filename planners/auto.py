@@ -7,8 +7,9 @@
   goes to :class:`~planners.CPSat`, whose memory model counts each carried value once.
 
 On graphs the landmark schedules (:class:`~planners.Landmarks`) are planned too, and the
-cheapest schedule the simulator finds within the budget wins: CP-SAT searches one level
-of regions, so a landmark (revolve's nested trees) can occasionally beat it. On chains
+cheapest schedule the simulator finds within the budget wins: on a graph CP-SAT prices
+region bodies pessimistically (:func:`planners.cpsat.separate_states`) and may stop at
+its time limit, so a landmark can occasionally beat it. On chains
 the DP already searches every landmark schedule (the flat DP exactly; the two-level DP
 has store-all, ANODE and revolve among its options), so the landmarks are not planned
 again. Which candidates run depends on the chain only, so the cost never rises when the
@@ -19,18 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from planners.chain import Chain
+from planners.chain import Chain, carries_values
 from planners.cpsat import CPSat
 from planners.feasibility import cheapest_fitting
 from planners.landmarks import Landmarks
 from planners.rotor import ChainDP
 from planners.schedule import Schedule
-
-
-def carries_values(chain: Chain) -> bool:
-    """Whether some value other than the network input rides through a stage unchanged (a skip connection)."""
-    inputs = set(chain.state_values[0])
-    return any((set(before) & set(after)) - inputs for before, after in zip(chain.state_values, chain.state_values[1:]))
 
 
 @dataclass(frozen=True)

@@ -169,3 +169,9 @@ class Chain:
             for i in range(n))
         blocks = (Block("block0", 0, n),) if as_block else ()
         return cls(stages=stages, blocks=blocks, name=f"uniform{n}")
+
+
+def carries_values(chain: Chain) -> bool:
+    """Whether some value other than the network input rides through a stage unchanged (a skip connection)."""
+    inputs = set(chain.state_values[0])
+    return any((set(before) & set(after)) - inputs for before, after in zip(chain.state_values, chain.state_values[1:]))

@@ -105,21 +105,17 @@ class ChainDP:
             raise ValueError(f"ChainDP(memory_slots={self.memory_slots}): needs at least 1 slot")
         if self.block_chunks is not None and self.block_chunks < 1:
             raise ValueError(f"ChainDP(block_chunks={self.block_chunks}): needs at least 1 unit per block")
-        two_level = len(chain.stages) > FLAT_STAGE_LIMIT if self.two_level is None else self.two_level
-        if two_level:
-            cuts = macro_cuts(chain, auto_block_chunks(chain) if self.block_chunks is None else self.block_chunks)
-        else:
-            cuts = list(range(len(chain.stages) + 1))
+        two_level, cuts = dp_cuts(chain, self.two_level, self.block_chunks)
         store_all = tuple(Run(stage) for stage in range(len(chain.stages)))
         simulation = simulate_plan(chain, store_all)
         if simulation.peak_bytes <= budget_bytes:  # no recompute at all: nothing is cheaper
             return Schedule(store_all, planner="chain-dp", proven_optimal=True,
                             description=f"store every tape (peak {format_bytes(simulation.peak_bytes)})")
         events = ChainEvents(chain)
-        table = _ScheduleTable(chain, events, cuts, two_level, self.memory_slots, budget_bytes)
+        table = ScheduleTable(chain, events, cuts, two_level, self.memory_slots, budget_bytes)
         frontier = table.solve()
         if not frontier:
-            smallest = _ScheduleTable(chain, events, cuts, two_level, self.memory_slots, inf, min_peak_only=True)
+            smallest = ScheduleTable(chain, events, cuts, two_level, self.memory_slots, inf, min_peak_only=True)
             predicted_peak, predicted_cost, _ = smallest.solve()[0]
             simulation = _checked(chain, smallest.ops_of(0), predicted_peak, predicted_cost, inf)
             raise infeasible_error(chain, "chain-dp", budget_bytes, simulation)
@@ -134,6 +130,18 @@ class ChainDP:
                         description=f"{level}: {count_regions(ops)} regions, nesting depth {nesting_depth(ops)}, "
                                     f"peak {format_bytes(simulation.peak_bytes)}, "
                                     f"{simulation.recomputed_forwards} recomputed forwards")
+
+
+def dp_cuts(chain: Chain, two_level: bool | None = None, block_chunks: int | None = None) -> tuple[bool, list[int]]:
+    """Whether the DP runs two-level, and the positions its regions may start and end at.
+
+    ``two_level=None`` picks the flat DP (every position) up to :data:`FLAT_STAGE_LIMIT`
+    stages, else macro-stage boundaries (:func:`planners.rotor_two_level.macro_cuts`).
+    """
+    two_level = len(chain.stages) > FLAT_STAGE_LIMIT if two_level is None else two_level
+    if not two_level:
+        return False, list(range(len(chain.stages) + 1))
+    return True, macro_cuts(chain, auto_block_chunks(chain) if block_chunks is None else block_chunks)
 
 
 def _checked(chain: Chain, ops: tuple[Op, ...], predicted_peak: int, predicted_cost: float,
@@ -151,8 +159,11 @@ def _checked(chain: Chain, ops: tuple[Op, ...], predicted_peak: int, predicted_c
     return simulation
 
 
-class _ScheduleTable:
+class ScheduleTable:
     """Frontiers of every list of operations the DP considers, and the schedule rebuilt from them.
+
+    :class:`~planners.CPSat` reads the frontiers of region bodies, ``(u, w, HOLD_ALL, False)``,
+    from it.
 
     A list is keyed ``(u, v, hold, top)``: it covers stages ``cuts[u] .. cuts[v]-1``,
     where ``cuts`` are the positions a region may start or end at (every position for
@@ -176,8 +187,11 @@ class _ScheduleTable:
         self.frontiers: dict[tuple[int, int, int, bool], list[Point]] = {}
         self._units: dict[tuple[int, int, bool], tuple[int, int, int, int, float]] = {}
 
-    def solve(self) -> list[Point]:
-        """Fill the table; returns the frontier of the whole schedule (empty if none fits)."""
+    def solve(self, *, bodies_only: bool = False) -> list[Point]:
+        """Fill the table; returns the frontier of the whole schedule (empty if none fits).
+
+        ``bodies_only`` fills the lists of region bodies only (``top=False``) and returns ``[]``.
+        """
         units = len(self.cuts) - 1
         for v in range(units + 1):
             for hold in self.events.holds_at(self.cuts[v]):
@@ -186,6 +200,8 @@ class _ScheduleTable:
         for length in range(1, units + 1):
             for u in range(units - length + 1):
                 self._fill(u, u + length, False)
+        if bodies_only:
+            return []
         for u in reversed(range(units)):
             self._fill(u, units, True)
         return self.frontiers[(0, units, HOLD_NONE, True)]
