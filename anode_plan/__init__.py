@@ -13,7 +13,7 @@ from anode_plan.errors import (AnodePlanError, BudgetFormatError, ExampleInputsE
                                InputMismatchError, ODEBlockConfigError, ODEFunctionError, PlanInvariantError,
                                UntraceableModelError)
 from anode_plan.errors import PlanFileError, PlanMismatchError, PlanOverBudgetError, PlotUnavailableError
-from anode_plan.errors import InPlaceModificationError, NonFiniteStateError, PlannerSpecError
+from anode_plan.errors import CompiledModuleError, InPlaceModificationError, NonFiniteStateError, PlannerSpecError
 from anode_plan.memory import LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode import ODEBlock
 from anode_plan.planfile import dump_plan, save_plan
@@ -31,5 +31,5 @@ __all__ = [
     "PlanFileError", "PlanMismatchError", "PlanOverBudgetError", "PlotUnavailableError", "dump_plan", "load_plan",
     "save_plan", "plot_timeline", "plot_tradeoff", "TradeoffPoint", "default_budgets", "format_landmarks",
     "format_tradeoff", "tradeoff_curve",
-    "InPlaceModificationError", "PlannerSpecError", "NonFiniteStateError",
+    "InPlaceModificationError", "PlannerSpecError", "NonFiniteStateError", "CompiledModuleError",
 ]

@@ -30,6 +30,10 @@ class UntraceableModelError(AnodePlanError, RuntimeError):
     """torch.fx could not trace the model, or the traced graph cannot be planned."""
 
 
+class CompiledModuleError(AnodePlanError, TypeError):
+    """The model, or a module inside it, is already compiled with ``torch.compile``: its memory cannot be planned."""
+
+
 class ExampleInputsError(AnodePlanError, TypeError):
     """``example_inputs`` is missing or does not match the model's forward signature."""
 

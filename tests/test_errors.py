@@ -247,6 +247,24 @@ def test_ode_function_returning_the_wrong_shape_is_named_at_compile():
         model(_x())  # the uncompiled model says the same
 
 
+@pytest.mark.parametrize("how", ["torch.compile(func)", "func.compile()", "torch.compile(model)"])
+def test_modules_compiled_with_torch_compile_are_refused_by_name(how):
+    """Nothing is compiled here (torch.compile is lazy): the check reads the module tree only."""
+    func = _Tanh()
+    if how == "torch.compile(func)":
+        model = _Net(func=torch.compile(func))
+    elif how == "func.compile()":
+        func.compile()
+        model = _Net(func=func)
+    else:
+        model = torch.compile(_Net(func=func))
+    with pytest.raises(anode_plan.CompiledModuleError) as info:
+        anode_plan.compile(model, 10**9, (_x().float(),))
+    message = str(info.value)
+    assert ("'ode.func'" in message) if how != "torch.compile(model)" else ("the model" in message)
+    assert "before torch.compile" in message and "over its budget" in message
+
+
 class _DropsVelocity(nn.Module):
     def forward(self, t, z):
         return z[0]
