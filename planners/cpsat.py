@@ -177,9 +177,9 @@ class CPSat:
     on chains it agrees with :class:`~planners.ChainDP`.
 
     Attributes:
-        time_limit_s: the limit of one solve, in CP-SAT's deterministic time (about a
-            second each on a current CPU; the wall clock is capped at four times it), so
-            that a plan repeats on any machine. The search starts from the table's schedule
+        time_limit_s: the limit of one solve, in CP-SAT's deterministic time units (the
+            wall clock is capped at four times it), so that a plan repeats on any
+            machine and under any load. The search starts from the table's schedule
             (``hint``), so a short limit costs optimality, never feasibility.
         workers: CP-SAT search workers. One (the default) makes every solve deterministic,
             so the minimum budget an error reports is exactly the one that then plans.
