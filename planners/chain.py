@@ -150,6 +150,17 @@ class Chain:
     def __len__(self) -> int:
         return len(self.stages)
 
+    def value_flow(self, stage: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """``(consumed, created, saved)`` value ids of a stage: what leaves the state there,
+        what enters it, and what its tape holds (see :attr:`Stage.saved_values`)."""
+        ins, outs = self.state_values[stage], self.state_values[stage + 1]
+        consumed = tuple(v for v in ins if v not in outs)
+        created = tuple(v for v in outs if v not in ins)
+        spec = self.stages[stage]
+        if spec.saved_values is not None:
+            return consumed, created, spec.saved_values
+        return consumed, created, (consumed if spec.saves_input else ()) + (created if spec.saves_output else ())
+
     @property
     def output_bytes(self) -> int:
         return self.stages[-1].output_bytes

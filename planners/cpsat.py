@@ -104,13 +104,11 @@ class _Values:
         self.states = [frozenset(v for v in values if self.charge[v]) for values in chain.state_values]
         self.saved, self.created_bytes = [], []
         consumed = []
-        for i, stage in enumerate(chain.stages):
-            ins, outs = chain.state_values[i], chain.state_values[i + 1]
-            used = tuple(v for v in ins if v not in outs)
-            made = tuple(v for v in outs if v not in ins)
-            saved = stage.saved_values if stage.saved_values is not None else \
-                (used if stage.saves_input else ()) + (made if stage.saves_output else ())
+        created = []
+        for i in range(n):
+            used, made, saved = chain.value_flow(i)
             consumed.append(used)
+            created.append(made)
             self.saved.append(frozenset(v for v in saved if self.charge[v]))
             self.created_bytes.append(sum(self.charge[v] for v in made))
         # Gradients live before each stage's backward, and what its backward allocates:
@@ -133,8 +131,7 @@ class _Values:
                     permanent += chain.param_grad_bytes[p]
                     new += chain.param_grad_bytes[p]
             self.grad_new[i] = new
-            made = set(chain.state_values[i + 1]) - set(chain.state_values[i])
-            for v in made:
+            for v in created[i]:
                 grads.pop(v, None)
         self.output = self.states[n]
 

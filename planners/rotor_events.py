@@ -103,10 +103,7 @@ class ChainEvents:
                     f"ChainDP plans chains whose states are buffers of their own, but stage {i} ({stage.name}) of "
                     f"{chain.name} carries value(s) {carried} through unchanged (a skip connection). Plan it with "
                     "planners.CPSat, or with planners.Auto, which picks the planner by the chain's shape.")
-            consumed = [v for v in ins if v not in outs]
-            created = [v for v in outs if v not in ins]
-            saved = stage.saved_values if stage.saved_values is not None else \
-                (consumed if stage.saves_input else []) + (created if stage.saves_output else [])
+            consumed, created, saved = chain.value_flow(i)
             saved_consumed.append({v for v in saved if v in consumed and v not in free})
             self.saved_created.append({v for v in saved if v in created})
             permanent[i] += grad_bytes(v for v in consumed if v in free)

@@ -152,14 +152,8 @@ class _Simulator:
         self.in_backward = False
         # Per stage: the values it consumes, creates, and whose references its tape holds.
         self.consumed, self.created, self.saved = [], [], []
-        for i, stage in enumerate(chain.stages):
-            ins, outs = chain.state_values[i], chain.state_values[i + 1]
-            consumed = tuple(v for v in ins if v not in outs)
-            created = tuple(v for v in outs if v not in ins)
-            if stage.saved_values is not None:
-                saved = stage.saved_values
-            else:
-                saved = (consumed if stage.saves_input else ()) + (created if stage.saves_output else ())
+        for i in range(len(chain.stages)):
+            consumed, created, saved = chain.value_flow(i)
             self.consumed.append(consumed)
             self.created.append(created)
             self.saved.append(saved)
