@@ -11,6 +11,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -176,3 +177,18 @@ def write_section(path: Path, title: str, section: str) -> None:
         stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         new_text = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + [""] + lines[stop:])
     path.write_text(new_text.rstrip("\n") + "\n")
+
+
+@dataclass(frozen=True)
+class ModelRunConfig:
+    """The ODE-ResNet, batch and timing settings every measured benchmark shares."""
+
+    width: int = 16
+    stages: int = 3
+    nt: int = 4
+    method: str = "rk2"
+    norm: str = "batch"
+    batch_size: int = 32
+    seed: int = 0
+    repeats: int = 7
+    num_threads: int = 2

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from _common import MIB, log, mib, percent
+from _common import MIB, ModelRunConfig, log, mib, percent
 from models import example_input_shape
 
 SECTION_TITLE = "## Compared with the alternatives (CPU)"
@@ -24,18 +24,9 @@ ADJOINT = "torchdiffeq odeint_adjoint"
 
 
 @dataclass(frozen=True)
-class CompareConfig:
+class CompareConfig(ModelRunConfig):
     """The model, batch and measurement settings of one comparison."""
 
-    width: int = 16
-    stages: int = 3
-    nt: int = 4
-    method: str = "rk2"
-    norm: str = "batch"
-    batch_size: int = 32
-    seed: int = 0
-    repeats: int = 7
-    num_threads: int = 2
     compile_budgets: tuple[float, ...] = (1.0, 0.5, 0.1)
     device: str = "cpu"
     quick: bool = False

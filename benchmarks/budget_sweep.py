@@ -48,7 +48,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import anode_plan  # noqa: E402
-from _common import log, machine_info, mib, percent, source_version, write_section  # noqa: E402
+from _common import ModelRunConfig, log, machine_info, mib, percent, source_version, write_section  # noqa: E402
 import planners  # noqa: E402
 from models import example_input_shape, ode_resnet  # noqa: E402
 
@@ -63,18 +63,10 @@ ANODE_TIME_RATIO_TARGET = 1.45
 
 
 @dataclass(frozen=True)
-class SweepConfig:
+class SweepConfig(ModelRunConfig):
     """The model, batch and measurement settings of one sweep."""
 
-    width: int = 16
-    stages: int = 3
     nt: int = 8
-    method: str = "rk2"
-    norm: str = "batch"
-    batch_size: int = 32
-    seed: int = 0
-    repeats: int = 7
-    num_threads: int = 2
     points_above_anode: int = 2
     points_below_anode: int = 3
     quick: bool = False
