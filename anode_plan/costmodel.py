@@ -9,6 +9,24 @@ dtypes and storages but no data), and each stage is run three ways on fake input
   the stage's input, its output, parameters and the rest (the tape);
 * backward (``torch.autograd.grad``): its peak, and which parameters it reaches.
 
+The peaks are those of a real training step, where store-all's peak usually falls in
+the last stage's backward, so the details count:
+
+* Only the autograd graph holds the tape (the saved tensors are noted by weak
+  reference), so backward frees it node by node: ``bwd_bytes`` is net of the tape
+  freed by then. (Holding it to the end over-counted by up to the tape.)
+* Each stage's backward is measured where it runs, after the backward of the stage
+  after it (:func:`_backward_after`): its output gradients come as that one makes them,
+  and the parameters they share (every step of an ODE block) already have a gradient,
+  which it adds to out of place.
+* A re-run in backward (a non-reentrant checkpoint) starts only when backward needs a
+  saved tensor, after the gradients that need none, and stops once the last saved tensor
+  exists again: ``fwd_taped_bytes`` is also at least that, measured on a checkpoint of
+  the stage (:func:`_recompute_bytes`). It runs under copies of the norm layers' running
+  statistics (:func:`_running_stat_copies`); every stage's forward and tape pay for them.
+* The loss value and its gradient's seed live through backward, as a value of the
+  last state (``LOSS_VALUE_SCALARS``).
+
 Peaks come from :class:`~anode_plan.memory.LiveStorageTracker`. Costs come from
 ``torch.utils.flop_counter.FlopCounterMode`` plus a bandwidth term for the memory each
 stage writes, converted to nominal milliseconds (``FLOPS_PER_MS``, ``BYTES_PER_MS``):
@@ -20,14 +38,18 @@ its numbers reused for the others.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
+import weakref
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeCopyMode,
                                            FakeTensorMode)
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
+from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from anode_plan.errors import UntraceableModelError
@@ -40,6 +62,7 @@ from planners import Block, Chain, Stage
 # Cross-entropy, MSE and x.square().mean() need at most three in backward (measured).
 LOSS_OUTPUTS = 3
 LOSS_SLACK_BYTES = 1024
+LOSS_VALUE_SCALARS = 2  # the loss and the seed of its gradient, live through backward
 FLOPS_PER_MS = 5e7   # 50 GFLOP/s: a nominal rate, for comparing stages
 BYTES_PER_MS = 5e6   # 5 GB/s of memory writes
 
@@ -69,7 +92,7 @@ class _StageProfile:
     """What one stage's three runs measured."""
 
     def __init__(self, fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor],
-                 fixed_storages: set[int], tracker: LiveStorageTracker) -> None:
+                 fixed_storages: set[int], tracker: LiveStorageTracker, stat_copies: dict[int, int]) -> None:
         inputs = tree_map(_fresh_input, tuple(inputs))  # a state value may be a tuple of tensors
         input_keys = set(_storages(inputs))
         self.input_bytes = sum(b for k, b in _storages(inputs).items() if k not in fixed_storages)
@@ -79,10 +102,10 @@ class _StageProfile:
             fn(inputs)
         self.fwd_untaped_bytes = tracker.peak_bytes - base
 
-        saved: list[torch.Tensor] = []
+        saved: list[weakref.ref] = []  # weak: a strong list would keep the tape alive through backward
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
-            saved.append(tensor)
+            saved.append(weakref.ref(tensor))
             return tensor
 
         base = tracker.reset_peak()
@@ -92,7 +115,7 @@ class _StageProfile:
         fwd_flops = flops.get_total_flops()
         self.outputs = outputs
         output_keys = set(_storages(outputs))
-        saved_storages = _storages(saved)
+        saved_storages = _storages([ref() for ref in saved])
         self.saves_input = bool(input_keys & saved_storages.keys())
         self.saves_output = bool(output_keys & saved_storages.keys())
         self.saved_inputs = _positions(inputs, saved_storages)
@@ -116,13 +139,33 @@ class _StageProfile:
             first_param = len(wrt) - len(params)
             self.param_ids = tuple(i for i, g in enumerate(grads[first_param:]) if g is not None)
             del grads, seeds
-        saved.clear()
+        self._rerun = (fn, inputs, params, tracker)
+        self._bwd_accumulating_bytes: int | None = None
         self.fwd_cost = fwd_flops / FLOPS_PER_MS + self.fwd_taped_bytes / BYTES_PER_MS
         self.bwd_cost = bwd_flops / FLOPS_PER_MS + self.bwd_bytes / BYTES_PER_MS
+        if self.param_ids or any(v.requires_grad for v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor)):
+            self.fwd_taped_bytes = max(self.fwd_taped_bytes, _recompute_bytes(fn, inputs, params, tracker))
+        # Re-run in backward, the stage runs on copies of the running statistics (see
+        # _running_stat_copies): they are all live while it runs, and its tape saves copies.
+        self.fwd_untaped_bytes += sum(stat_copies.values())
+        self.fwd_taped_bytes += sum(stat_copies.values())
+        self.tape_bytes += sum(b for k, b in saved_storages.items() if k in stat_copies)
 
-    def stage(self, spec: StageSpec, values: "_Values", measured: StageSpec | None = None) -> Stage:
-        """The chain's stage for ``spec``, from this profile of ``measured`` (another step of the same block)."""
+    def bwd_accumulating_bytes(self) -> int:
+        """The backward's peak when its parameters' gradients are under way (measured once, when first asked)."""
+        if self._bwd_accumulating_bytes is None:
+            self._bwd_accumulating_bytes = _accumulating_bwd_bytes(*self._rerun)
+        return self._bwd_accumulating_bytes
+
+    def stage(self, spec: StageSpec, values: "_Values", measured: StageSpec | None = None, *,
+              bwd_bytes: int | None = None) -> Stage:
+        """The chain's stage for ``spec``, from this profile of ``measured`` (another step of the same block).
+
+        ``bwd_bytes``: its backward's peak where it runs in the chain (by default the one
+        measured alone).
+        """
         measured = spec if measured is None else measured
+        bwd_bytes = self.bwd_bytes if bwd_bytes is None else bwd_bytes
         saved_names = [_same_role(measured.in_names[p], measured, spec) for p in self.saved_inputs] + \
             [_same_role(measured.out_names[p], measured, spec) for p in self.saved_outputs]
         saved = tuple(values.ids([name for names in saved_names for name in names]))
@@ -130,8 +173,137 @@ class _StageProfile:
                      output_bytes=values.state_bytes(spec.out_names), tape_bytes=self.tape_bytes,
                      saves_input=self.saves_input, saves_output=self.saves_output, saved_values=saved,
                      fwd_taped_bytes=self.fwd_taped_bytes, fwd_untaped_bytes=self.fwd_untaped_bytes,
-                     bwd_bytes=self.bwd_bytes, fwd_cost=self.fwd_cost, bwd_cost=self.bwd_cost,
+                     bwd_bytes=bwd_bytes, fwd_cost=self.fwd_cost, bwd_cost=self.bwd_cost,
                      param_ids=self.param_ids, block=spec.block, step=spec.step)
+
+
+def _accumulating_bwd_bytes(fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor],
+                            tracker: LiveStorageTracker) -> int:
+    """The peak of a stage's backward when its parameters' gradients are already under way.
+
+    In one training step a parameter used by several stages (every step of an ODE block)
+    gets its gradient summed by autograd as each of their backwards reaches it: the first
+    one's is kept, and each later one makes its own and adds them out of place, a
+    parameter-sized buffer more for a moment. The stage is run twice on the same graph;
+    backward runs the second run's nodes first (they are newer), so when it reaches the
+    first run, every parameter has a gradient pending. Measured from there on (from the
+    start, so over both runs, if no output of the first run has a node to say when).
+    """
+    runs = []
+    for _ in range(2):
+        fresh = tree_map(_fresh_input, tuple(inputs))
+        outputs = [o for o in tree_flatten(fn(fresh))[0] if isinstance(o, torch.Tensor) and o.requires_grad]
+        runs.append((outputs, [v for v in tree_flatten(fresh)[0] if isinstance(v, torch.Tensor) and v.requires_grad]))
+    (first_outputs, first_inputs), (second_outputs, second_inputs) = runs
+    outputs = second_outputs + first_outputs
+    seeds = [torch.ones_like(o) for o in outputs]
+    base = [tracker.reset_peak()]
+
+    def start(grad_outputs: Any) -> None:
+        if len(base) == 1:
+            base.append(tracker.reset_peak())
+
+    hooks = [o.grad_fn.register_prehook(start) for o in first_outputs if o.grad_fn is not None]
+    grads = torch.autograd.grad(outputs, second_inputs + first_inputs + params, seeds, allow_unused=True)
+    peak = tracker.peak_bytes - base[-1]
+    for hook in hooks:
+        hook.remove()
+    del grads, seeds, runs, outputs
+    return peak
+
+
+class _RecomputeEnd(contextlib.AbstractContextManager):
+    """A checkpoint's recompute context that notes the tracker's peak when the re-run ends."""
+
+    def __init__(self, tracker: LiveStorageTracker, peaks: list[int]) -> None:
+        self.tracker = tracker
+        self.peaks = peaks
+
+    def __exit__(self, *exc: Any) -> None:
+        self.peaks.append(self.tracker.peak_bytes)
+
+
+def _recompute_bytes(fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor],
+                     tracker: LiveStorageTracker) -> int:
+    """The peak of re-running the stage in backward, as a checkpoint region of its own.
+
+    A non-reentrant checkpoint re-runs its region only when backward first needs a tensor
+    it saved: the nodes before that (an ODE step's final sum of its slopes, scaled by
+    Python numbers) have already made their gradients, and the re-run stops as soon as the
+    last saved tensor exists again. Measured from backward's start to the re-run's end.
+    """
+    flat, structure = tree_flatten(tree_map(_fresh_input, tuple(inputs)))
+    versions = [v._version for v in flat if isinstance(v, torch.Tensor)]
+    peaks: list[int] = []
+    outputs = checkpoint(lambda *values: fn(tree_unflatten(list(values), structure)), *flat, use_reentrant=False,
+                         preserve_rng_state=False,
+                         context_fn=lambda: (contextlib.nullcontext(), _RecomputeEnd(tracker, peaks)))
+    outputs = [o for o in tree_flatten(outputs)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
+    if not outputs or versions != [v._version for v in flat if isinstance(v, torch.Tensor)]:
+        return 0  # a stage that writes into its input cannot be re-run; the runtime refuses such regions
+    wrt = [v for v in flat if isinstance(v, torch.Tensor) and v.requires_grad] + params
+    seeds = [torch.ones_like(o) for o in outputs]
+    # Backward runs outside the step's autocast, so the re-run casts the weights afresh.
+    torch.clear_autocast_cache()
+    base = tracker.reset_peak()
+    grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
+    del grads
+    return peaks[0] - base if peaks else 0
+
+
+def _backward_after(first: Callable[[tuple], tuple], first_spec: StageSpec, second: Callable[[tuple], tuple],
+                    second_spec: StageSpec, values: dict[str, Any], params: list[torch.Tensor],
+                    tracker: LiveStorageTracker) -> int:
+    """The peak of stage ``first``'s backward where it runs: after that of ``second``, the stage after it.
+
+    Its output gradients then come as ``second``'s backward makes them (views of one
+    buffer after a ``cat``, say), and the parameters the two share already have a
+    gradient under way, which the first one's backward adds to out of place. Both stages
+    run on one graph; backward reaches ``first`` last (its nodes are older), and is
+    measured from there on (from the start, over both, if no output of ``first`` has a node).
+    """
+    fresh = tree_map(_fresh_input, tuple(values[name] for name in first_spec.in_names))
+    middle = dict(zip(first_spec.out_names, first(fresh)))
+    ends = list(second(tuple(middle[name] for name in second_spec.in_names)))
+    ends += [value for name, value in middle.items() if name not in second_spec.in_names]  # for later stages
+    ends = [t for t in tree_flatten(ends)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not ends:
+        return 0
+    wrt = [v for v in tree_flatten(fresh)[0] if isinstance(v, torch.Tensor) and v.requires_grad] + params
+    seeds = [torch.ones_like(t) for t in ends]
+    base = [tracker.reset_peak()]
+
+    def start(grad_outputs: Any) -> None:
+        if len(base) == 1:
+            base.append(tracker.reset_peak())
+
+    hooks = [t.grad_fn.register_prehook(start) for t in tree_flatten(list(middle.values()))[0]
+             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    grads = torch.autograd.grad(ends, wrt, seeds, allow_unused=True)
+    peak = tracker.peak_bytes - base[-1]
+    for hook in hooks:
+        hook.remove()
+    del grads, seeds, ends, middle
+    return peak
+
+
+def _running_stat_copies(model: nn.Module) -> dict[int, int]:
+    """The buffers a re-run in backward copies: storage key -> bytes of the copy.
+
+    A checkpoint region is re-run under :class:`anode_plan.runtime.RestoreRunningStats`,
+    which swaps every training norm layer's running statistics for fresh copies (so the
+    re-run does not update them twice). The copies are allocated when a re-run starts
+    and live until it ends, or, where a layer saved them for backward (BatchNorm does),
+    until that backward. The original forward uses the buffers themselves.
+    """
+    copies = {}
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats and module.training:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                buffer = module._buffers.get(name)
+                if buffer is not None:
+                    copies[_storage_key(buffer)] = buffer.numel() * buffer.element_size()
+    return copies
 
 
 def _measure(spec: StageSpec, *args: Any) -> _StageProfile:
@@ -191,6 +363,46 @@ class _Values:
         return sum(self.nbytes[v] for v in self.ids(names))
 
 
+def _place_backwards(measured: list[tuple[_StageProfile, StageSpec, StageSpec]], traced: TracedModel,
+                     fake_model: nn.Module, values: dict[str, Any], params: list[torch.Tensor],
+                     tracker: LiveStorageTracker, ids: _Values) -> list[Stage]:
+    """The chain's stages, each with its backward measured where it runs.
+
+    Backward runs the stages last to first, so a stage's backward follows that of the
+    stage after it (:func:`_backward_after`): a block's last step follows the stage after
+    the block, and its other steps follow a step (the block's first two are measured). A
+    stage adds to the gradients of parameters that a later one touched; where that is not
+    the stage after it (two blocks sharing an ODE function), that is measured apart too.
+    """
+    def run(spec: StageSpec) -> Callable[[tuple], tuple]:
+        if spec.block is None:
+            return lambda v: run_layer_group(fake_model, traced, spec, v)
+        return lambda v: run_step(fake_model, spec, v)
+
+    positions = {id(spec): at for at, spec in enumerate(traced.stages)}
+    later: list[set[int]] = [set() for _ in measured]
+    touched: set[int] = set()
+    for index in reversed(range(len(measured))):
+        later[index] = touched.intersection(measured[index][0].param_ids)
+        touched.update(measured[index][0].param_ids)
+    after: dict[int, int] = {}
+    stages = []
+    for index, (profile, spec, measured_spec) in enumerate(measured):
+        last_step = spec.block is None or spec.step == traced.blocks[spec.block].nt - 1
+        at = positions[id(spec if last_step else measured_spec)]
+        if at + 1 == len(traced.stages):
+            bwd_bytes = profile.bwd_bytes  # the loss comes next
+        else:
+            if at not in after:
+                first, second = traced.stages[at], traced.stages[at + 1]
+                after[at] = _backward_after(run(first), first, run(second), second, values, params, tracker)
+            bwd_bytes = after[at]
+            if later[index] - set(measured[index + 1][0].param_ids):
+                bwd_bytes = max(bwd_bytes, profile.bwd_accumulating_bytes())
+        stages.append(profile.stage(spec, ids, measured_spec, bwd_bytes=bwd_bytes))
+    return stages
+
+
 def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor]) -> Chain:
     """Measure ``traced``'s stages on fake copies of ``model`` and ``example_inputs``.
 
@@ -203,13 +415,14 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
     fake_model.train(model.training)
     params = [p for p in fake_model.parameters() if p.requires_grad]
     fixed = {_storage_key(t) for t in list(fake_model.parameters()) + list(fake_model.buffers())}
+    stat_copies = _running_stat_copies(fake_model)
     values: dict[str, Any] = {}
     with fake_mode:
         for name, example in zip(traced.input_names, example_inputs):
             values[name] = fake_mode.from_tensor(example)
 
     ids = _Values(values, fixed)
-    stages: list[Stage] = []
+    measured: list[tuple[_StageProfile, StageSpec, StageSpec]] = []  # (profile, stage, stage measured)
     tracker = LiveStorageTracker()
     with fake_mode, tracker:
         index = 0
@@ -218,25 +431,37 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             inputs = tuple(values[n] for n in spec.in_names)
             if spec.block is None:
                 profile = _measure(spec, lambda v, s=spec: run_layer_group(fake_model, traced, s, v),
-                                        inputs, params, fixed, tracker)
+                                        inputs, params, fixed, tracker, stat_copies)
                 values.update(zip(spec.out_names, profile.outputs))
-                stages.append(profile.stage(spec, ids))
+                measured.append((profile, spec, spec))
                 index += 1
                 continue
             block = traced.blocks[spec.block]
-            profile = _measure(spec, lambda v, s=spec: run_step(fake_model, s, v), inputs, params, fixed, tracker)
+            profile = _measure(spec, lambda v, s=spec: run_step(fake_model, s, v), inputs, params, fixed, tracker,
+                               stat_copies)
             z_next = dict(zip(spec.out_names, profile.outputs))[spec.z_out]
             for step_spec in traced.stages[block.start:block.stop]:
                 values[step_spec.z_out] = z_next
-                stages.append(profile.stage(step_spec, ids, measured=spec))
+                measured.append((profile, step_spec, spec))
             index = block.stop
-            del profile
+        stages = _place_backwards(measured, traced, fake_model, values, params, tracker, ids)
+        del measured
+    # The loss value and its gradient's seed: scalars the caller and autograd hold through
+    # backward, in the output's precision (float32 at least, as autocast computes losses).
+    # They are a value of the last state, made by the last stage, so every moment of
+    # backward counts them.
+    outputs = [t for name in traced.stages[-1].out_names for t in tree_flatten(values[name])[0]
+               if isinstance(t, torch.Tensor)]
+    loss_bytes = LOSS_VALUE_SCALARS * max([4] + [t.element_size() for t in outputs if t.is_floating_point()])
+    output_bytes = stages[-1].output_bytes
+    stages[-1] = dataclasses.replace(stages[-1], output_bytes=output_bytes + loss_bytes)
     param_bytes = tuple(p.numel() * p.element_size() for p in params)
     blocks = tuple(Block(b.target, b.start, b.stop, b.method) for b in traced.blocks)
     batch = example_inputs[0].shape[0] if example_inputs[0].dim() else 1
-    boundaries = [spec.in_names for spec in traced.stages] + [traced.stages[-1].out_names]
+    boundaries = [ids.ids(spec.in_names) for spec in traced.stages] + [ids.ids(traced.stages[-1].out_names)]
+    boundaries[-1].append(len(ids.nbytes))  # the loss
     return Chain(stages=tuple(stages), blocks=blocks, param_grad_bytes=param_bytes,
                  input_grad=any(x.requires_grad for x in example_inputs),
-                 head_bytes=LOSS_OUTPUTS * stages[-1].output_bytes + LOSS_SLACK_BYTES,
+                 head_bytes=LOSS_OUTPUTS * output_bytes + LOSS_SLACK_BYTES,
                  name=f"{traced.model_name} (batch {batch})",
-                 state_values=tuple(tuple(ids.ids(names)) for names in boundaries), value_bytes=tuple(ids.nbytes))
+                 state_values=tuple(tuple(values) for values in boundaries), value_bytes=(*ids.nbytes, loss_bytes))

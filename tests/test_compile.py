@@ -136,7 +136,45 @@ def test_measured_peak_within_budget_and_prediction_within_10_percent(resnet32):
         model.zero_grad(set_to_none=True)
         predicted = compiled.plan.predicted_peak_bytes
         assert measured <= budget, (budget, compiled.plan.schedule.description, measured)
-        assert abs(predicted - measured) <= 0.10 * measured, (budget, predicted, measured)
+        assert measured <= predicted <= 1.10 * measured, (budget, compiled.plan.schedule.description, predicted,
+                                                          measured)
+
+
+def _cross_entropy_loss(out, x):
+    return F.cross_entropy(out, torch.arange(x.shape[0]) % out.shape[1])
+
+
+# Store-all against plain autograd: (model, input shape, loss). ODE blocks of every solver,
+# BatchNorm and GroupNorm, float32 and float64, a network whose parameters are a large part of
+# its memory (the MLP), and skip connections across blocks (the U-Net).
+STORE_ALL_CASES = {
+    "resnet-batchnorm-rk2": (lambda: ode_resnet(width=8, stages=2, nt=4, method="rk2", norm="batch"),
+                             (16, 3, 16, 16), _cross_entropy_loss),
+    "resnet-groupnorm-rk4-float64": (lambda: ode_resnet(width=8, stages=2, nt=3, method="rk4", norm="group").double(),
+                                     (8, 3, 16, 16), _cross_entropy_loss),
+    "mlp-rk4": (lambda: mlp_ode(features=16, hidden=64, blocks=2, nt=4, method="rk4"), (64, 16), _cross_entropy_loss),
+    "unet-euler": (lambda: unet_ode(width=8, nt=2), (8, 3, 16, 16), lambda out, x: out.square().mean()),
+}
+
+
+@pytest.mark.parametrize("case", list(STORE_ALL_CASES))
+def test_store_all_prediction_is_a_tight_upper_bound_on_plain_autograd(case):
+    """The budget store-all needs is plain autograd's peak, to 0.1%, and never below it.
+
+    Each stage's backward frees its tape as it goes and is measured after the backward of
+    the stage after it; the caller keeps the output and the loss through backward. (When the
+    cost model held each stage's tape through its backward, it was 0.2-3% high here.)
+    """
+    build, shape, loss_fn = STORE_ALL_CASES[case]
+    torch.manual_seed(0)
+    model = build()
+    x = torch.randn(*shape, dtype=next(model.parameters()).dtype)
+    predicted = anode_plan.compile(model, 10**12, (x,), planner=planners.StoreAll()).plan.predicted_peak_bytes
+    outputs = []  # the caller keeps the output, as the plan assumes (to compute accuracy, say)
+    measured = anode_plan.measure_peak_memory(
+        lambda: outputs.append(model(x)) or loss_fn(outputs[-1], x).backward()).peak_bytes
+    model.zero_grad(set_to_none=True)
+    assert measured <= predicted <= 1.001 * measured, (predicted, measured, predicted / measured - 1)
 
 
 @pytest.mark.parametrize("planner", [planners.StoreAll(), planners.Anode(), planners.Revolve(snapshots=2),
