@@ -10,8 +10,8 @@ schedule runs as written, with PyTorch's own machinery doing the bookkeeping, an
 * random operations replay identically on every re-run (checkpoint restores the CPU
   and device RNG states it saw at the region's first run);
 * a re-run runs under the autocast state of the original forward;
-* BatchNorm running statistics are updated once per step: a re-run's updates are
-  undone by :class:`RestoreRunningStats` (the ``context_fn`` recompute context);
+* BatchNorm running statistics are updated once per step: a re-run does not update
+  them, by :class:`RestoreRunningStats` (the ``context_fn`` recompute context);
 * a region that writes into its own input in place (which would make its re-run start
   from the wrong values) raises :class:`~anode_plan.InPlaceModificationError` in forward.
   An input overwritten after the region ran is caught by autograd's version check when
@@ -38,14 +38,28 @@ from planners import Op, Run
 
 
 class RestoreRunningStats:
-    """Keep a re-run forward from updating running statistics.
+    """Keep a re-run forward from updating running statistics, allocating nothing where it can.
 
-    On entry, every norm layer in training mode that tracks running statistics
-    (BatchNorm, InstanceNorm with ``track_running_stats``) gets throwaway copies of its
-    ``running_mean``, ``running_var`` and ``num_batches_tracked``; on exit the real
-    buffers are put back, untouched. The real buffers are never written, so their
-    version counters (which autograd checks) do not change either. Use it as the
-    recompute context of a checkpoint region.
+    A re-run must compute exactly what the first run did but leave the running statistics
+    as the first run left them, and it must save the same tensors for backward (a
+    non-reentrant checkpoint matches saved tensors by position). Two ways, by layer:
+
+    * a BatchNorm layer with PyTorch's own ``_BatchNorm.forward`` (``BatchNorm1d/2d/3d``,
+      materialized lazy ones) is *frozen*: ``momentum`` 0 and ``num_batches_tracked``
+      hidden for the re-run, so it updates ``r <- 1·r + 0·batch = r`` in place and counts
+      nothing. Its output uses the batch's statistics either way, so it is unchanged,
+      and it saves the real buffers, so the re-run allocates nothing. (With a non-finite
+      batch statistic the step is lost anyway; ``0·inf`` would turn an infinite running
+      value into NaN.)
+    * any other layer that tracks running statistics (``SyncBatchNorm``, which insists on
+      ``num_batches_tracked``; ``InstanceNorm`` with ``track_running_stats``, whose update
+      averages over the batch; a subclass with its own ``forward``) gets throwaway copies
+      of ``running_mean``, ``running_var`` and ``num_batches_tracked`` for the re-run, and
+      the real buffers are put back, never written, on exit. The copies live until the
+      re-run's backward (BatchNorm saves them); :func:`copied_on_rerun` lists these layers
+      for the cost model, which charges them.
+
+    Use it as the recompute context of a checkpoint region.
     """
 
     _NAMES = ("running_mean", "running_var", "num_batches_tracked")
@@ -53,10 +67,19 @@ class RestoreRunningStats:
     def __init__(self, norm_layers: Sequence[nn.Module]) -> None:
         self.norm_layers = norm_layers
         self._real: list[tuple[nn.Module, str, torch.Tensor]] = []
+        self._frozen: list[tuple[nn.Module, Any]] = []
 
     def __enter__(self) -> "RestoreRunningStats":
         for layer in self.norm_layers:
             if not layer.training:
+                continue
+            if not updates_by_copy(layer):
+                self._frozen.append((layer, layer.momentum))
+                layer.momentum = 0.0
+                buf = layer._buffers.get("num_batches_tracked")
+                if buf is not None:
+                    self._real.append((layer, "num_batches_tracked", buf))
+                    layer._buffers["num_batches_tracked"] = None
                 continue
             for name in self._NAMES:
                 buf = layer._buffers.get(name)
@@ -68,13 +91,26 @@ class RestoreRunningStats:
     def __exit__(self, *exc: Any) -> None:
         for layer, name, buf in self._real:
             layer._buffers[name] = buf
+        for layer, momentum in self._frozen:
+            layer.momentum = momentum
         self._real = []
+        self._frozen = []
 
 
 def norm_layers_with_stats(root: nn.Module) -> list[nn.Module]:
     """The norm layers whose forward updates running statistics."""
     return [m for m in root.modules()
             if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
+
+
+def updates_by_copy(layer: nn.Module) -> bool:
+    """Whether :class:`RestoreRunningStats` re-runs ``layer`` on copies of its statistics (else frozen in place)."""
+    return type(layer).forward is not nn.modules.batchnorm._BatchNorm.forward
+
+
+def copied_on_rerun(root: nn.Module) -> list[nn.Module]:
+    """The norm layers a re-run in training mode gives copies of their running statistics."""
+    return [m for m in norm_layers_with_stats(root) if m.training and updates_by_copy(m)]
 
 
 class ScheduleRunner:

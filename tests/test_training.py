@@ -175,6 +175,60 @@ def test_batchnorm_running_statistics_match_after_several_steps(planner):
     assert int(model.body[0].func.norm1.num_batches_tracked) == 18
 
 
+class _OwnForwardBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm subclass with a forward of its own: re-run on copies of its statistics."""
+
+    def forward(self, x):
+        return super().forward(x) * 1.0
+
+
+_NORMS = {
+    "batchnorm": lambda c: nn.BatchNorm2d(c),
+    "batchnorm-cumulative-average": lambda c: nn.BatchNorm2d(c, momentum=None),
+    "instancenorm-tracking": lambda c: nn.InstanceNorm2d(c, affine=True, track_running_stats=True),
+    "batchnorm-own-forward": lambda c: _OwnForwardBatchNorm(c),
+}
+
+
+class _NormField(nn.Module):
+    def __init__(self, channels, norm):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.norm = norm(channels)
+
+    def forward(self, t, z):
+        return torch.tanh(self.norm(self.conv(z)))
+
+
+@pytest.mark.parametrize("norm", list(_NORMS))
+def test_every_norm_layer_keeps_its_running_statistics_and_budget_under_recompute(norm):
+    """Plain BatchNorm re-runs frozen in place (momentum 0, no count), the others on copies.
+
+    Either way the statistics after training are bit for bit those of the uncompiled model,
+    and the measured peak at ANODE's budget stays within it (the copies are charged).
+    """
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), _NORMS[norm](4),
+                          anode_plan.ODEBlock(_NormField(4, _NORMS[norm]), nt=3, method="rk2"),
+                          nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).double()
+    reference = copy.deepcopy(model)
+    x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+    leaves = [_OwnForwardBatchNorm]  # not a torch.nn module, so fx would trace into it
+    compiled = anode_plan.compile(model, 10**9, (x,), planner=planners.Anode(snapshots=1), leaf_modules=leaves)
+    assert compiled.plan.simulation.recomputed_forwards > 0
+    for net, owner in ((compiled, model), (reference, reference)):
+        opt = torch.optim.SGD(owner.parameters(), lr=0.05, momentum=0.9)
+        for step in range(3):
+            opt.zero_grad()
+            F.cross_entropy(net(x + step), y).backward()
+            opt.step()
+    _assert_same_training_state(model, reference)
+    budget = compiled.plan.predicted_peak_bytes
+    tight = anode_plan.compile(model, budget, (x,), planner=planners.Anode(snapshots=1), leaf_modules=leaves)
+    measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(tight(x), y).backward()).peak_bytes
+    assert measured <= budget, (measured, budget)
+
+
 # --- distributed data parallel -------------------------------------------------------------------------------------
 
 _DDP_CONFIGS = {"default": {"find_unused_parameters": False}, "static_graph": {"static_graph": True}}
