@@ -21,9 +21,11 @@ the last stage's backward, so the details count:
   which it adds to out of place.
 * A re-run in backward (a non-reentrant checkpoint) starts only when backward needs a
   saved tensor, after the gradients that need none, and stops once the last saved tensor
-  exists again: ``fwd_taped_bytes`` is also at least that, measured on a checkpoint of
-  the stage (:func:`_recompute_bytes`). It runs under copies of the norm layers' running
-  statistics (:func:`_running_stat_copies`); every stage's forward and tape pay for them.
+  exists again: ``rerun_taped_bytes`` is the larger of that, measured on a checkpoint
+  of the stage (:func:`_recompute_bytes`), and the first run's ``fwd_taped_bytes``.
+  Plain BatchNorm layers re-run frozen in place, at no cost; other norm layers with
+  running statistics re-run on copies of them (:func:`_running_stat_copies`), which
+  every stage's forward and tape pay for.
 * The loss value and its gradient's seed live through backward, as a value of the
   last state (``LOSS_VALUE_SCALARS``).
 
@@ -54,6 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from anode_plan.errors import UntraceableModelError
 from anode_plan.memory import LiveStorageTracker
+from anode_plan.runtime import copied_on_rerun
 from anode_plan.trace import StageSpec, TracedModel, run_layer_group, run_step
 from planners import Block, Chain, Stage
 
@@ -143,12 +146,15 @@ class _StageProfile:
         self._bwd_accumulating_bytes: int | None = None
         self.fwd_cost = fwd_flops / FLOPS_PER_MS + self.fwd_taped_bytes / BYTES_PER_MS
         self.bwd_cost = bwd_flops / FLOPS_PER_MS + self.bwd_bytes / BYTES_PER_MS
+        self.rerun_taped_bytes = self.fwd_taped_bytes
         if self.param_ids or any(v.requires_grad for v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor)):
-            self.fwd_taped_bytes = max(self.fwd_taped_bytes, _recompute_bytes(fn, inputs, params, tracker))
-        # Re-run in backward, the stage runs on copies of the running statistics (see
-        # _running_stat_copies): they are all live while it runs, and its tape saves copies.
+            self.rerun_taped_bytes = max(self.fwd_taped_bytes, _recompute_bytes(fn, inputs, params, tracker))
+        # Re-run in backward, norm layers other than plain BatchNorm run on copies of their
+        # running statistics (see _running_stat_copies): all live while it runs, and its
+        # tape saves copies. Charged to every run, an upper bound.
         self.fwd_untaped_bytes += sum(stat_copies.values())
         self.fwd_taped_bytes += sum(stat_copies.values())
+        self.rerun_taped_bytes += sum(stat_copies.values())
         self.tape_bytes += sum(b for k, b in saved_storages.items() if k in stat_copies)
 
     def bwd_accumulating_bytes(self) -> int:
@@ -173,6 +179,7 @@ class _StageProfile:
                      output_bytes=values.state_bytes(spec.out_names), tape_bytes=self.tape_bytes,
                      saves_input=self.saves_input, saves_output=self.saves_output, saved_values=saved,
                      fwd_taped_bytes=self.fwd_taped_bytes, fwd_untaped_bytes=self.fwd_untaped_bytes,
+                     rerun_taped_bytes=self.rerun_taped_bytes,
                      bwd_bytes=bwd_bytes, fwd_cost=self.fwd_cost, bwd_cost=self.bwd_cost,
                      param_ids=self.param_ids, block=spec.block, step=spec.step)
 
@@ -290,19 +297,20 @@ def _backward_after(first: Callable[[tuple], tuple], first_spec: StageSpec, seco
 def _running_stat_copies(model: nn.Module) -> dict[int, int]:
     """The buffers a re-run in backward copies: storage key -> bytes of the copy.
 
-    A checkpoint region is re-run under :class:`anode_plan.runtime.RestoreRunningStats`,
-    which swaps every training norm layer's running statistics for fresh copies (so the
-    re-run does not update them twice). The copies are allocated when a re-run starts
-    and live until it ends, or, where a layer saved them for backward (BatchNorm does),
-    until that backward. The original forward uses the buffers themselves.
+    A checkpoint region is re-run under :class:`anode_plan.runtime.RestoreRunningStats`.
+    Plain BatchNorm layers are frozen in place there and cost nothing; the other norm
+    layers with running statistics (:func:`anode_plan.runtime.copied_on_rerun`: e.g.
+    ``SyncBatchNorm``, ``InstanceNorm``) get fresh copies of them. The copies are
+    allocated when a re-run starts and live until it ends, or, where a layer saved them for
+    backward (BatchNorm does), until that backward. The original forward uses the buffers
+    themselves; charging every stage is an upper bound.
     """
     copies = {}
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats and module.training:
-            for name in ("running_mean", "running_var", "num_batches_tracked"):
-                buffer = module._buffers.get(name)
-                if buffer is not None:
-                    copies[_storage_key(buffer)] = buffer.numel() * buffer.element_size()
+    for module in copied_on_rerun(model):
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            buffer = module._buffers.get(name)
+            if buffer is not None:
+                copies[_storage_key(buffer)] = buffer.numel() * buffer.element_size()
     return copies
 
 
@@ -413,6 +421,11 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
     with FakeCopyMode(fake_mode):
         fake_model = copy.deepcopy(model)
     fake_model.train(model.training)
+    for module in fake_model.modules():
+        # A cumulative average (momentum None) divides by float(num_batches_tracked), a value
+        # fake tensors lack; the update's factor does not change what is allocated.
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.momentum is None:
+            module.momentum = 0.1
     params = [p for p in fake_model.parameters() if p.requires_grad]
     fixed = {_storage_key(t) for t in list(fake_model.parameters()) + list(fake_model.buffers())}
     stat_copies = _running_stat_copies(fake_model)

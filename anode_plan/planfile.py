@@ -333,6 +333,8 @@ class _Reader:
         values: dict[str, Any] = {"name": self.string(data, "name", where)}
         for key in ("input_bytes", "output_bytes", "tape_bytes", "fwd_taped_bytes", "fwd_untaped_bytes", "bwd_bytes"):
             values[key] = self.integer(data, key, where, minimum=0)
+        if "rerun_taped_bytes" in data:  # files written before it existed re-run at fwd_taped_bytes
+            values["rerun_taped_bytes"] = self.integer(data, "rerun_taped_bytes", where, minimum=0)
         for key in ("saves_input", "saves_output"):
             values[key] = self.boolean(data, key, where)
         for key in ("fwd_cost", "bwd_cost"):

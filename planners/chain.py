@@ -30,6 +30,10 @@ class Stage:
         fwd_taped_bytes: the most memory the taped forward allocates on top of what was
             live before it (output, tape and temporaries together).
         fwd_untaped_bytes: the same for an untaped forward (output and temporaries).
+        rerun_taped_bytes: ``fwd_taped_bytes`` for a taped forward re-run in backward (a
+            checkpoint region's recompute), which can differ from the first run: it
+            starts once backward has made the gradients that need no saved tensor, and
+            stops when the last saved tensor exists again. Defaults to ``fwd_taped_bytes``.
         bwd_bytes: the most memory the backward allocates on top of what was live
             before it (input gradient, parameter gradients and temporaries).
         fwd_cost: cost of one forward, in the chain's cost unit (model milliseconds).
@@ -53,6 +57,7 @@ class Stage:
     fwd_taped_bytes: int = -1
     fwd_untaped_bytes: int = -1
     bwd_bytes: int = -1
+    rerun_taped_bytes: int = -1
     fwd_cost: float = 1.0
     bwd_cost: float = 2.0
     param_ids: tuple[int, ...] = ()
@@ -72,6 +77,8 @@ class Stage:
             object.__setattr__(self, "fwd_untaped_bytes", self.output_bytes)
         if self.bwd_bytes < 0:
             object.__setattr__(self, "bwd_bytes", self.input_bytes)
+        if self.rerun_taped_bytes < 0:
+            object.__setattr__(self, "rerun_taped_bytes", self.fwd_taped_bytes)
 
 
 @dataclass(frozen=True)

@@ -160,7 +160,7 @@ def separate_states(chain: Chain) -> Chain:
             saves_input=stage.saves_input if stage.saved_values is None else bool(saved & ins),
             saves_output=stage.saves_output if stage.saved_values is None else bool(saved & (outs - ins)),
             fwd_taped_bytes=stage.fwd_taped_bytes, fwd_untaped_bytes=stage.fwd_untaped_bytes,
-            bwd_bytes=stage.bwd_bytes, fwd_cost=stage.fwd_cost, bwd_cost=stage.bwd_cost,
+            rerun_taped_bytes=stage.rerun_taped_bytes, bwd_bytes=stage.bwd_bytes, fwd_cost=stage.fwd_cost, bwd_cost=stage.bwd_cost,
             param_ids=stage.param_ids, block=stage.block, step=stage.step))
     return Chain(tuple(stages), chain.blocks, chain.param_grad_bytes, chain.input_grad, chain.head_bytes,
                  chain.name, chain.cost_unit)
@@ -316,7 +316,7 @@ class _Model:
             kept.append(kept[-1] | values.saved[i])
         for k, i in reversed(list(enumerate(range(a, b)))):
             live = kept[k + 1] | values.output
-            transient = max(stages[i].bwd_bytes, values.grad_new[i])
+            transient = max(stages[i].bwd_bytes, values.grad_new[i] - stages[i].tape_bytes)  # tape freed at the end
             moments.append(_Moment(tapes[k + 1] + values.size(live) + values.grad_before[i] + transient, live & entry))
         return _Segment(u, u + 1, tuple(Run(i) for i in range(a, b)), sum(s.fwd_cost + s.bwd_cost for s in stages[a:b]),
                         _merged(moments), tapes[-1] + values.size(kept[-1] - self.cut_values),

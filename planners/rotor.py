@@ -28,8 +28,9 @@ Conventions:
 * Base case. The recursion ends at the empty list: a body ends with nothing more to
   pay, the top level with the loss, ``x_n + δ_n + head_bytes``. Rotor's one-stage
   case ``C(m, a, a)`` is option 2 on the last stage, charged with the simulator's own
-  forward peak ``max(fwd_taped_bytes, x_{a+1} + tape)`` and backward peak
-  ``max(bwd_bytes, δ_a + new parameter gradients)`` on top of everything live then.
+  forward peak ``max(fwd_taped_bytes, x_{a+1} + tape)`` (``rerun_taped_bytes`` in a
+  body, a re-run) and backward peak ``max(bwd_bytes, δ_a + new parameter gradients -
+  tape)`` on top of everything live then.
   With ``uf = ub = x = 1``, a tape of ``B`` and no loss head, ``s`` slots cost exactly
   ``B + 3 + s`` bytes here, and the DP there makes ``t(n, s)`` advances (tested).
 * Memory discretisation. Instead of tabulating ``C(m, ·)`` on a grid of memory slots,

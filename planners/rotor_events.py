@@ -26,7 +26,8 @@ that the enclosing operations hold for the whole time the list runs):
   out + tape)``; it keeps ``tape_a`` and the part of ``x_a`` its tape saved or the
   hold keeps, while the rest of the list runs (holding what the tape saved of
   ``x_{a+1}``); its backward peaks at what it kept, plus what the rest leaves (the
-  saved part of ``x_{a+1}``, ``δ_{a+1}``, ``G(a+1)``), plus ``max(bwd_bytes, δ_a + P_a)``.
+  saved part of ``x_{a+1}``, ``δ_{a+1}``, ``G(a+1)``), plus ``max(bwd_bytes, δ_a + P_a -
+  tape_a)`` (while it runs, and at its end, when the tape is freed and the gradients made).
 * ``Region(a, j)``: the untaped forward peaks at ``x_a + forward_extra +`` the largest
   ``x_i·[i > a] + max(fwd_untaped_i, x_{i+1})`` over ``a ≤ i < j``; the rest of the list
   runs with ``x_a`` held by the region's record (and nothing of ``x_j`` held); then the
@@ -131,8 +132,13 @@ class ChainEvents:
         self.tape_bytes = [stage.tape_bytes for stage in stages]
         self.taped_peak = [max(s.fwd_taped_bytes, self.state_bytes[i + 1] + s.tape_bytes)
                            for i, s in enumerate(stages)]
+        # A body's taped forward is a re-run, in backward.
+        self.rerun_peak = [max(s.rerun_taped_bytes, self.state_bytes[i + 1] + s.tape_bytes)
+                           for i, s in enumerate(stages)]
         self.untaped_peak = [max(s.fwd_untaped_bytes, self.state_bytes[i + 1]) for i, s in enumerate(stages)]
-        self.backward_peak = [max(s.bwd_bytes, self.grad_bytes[i] + permanent[i]) for i, s in enumerate(stages)]
+        # After the backward: the tape freed, the new gradients made (the saved states still counted).
+        self.backward_peak = [max(s.bwd_bytes, self.grad_bytes[i] + permanent[i] - s.tape_bytes)
+                              for i, s in enumerate(stages)]
         self.step_cost = [s.fwd_cost + s.bwd_cost for s in stages]
         self.fwd_cost_prefix = [0.0]
         for stage in stages:
@@ -152,7 +158,7 @@ class ChainEvents:
         with the position and would keep identical steps from sharing lists.)"""
         return (self.state_bytes[stage], self.state_bytes[stage + 1], self.kept_state_bytes[stage],
                 self.hold_after[stage], self.held_output_bytes[stage], self.tape_bytes[stage],
-                self.taped_peak[stage], self.untaped_peak[stage], self.backward_peak[stage],
+                self.taped_peak[stage], self.rerun_peak[stage], self.untaped_peak[stage], self.backward_peak[stage],
                 self.new_param_grad_bytes[stage], self.step_cost[stage], self.chain.stages[stage].fwd_cost)
 
     # -- context of a list of operations over [start, stop) --------------------------------
@@ -184,7 +190,7 @@ class ChainEvents:
     def run_events_bare(self, stage: int, hold: int, top: bool) -> tuple[int, int, int]:
         """:meth:`run_events` without :meth:`forward_extra` and :meth:`backward_extra`."""
         kept = self.tape_bytes[stage] + self.kept_state_bytes[stage][hold]
-        forward = self.state_bytes[stage] + self.taped_peak[stage]
+        forward = self.state_bytes[stage] + (self.taped_peak if top else self.rerun_peak)[stage]
         # At the top level the last stage's output is the network output, already counted.
         held_output = 0 if top and stage + 1 == self.n else self.held_output_bytes[stage]
         backward = (kept + held_output + self.grad_bytes[stage + 1] + self.param_grad_live[stage + 1]

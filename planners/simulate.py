@@ -8,7 +8,7 @@ value carried unchanged through a stage (a skip connection) is one buffer, refer
 by every state that carries it.
 
 * A taped ``Run(i)`` allocates, at its peak, ``fwd_taped_bytes`` on top of what is
-  live, and leaves its output ``x_{i+1}`` and its tape. The tape holds ``x_i`` if
+  live (``rerun_taped_bytes`` when it is re-run in backward), and leaves its output ``x_{i+1}`` and its tape. The tape holds ``x_i`` if
   ``saves_input`` and ``x_{i+1}`` if ``saves_output``.
 * A ``Region`` in a taped context keeps its input (``_NoopSaveInputs`` saves it) and
   runs its body untaped: each stage peaks at ``fwd_untaped_bytes`` and leaves only its
@@ -16,10 +16,10 @@ by every state that carries it.
 * In backward, a ``Region`` is recomputed when backward reaches it: its body runs
   again taped, from the saved input (the "recompute" phase), the recomputed output is
   dropped unless a tape saved it, and the body is backpropagated in reverse.
-* The backward of ``Run(i)`` peaks at ``bwd_bytes`` on top of what is live, then frees
-  the tape and the gradients of the values the stage created, and leaves the gradients
-  of the values it consumed and of parameters it touched for the first time (those stay
-  to the end).
+* The backward of ``Run(i)`` peaks at ``bwd_bytes`` on top of what is live (the
+  gradients it makes included), frees the tape, leaves the gradients of the values it
+  consumed and of parameters it touched for the first time (those stay to the end), and
+  frees the gradients of the values the stage created.
 * The network input is not charged (the budget excludes the batch); the output stays
   live through backward (the caller holds it), and the loss after the network peaks at
   ``Chain.head_bytes`` on top of everything, then leaves the output gradient.
@@ -173,7 +173,10 @@ class _Simulator:
             if isinstance(op, Run):
                 i = op.stage
                 stage = self.stages[i]
-                peak = self.mem.touch(stage.fwd_taped_bytes if taped else stage.fwd_untaped_bytes)
+                if not taped:
+                    peak = self.mem.touch(stage.fwd_untaped_bytes)
+                else:
+                    peak = self.mem.touch(stage.rerun_taped_bytes if self.in_backward else stage.fwd_taped_bytes)
                 new_state = {}
                 for value in self.chain.state_values[i + 1]:
                     if value in state:
@@ -210,6 +213,10 @@ class _Simulator:
                 stage = self.stages[i]
                 peak = self.mem.touch(stage.bwd_bytes)
                 self.cost += stage.bwd_cost
+                # bwd_bytes covers the backward while it runs, the gradients it makes
+                # included; by its end autograd has freed the tape, and the new
+                # gradients are checked on what is left (the saved states, for now).
+                self.mem.decref(record[0])
                 for value in self.consumed[i]:
                     if value not in self.grads:
                         self.grads[value] = self.mem.new("gradients", self._bytes(value, gradient=True))
@@ -217,7 +224,8 @@ class _Simulator:
                     if param not in self.grads_done:
                         self.grads_done.add(param)
                         self.mem.new("parameter gradients", self.chain.param_grad_bytes[param])
-                for handle in record:
+                peak = max(peak, self.mem.live)
+                for handle in record[1:]:
                     self.mem.decref(handle)
                 for value in self.created[i]:
                     if value in self.grads:

@@ -158,12 +158,15 @@ STORE_ALL_CASES = {
 
 
 @pytest.mark.parametrize("case", list(STORE_ALL_CASES))
-def test_store_all_prediction_is_a_tight_upper_bound_on_plain_autograd(case):
-    """The budget store-all needs is plain autograd's peak, to 0.1%, and never below it.
+def test_store_all_prediction_is_plain_autograds_peak_to_the_byte(case):
+    """The budget store-all needs is plain autograd's measured peak, exactly.
 
-    Each stage's backward frees its tape as it goes and is measured after the backward of
-    the stage after it; the caller keeps the output and the loss through backward. (When the
-    cost model held each stage's tape through its backward, it was 0.2-3% high here.)
+    So a budget of plain autograd's own peak stores every tape and runs as fast as plain
+    autograd. It takes every detail: each stage's backward frees its tape as it goes and
+    is measured after the backward of the stage after it; a re-run's peak is kept apart
+    from the first run's; plain BatchNorm re-runs allocate nothing; and the caller keeps
+    the output and the loss through backward, as the PyTorch tutorials' loop does. (When
+    the cost model held each stage's tape through its backward, it was 0.2-3% high here.)
     """
     build, shape, loss_fn = STORE_ALL_CASES[case]
     torch.manual_seed(0)
@@ -174,7 +177,7 @@ def test_store_all_prediction_is_a_tight_upper_bound_on_plain_autograd(case):
     measured = anode_plan.measure_peak_memory(
         lambda: outputs.append(model(x)) or loss_fn(outputs[-1], x).backward()).peak_bytes
     model.zero_grad(set_to_none=True)
-    assert measured <= predicted <= 1.001 * measured, (predicted, measured, predicted / measured - 1)
+    assert predicted == measured, (predicted, measured, predicted - measured)
 
 
 @pytest.mark.parametrize("planner", [planners.StoreAll(), planners.Anode(), planners.Revolve(snapshots=2),

@@ -106,7 +106,7 @@ def test_store_all_on_three_stages_matches_hand_count():
     #   Run(2): [17 + 7] -> + x3 6 + tape2 1                      = 24
     #   loss:   output gradient 6 -> 30, [30 + head 12 = 42]
     #   B(2):   [30 + 2] grad_in 2, free tape2, x2, grad 6        = 23
-    #   B(1):   [23 + 3] grad_in 3, param grad 10 -> 36, free tape1, x1, grad 2 = 24
+    #   B(1):   [23 + 3], free tape1 -> 16, grad_in 3, param grad 10 -> 29, free x1, grad 2 = 24
     #   B(0):   [24 + 4] grad_in 0 (input_grad=False), free tape0, grad 3 = 16 (x3 + param grad)
     # peak 42 at the loss: states 3+2+6, tapes 5+7+1, gradients 6, transient 12.
     chain = three_stage_chain()
@@ -121,7 +121,7 @@ def test_store_all_on_three_stages_matches_hand_count():
     assert sim.recomputed_forwards == 0
     assert [(e.phase, e.stage, e.live_bytes, e.peak_bytes) for e in sim.timeline] == [
         ("forward", 0, 8, 8), ("forward", 1, 17, 17), ("forward", 2, 24, 24), ("loss", 3, 30, 42),
-        ("backward", 2, 23, 32), ("backward", 1, 24, 26), ("backward", 0, 16, 28)]
+        ("backward", 2, 23, 32), ("backward", 1, 24, 29), ("backward", 0, 16, 28)]
     assert simulate_plan(chain, tuple(Run(i) for i in range(3))).timeline == ()
 
 
@@ -134,15 +134,17 @@ def test_region_on_three_stages_matches_hand_count():
     #   B(2):   [15 + 2] grad_in 2, free tape2, x2, grad 6       = 8 (x3 6 + grad 2)
     #   recompute s0 taped: [8 + 8] -> x1 3 + tape0 5            = 16
     #   recompute s1 taped: [16 + 9] -> x2 2 + tape1 7           = 25; x2 dropped = 23
-    #   B(1):   [23 + 3] grad_in 3 -> 26, param grad 10 -> 36 (the peak), free tape1, x1, grad 2 = 24
+    #   B(1):   [23 + 3 = 26], free tape1 -> 16, grad_in 3, param grad 10 -> 29 (the peak), free x1, grad 2 = 24
     #   B(0):   [24 + 4] free tape0, grad 3                      = 16
-    # peak 36: states x3 6 + x1 3, tapes 5 + 7, gradients 2 + 3, parameter gradients 10.
+    # peak 29: states x3 6 + x1 3, tapes 5, gradients 2 + 3, parameter gradients 10.
     chain = three_stage_chain()
     ops = (Region(0, 2, (Run(0), Run(1))), Run(2))
-    sim = simulate_plan(chain, ops)
-    assert sim.peak_bytes == 36
-    assert sim.breakdown() == {"states": 9, "tapes": 12, "gradients": 5, "parameter gradients": 10,
+    sim = simulate_plan(chain, ops, timeline=True)
+    assert sim.peak_bytes == 29
+    assert sim.breakdown() == {"states": 9, "tapes": 5, "gradients": 5, "parameter gradients": 10,
                                "transient": 0}
+    assert [(e.phase, e.stage, e.live_bytes, e.peak_bytes) for e in sim.timeline][-2:] == [
+        ("backward", 1, 24, 29), ("backward", 0, 16, 28)]
     assert sim.forward_counts == (2, 2, 1)
     assert sim.recomputed_forwards == 2
     assert sim.compute_cost == 18 + 1 + 2
