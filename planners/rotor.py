@@ -261,7 +261,7 @@ class ScheduleTable:
         Peaks are without :meth:`ChainEvents.forward_extra` and ``backward_extra``.
         """
         start, end = self.cuts[u], self.cuts[u + 1]
-        key = (u, hold, top and end == self.events.n)
+        key = (u, hold, top)  # top: first runs (and the network output at the end), else re-runs
         found = self._units.get(key)
         if found is None:
             forward = backward = kept = 0

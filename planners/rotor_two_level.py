@@ -177,15 +177,15 @@ class BlockOptions:
         block_index = self._block_at.get(start)
         if block_index is None or end > self.chain.blocks[block_index].stop or end - start < 2:
             return []
-        at_loss = top and end == self.events.n
-        bare = self._inline.get((start, end, at_loss))
+        # ``top``: its last Run is a first run (not a re-run), and the network output if end == n.
+        bare = self._inline.get((start, end, top))
         if bare is None:
-            bare = self._inline[(start, end, at_loss)] = self._inline_revolves_bare(start, end, at_loss)
+            bare = self._inline[(start, end, top)] = self._inline_revolves_bare(start, end, top)
         forward_extra, backward_extra = self.events.forward_extra(stop, top), self.events.backward_extra(top)
         return [(snapshots, max(forward + forward_extra, backward + backward_extra), held, hold_out, cost)
                 for snapshots, forward, backward, held, hold_out, cost in bare]
 
-    def _inline_revolves_bare(self, start: int, end: int, at_loss: bool) -> list[tuple]:
+    def _inline_revolves_bare(self, start: int, end: int, top: bool) -> list[tuple]:
         events = self.events
         out = []
         for snapshots in snapshot_candidates(end - start, min(self.memory_slots, REVOLVE_CANDIDATES)):
@@ -200,7 +200,7 @@ class BlockOptions:
                 cost += events.forward_cost(cursor, split_end) + body_cost
                 held += events.state_bytes[cursor]
                 cursor, slots = split_end, slots - 1
-            run_forward, run_kept, run_backward = events.run_events_bare(cursor, HOLD_NONE, at_loss)
+            run_forward, run_kept, run_backward = events.run_events_bare(cursor, HOLD_NONE, top)
             out.append((snapshots, max(forward, held + run_forward), max(backward, held + run_backward),
                         held + run_kept, events.hold_after[cursor], cost + events.step_cost[cursor]))
         return out

@@ -162,6 +162,7 @@ def _plain_chains(draw):
     stages = tuple(planners.Stage(
         f"s{i}", sizes[i] * 1000, sizes[i + 1] * 1000, draw(st.integers(0, 20)) * 1000,
         saves_input=draw(st.booleans()), saves_output=draw(st.booleans()),
+        rerun_taped_bytes=draw(st.sampled_from([-1, -1, 4000, 30000])),
         fwd_cost=draw(st.sampled_from([1.0, 1.5, 2.25])), bwd_cost=draw(st.sampled_from([2.0, 3.5])),
         param_ids=draw(st.sampled_from([(), (0,), (1,), (0, 1)]))) for i in range(n))
     return planners.Chain(stages, param_grad_bytes=(700, 300), input_grad=draw(st.booleans()))

@@ -89,6 +89,7 @@ def tiny_chains(draw, max_stages: int = 5) -> Chain:
         return Stage(f"s{i}", sizes[i], sizes[i + 1], draw(st.integers(0, 8)),
                      saves_input=draw(st.booleans()), saves_output=draw(st.integers(0, 3)) == 0,
                      fwd_taped_bytes=draw(st.sampled_from([-1, -1, 0, 5, 20])),
+                     rerun_taped_bytes=draw(st.sampled_from([-1, -1, 0, 7, 25])),
                      fwd_untaped_bytes=draw(st.sampled_from([-1, -1, 0, 3, 12])),
                      bwd_bytes=draw(st.sampled_from([-1, -1, 0, 4, 12])),
                      fwd_cost=float(draw(st.integers(1, 4))), bwd_cost=float(draw(st.integers(1, 6))),
@@ -138,6 +139,7 @@ def value_chains(draw, max_stages: int = 5) -> Chain:
         saved = tuple(draw(st.sets(st.sampled_from(touched)))) if draw(st.booleans()) else None
         stages.append(Stage(f"s{i}", size(i), size(i + 1), draw(st.integers(0, 8)), saves_input=draw(st.booleans()),
                             saves_output=draw(st.booleans()), saved_values=saved,
+                            rerun_taped_bytes=draw(st.sampled_from([-1, -1, 6, 14])),
                             fwd_untaped_bytes=draw(st.sampled_from([-1, 0, 9])),
                             bwd_bytes=draw(st.sampled_from([-1, 0, 9])), fwd_cost=float(draw(st.integers(1, 4))),
                             bwd_cost=float(draw(st.integers(1, 6))), param_ids=tuple(draw(st.sets(st.integers(0, 1))))))
@@ -277,8 +279,9 @@ def odenet_chains(draw, max_blocks: int = 2, max_steps: int = 10) -> Chain:
         if draw(st.booleans()):
             plain_stage(f"layer{b}")
         steps, tape, fwd_cost = draw(st.integers(2, max_steps)), draw(st.integers(1, 60)), draw(st.integers(1, 5))
+        rerun = size + tape + draw(st.sampled_from([0, 0, 3, 30]))  # a re-run may peak above the first run
         start = len(stages)
-        stages.extend(Stage(f"block{b}@step{i}", size, size, tape, fwd_cost=float(fwd_cost),
+        stages.extend(Stage(f"block{b}@step{i}", size, size, tape, rerun_taped_bytes=rerun, fwd_cost=float(fwd_cost),
                             bwd_cost=float(2 * fwd_cost), param_ids=(b,), block=b, step=i) for i in range(steps))
         blocks.append(Block(f"block{b}", start, len(stages)))
     if draw(st.booleans()):
