@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from _common import MIB, ModelRunConfig, log, mib, percent
+from _common import MIB, TRAIN_STEP_FORM, ModelRunConfig, log, mib, percent
 from models import example_input_shape
 
 SECTION_TITLE = "## Compared with the alternatives (CPU)"
@@ -244,6 +244,10 @@ def interpretation(report: CompareReport) -> list[str]:
             why = (f" Store-all is predicted at {mib(report.store_all_predicted_bytes)} MiB, "
                    f"{report.store_all_predicted_bytes / a.budget_bytes - 1:.2%} above this budget (the prediction is "
                    "an upper bound), so the planner recomputes instead of storing every tape.")
+        elif a.predicted_recompute == 0.0:
+            why = (" Here anode-plan stores every tape and recomputes nothing, so its step is plain eager autograd's; "
+                   f"the peer takes {paired_ratio(report.timings, h.peer.name, PLAIN)[1]:.2f}x plain autograd's time, "
+                   "faster than eager PyTorch itself.")
         lines.append(f"**Headline missed** at {short_name(h.peer.name)} ({mib(a.budget_bytes)} MiB): anode-plan takes "
                      f"{h.speed:.2f}x the peer's time (IQR {h.speed_iqr[0]:.2f}-{h.speed_iqr[1]:.2f}), with the plan "
                      f"'{a.plan}': predicted peak {mib(a.predicted_peak_bytes)} MiB, predicted recompute "
@@ -308,7 +312,7 @@ def render_section(report: CompareReport, plot_name: str | None) -> str:
         f"- Library: {report.source}.",
         f"- Model: `{config.model_call()}`, float32, train mode, batch {config.batch_size}, input "
         f"{example_input_shape('ode_resnet', config.batch_size)}, cross-entropy loss; every method runs this model "
-        "object (same parameters and batch).",
+        f"object (same parameters and batch), each step as {TRAIN_STEP_FORM}.",
         (f"- Same ODE: torchdiffeq's fixed-grid '{'midpoint' if config.method == 'rk2' else config.method}' on the "
          f"blocks' own time grid; its forward output matches the ODE blocks' in float64 to {solver} (relative)."
          if report.solver_match else "- torchdiffeq is not installed: its peers were not run."),

@@ -44,11 +44,11 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 import anode_plan  # noqa: E402
-from _common import ModelRunConfig, log, machine_info, mib, percent, source_version, write_section  # noqa: E402
+from _common import (TRAIN_STEP_FORM, ModelRunConfig, log, machine_info, mib, percent, source_version,  # noqa: E402
+                     train_step, write_section)
 import planners  # noqa: E402
 from models import example_input_shape, ode_resnet  # noqa: E402
 
@@ -141,10 +141,6 @@ class SweepReport:
     load_before: tuple[float, float, float]
     load_after: tuple[float, float, float]
     runtime_s: float
-
-
-def train_step(module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    F.cross_entropy(module(x), y).backward()
 
 
 def timed_step(module: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor) -> float:
@@ -401,7 +397,7 @@ def render_section(report: SweepReport) -> str:
         f"{report.load_after[0]:.2f} after.",
         f"- Library: {report.source}.",
         f"- Model: `{config.model_call()}`, float32, train mode, batch {config.batch_size}, input "
-        f"{example_input_shape('ode_resnet', config.batch_size)}, cross-entropy loss.",
+        f"{example_input_shape('ode_resnet', config.batch_size)}, cross-entropy loss; each step is {TRAIN_STEP_FORM}.",
         f"- Landmarks: store-all {mib(lm.store_all_bytes)} MiB ({lm.store_all_bytes} B), ANODE "
         f"{mib(lm.anode_bytes)} MiB ({lm.anode_bytes} B), minimum feasible {mib(lm.min_bytes)} MiB "
         f"({lm.min_bytes} B); plain autograd measured {mib(report.plain_peak_bytes)} MiB.",

@@ -68,9 +68,9 @@ from torch import nn  # noqa: E402
 
 import anode_plan  # noqa: E402
 import planners  # noqa: E402
-from _common import (RESULTS_PATH, allocator_peak_bytes, clear_grads, gradients, kept_after_forward_bytes,  # noqa: E402
-                     load_average, log, machine_info, max_relative_grad_error, mib, source_version, timed_ms,
-                     write_section)
+from _common import (RESULTS_PATH, allocator_peak_bytes, clear_grads, gradients,  # noqa: E402
+                     kept_after_forward_bytes, load_average, log, machine_info, max_relative_grad_error, mib,
+                     source_version, timed_ms, train_step, write_section)
 from _compare_report import (ADJOINT, PLAIN, SECTION_TITLE, CompareConfig, CompareReport, Infeasible,  # noqa: E402
                              Measured, Timing, plot, render_section, section_title)
 from _peers import (SequentialCheckpointed, checkpoint_blocks_model, checkpoint_steps_model,  # noqa: E402
@@ -136,10 +136,6 @@ def build_peers(model: nn.Module, config: CompareConfig, skipped: list[str]) -> 
 
 
 # --- measuring -----------------------------------------------------------------------------------------------------
-
-def train_step(forward: Callable, x: torch.Tensor, y: torch.Tensor) -> None:
-    F.cross_entropy(forward(x), y).backward()
-
 
 def measure(candidate: Candidate, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
             reference: list[torch.Tensor], device: torch.device) -> Measured:
