@@ -55,13 +55,14 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.flop_counter import FlopCounterMode
 
 from anode_plan.errors import UntraceableModelError
-from anode_plan.memory import LiveStorageTracker
+from anode_plan.memory import LiveStorageTracker, allocated_bytes, allocation_bytes
 from anode_plan.runtime import copied_on_rerun
 from anode_plan.trace import StageSpec, TracedModel, run_layer_group, run_step
 from planners import Block, Chain, Stage
 
 # The loss after the network is the user's: it is allowed LOSS_OUTPUTS tensors the size
-# of the output, on top of the output's gradient, plus LOSS_SLACK_BYTES for scalars.
+# of the output, on top of the output's gradient, plus LOSS_SLACK_BYTES for scalars (four
+# allocator blocks on CUDA, where each scalar takes a 512-byte block).
 # Cross-entropy, MSE and x.square().mean() need at most three in backward (measured).
 LOSS_OUTPUTS = 3
 LOSS_SLACK_BYTES = 1024
@@ -79,7 +80,7 @@ def _storages(values: Any) -> dict[int, int]:
     found: dict[int, int] = {}
     for value in tree_flatten(values)[0]:
         if isinstance(value, torch.Tensor):
-            found[_storage_key(value)] = value.untyped_storage().nbytes()
+            found[_storage_key(value)] = allocated_bytes(value)
     return found
 
 
@@ -310,7 +311,7 @@ def _running_stat_copies(model: nn.Module) -> dict[int, int]:
         for name in ("running_mean", "running_var", "num_batches_tracked"):
             buffer = module._buffers.get(name)
             if buffer is not None:
-                copies[_storage_key(buffer)] = buffer.numel() * buffer.element_size()
+                copies[_storage_key(buffer)] = allocated_bytes(buffer)
     return copies
 
 
@@ -465,16 +466,18 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
     # backward counts them.
     outputs = [t for name in traced.stages[-1].out_names for t in tree_flatten(values[name])[0]
                if isinstance(t, torch.Tensor)]
-    loss_bytes = LOSS_VALUE_SCALARS * max([4] + [t.element_size() for t in outputs if t.is_floating_point()])
+    scalar_bytes = max([4] + [t.element_size() for t in outputs if t.is_floating_point()])
+    device = example_inputs[0].device
+    loss_bytes = LOSS_VALUE_SCALARS * allocation_bytes(scalar_bytes, device)
     output_bytes = stages[-1].output_bytes
     stages[-1] = dataclasses.replace(stages[-1], output_bytes=output_bytes + loss_bytes)
-    param_bytes = tuple(p.numel() * p.element_size() for p in params)
+    param_bytes = tuple(allocated_bytes(p) for p in params)
     blocks = tuple(Block(b.target, b.start, b.stop, b.method) for b in traced.blocks)
     batch = example_inputs[0].shape[0] if example_inputs[0].dim() else 1
     boundaries = [ids.ids(spec.in_names) for spec in traced.stages] + [ids.ids(traced.stages[-1].out_names)]
     boundaries[-1].append(len(ids.nbytes))  # the loss
     return Chain(stages=tuple(stages), blocks=blocks, param_grad_bytes=param_bytes,
                  input_grad=any(x.requires_grad for x in example_inputs),
-                 head_bytes=LOSS_OUTPUTS * output_bytes + LOSS_SLACK_BYTES,
+                 head_bytes=LOSS_OUTPUTS * output_bytes + max(LOSS_SLACK_BYTES, 4 * allocation_bytes(1, device)),
                  name=f"{traced.model_name} (batch {batch})",
                  state_values=tuple(tuple(values) for values in boundaries), value_bytes=(*ids.nbytes, loss_bytes))

@@ -28,6 +28,27 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 
+CUDA_BLOCK_BYTES = 512
+"""The CUDA caching allocator rounds every block up to a multiple of this, and
+``max_memory_allocated`` counts the rounded size."""
+
+
+def allocation_bytes(nbytes: int, device: torch.device) -> int:
+    """What an allocator on ``device`` charges for ``nbytes``: rounded up to 512 on CUDA."""
+    if device.type == "cuda" and nbytes:
+        return -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
+    return nbytes
+
+
+def allocated_bytes(tensor: torch.Tensor) -> int:
+    """What the allocator of ``tensor``'s device charges for its storage.
+
+    ``nbytes()`` of the storage, rounded up to :data:`CUDA_BLOCK_BYTES` on CUDA, so a
+    tracker on fake CUDA tensors counts what ``torch.cuda.max_memory_allocated`` would.
+    """
+    return allocation_bytes(tensor.untyped_storage().nbytes(), tensor.device)
+
+
 class LiveStorageTracker(TorchDispatchMode):
     """Count the bytes of live tensor storages created while the mode is active.
 
@@ -60,7 +81,7 @@ class LiveStorageTracker(TorchDispatchMode):
             key = storage._cdata
             if key in inputs or key in self._live:
                 continue
-            nbytes = storage.nbytes()
+            nbytes = allocated_bytes(tensor)
             self._live[key] = nbytes
             self.live_bytes += nbytes
             self.peak_bytes = max(self.peak_bytes, self.live_bytes)

@@ -140,6 +140,42 @@ def test_measured_peak_within_budget_and_prediction_within_10_percent(resnet32):
                                                           measured)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_measured_peak_within_budget_and_prediction_an_upper_bound():
+    """The budget promise on the CUDA caching allocator (``max_memory_allocated``), which
+    rounds blocks to 512 bytes and holds cuDNN workspaces the fake-tensor cost model does not see."""
+    torch.manual_seed(0)
+    model = ode_resnet(width=16, stages=2, nt=4, method="rk2", norm="batch").cuda()
+    x = torch.randn(32, 3, 32, 32, device="cuda")
+    y = torch.randint(0, 10, (32,), device="cuda")
+    store_all = anode_plan.compile(model, 10**12, (x,), planner=planners.StoreAll()).plan.predicted_peak_bytes
+    minimum = _min_budget(model, x, planners.Landmarks())
+    for budget in sorted({minimum, *(minimum + (store_all - minimum) * k // 4 for k in range(5))}):
+        compiled = anode_plan.compile(model, budget, (x,))
+        F.cross_entropy(compiled(x), y).backward()  # warm-up: cuDNN picks its algorithms
+        model.zero_grad(set_to_none=True)
+        outputs = []
+        measured = anode_plan.measure_peak_memory(
+            lambda: outputs.append(compiled(x)) or F.cross_entropy(outputs[-1], y).backward(), device="cuda").peak_bytes
+        model.zero_grad(set_to_none=True)
+        predicted = compiled.plan.predicted_peak_bytes
+        assert measured <= budget, (budget, compiled.plan.schedule.description, measured)
+        assert measured <= predicted, (budget, compiled.plan.schedule.description, predicted, measured)
+
+
+def test_fake_cuda_tensors_are_charged_in_512_byte_blocks():
+    """What ``max_memory_allocated`` counts: each storage rounded up to the allocator's block size."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from anode_plan.memory import CUDA_BLOCK_BYTES, LiveStorageTracker, allocated_bytes
+
+    with FakeTensorMode(), LiveStorageTracker() as tracker:
+        small = torch.empty(3, device="cuda")        # 12 bytes -> one block
+        exact = torch.empty(256, device="cuda")      # 1024 bytes, two blocks exactly
+        cpu = torch.empty(3)                         # the CPU allocator is charged as is
+        assert [allocated_bytes(t) for t in (small, exact, cpu)] == [CUDA_BLOCK_BYTES, 1024, 12]
+        assert tracker.live_bytes == CUDA_BLOCK_BYTES + 1024 + 12
+
+
 def _cross_entropy_loss(out, x):
     return F.cross_entropy(out, torch.arange(x.shape[0]) % out.shape[1])
 
