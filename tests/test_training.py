@@ -157,18 +157,23 @@ def test_dropout_replays_identically_under_every_schedule(planner):
     _assert_same_training_state(model, reference)
 
 
+def _train_side_by_side(compiled, model, reference, x, y, steps=3):
+    """``steps`` of SGD with momentum through the compiled model (training ``model``) and through ``reference``."""
+    for net, owner in ((compiled, model), (reference, reference)):
+        opt = torch.optim.SGD(owner.parameters(), lr=0.05, momentum=0.9)
+        for step in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(net(x + step), y).backward()
+            opt.step()
+
+
 @pytest.mark.parametrize("planner", PLANNERS, ids=repr)
 def test_batchnorm_running_statistics_match_after_several_steps(planner):
     model = _small_resnet()
     reference = copy.deepcopy(model)
     x, y = torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (4,))
     compiled = anode_plan.compile(model, 10**9, (x,), planner=planner)
-    for net, owner in ((compiled, model), (reference, reference)):
-        opt = torch.optim.SGD(owner.parameters(), lr=0.05, momentum=0.9)
-        for step in range(3):
-            opt.zero_grad()
-            F.cross_entropy(net(x + step), y).backward()
-            opt.step()
+    _train_side_by_side(compiled, model, reference, x, y)
     _assert_same_training_state(model, reference)
     # Once per real call: 3 for the stem, 3 steps x 3 time steps x 2 RK2 stages for a norm inside f.
     assert int(model.stem[1].num_batches_tracked) == 3
@@ -216,12 +221,7 @@ def test_every_norm_layer_keeps_its_running_statistics_and_budget_under_recomput
     leaves = [_OwnForwardBatchNorm]  # not a torch.nn module, so fx would trace into it
     compiled = anode_plan.compile(model, 10**9, (x,), planner=planners.Anode(snapshots=1), leaf_modules=leaves)
     assert compiled.plan.simulation.recomputed_forwards > 0
-    for net, owner in ((compiled, model), (reference, reference)):
-        opt = torch.optim.SGD(owner.parameters(), lr=0.05, momentum=0.9)
-        for step in range(3):
-            opt.zero_grad()
-            F.cross_entropy(net(x + step), y).backward()
-            opt.step()
+    _train_side_by_side(compiled, model, reference, x, y)
     _assert_same_training_state(model, reference)
     budget = compiled.plan.predicted_peak_bytes
     tight = anode_plan.compile(model, budget, (x,), planner=planners.Anode(snapshots=1), leaf_modules=leaves)
