@@ -191,6 +191,7 @@ _NORMS = {
     "batchnorm": lambda c: nn.BatchNorm2d(c),
     "batchnorm-cumulative-average": lambda c: nn.BatchNorm2d(c, momentum=None),
     "instancenorm-tracking": lambda c: nn.InstanceNorm2d(c, affine=True, track_running_stats=True),
+    "syncbatchnorm": lambda c: nn.SyncBatchNorm(c),  # without a process group it normalizes like BatchNorm
     "batchnorm-own-forward": lambda c: _OwnForwardBatchNorm(c),
 }
 
