@@ -64,6 +64,17 @@ def test_cli_with_no_arguments_reports_on_the_default_model():
     assert "memory at the predicted peak" in out and "kept states (steps)" in out
 
 
+def test_cli_piped_into_a_reader_that_stops_early_ends_quietly():
+    """``plan_report.py | head -1``: no BrokenPipeError traceback on stderr."""
+    tool = subprocess.Popen([sys.executable, TOOL, *TINY], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = tool.stdout.readline()
+    tool.stdout.close()  # what head does after its lines
+    stderr = tool.stderr.read().decode()
+    tool.wait(timeout=300)
+    assert first.startswith(b"model ode_resnet")
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_cli_on_a_module_factory_model_matches_the_api_and_writes_plan_and_pictures(tmp_path):
     sys.path.insert(0, ROOT)
     try:
