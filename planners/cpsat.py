@@ -160,7 +160,8 @@ def separate_states(chain: Chain) -> Chain:
             saves_input=stage.saves_input if stage.saved_values is None else bool(saved & ins),
             saves_output=stage.saves_output if stage.saved_values is None else bool(saved & (outs - ins)),
             fwd_taped_bytes=stage.fwd_taped_bytes, fwd_untaped_bytes=stage.fwd_untaped_bytes,
-            rerun_taped_bytes=stage.rerun_taped_bytes, bwd_bytes=stage.bwd_bytes, fwd_cost=stage.fwd_cost, bwd_cost=stage.bwd_cost,
+            rerun_taped_bytes=stage.rerun_taped_bytes, bwd_bytes=stage.bwd_bytes, fwd_cost=stage.fwd_cost,
+            bwd_cost=stage.bwd_cost,
             param_ids=stage.param_ids, block=stage.block, step=stage.step))
     return Chain(tuple(stages), chain.blocks, chain.param_grad_bytes, chain.input_grad, chain.head_bytes,
                  chain.name, chain.cost_unit)

@@ -158,7 +158,8 @@ class ChainEvents:
         with the position and would keep identical steps from sharing lists.)"""
         return (self.state_bytes[stage], self.state_bytes[stage + 1], self.kept_state_bytes[stage],
                 self.hold_after[stage], self.held_output_bytes[stage], self.tape_bytes[stage],
-                self.taped_peak[stage], self.rerun_peak[stage], self.untaped_peak[stage], self.backward_peak[stage],
+                self.taped_peak[stage], self.rerun_peak[stage], self.untaped_peak[stage],
+                self.backward_peak[stage],
                 self.new_param_grad_bytes[stage], self.step_cost[stage], self.chain.stages[stage].fwd_cost)
 
     # -- context of a list of operations over [start, stop) --------------------------------

@@ -8,8 +8,9 @@ value carried unchanged through a stage (a skip connection) is one buffer, refer
 by every state that carries it.
 
 * A taped ``Run(i)`` allocates, at its peak, ``fwd_taped_bytes`` on top of what is
-  live (``rerun_taped_bytes`` when it is re-run in backward), and leaves its output ``x_{i+1}`` and its tape. The tape holds ``x_i`` if
-  ``saves_input`` and ``x_{i+1}`` if ``saves_output``.
+  live (``rerun_taped_bytes`` when it is re-run in backward), and leaves its output
+  ``x_{i+1}`` and its tape. The tape holds ``x_i`` if ``saves_input`` and ``x_{i+1}`` if
+  ``saves_output``.
 * A ``Region`` in a taped context keeps its input (``_NoopSaveInputs`` saves it) and
   runs its body untaped: each stage peaks at ``fwd_untaped_bytes`` and leaves only its
   output. Intermediate states die as soon as the next stage has consumed them.
