@@ -84,6 +84,11 @@ def _storages(values: Any) -> dict[int, int]:
     return found
 
 
+def _needing_grad(values: Any) -> list[torch.Tensor]:
+    """The tensors among ``values`` (any nesting of tuples and lists) that require a gradient."""
+    return [v for v in tree_flatten(values)[0] if isinstance(v, torch.Tensor) and v.requires_grad]
+
+
 def _fresh_input(value: Any) -> Any:
     """A stand-in for a stage input with its own autograd history (not a leaf, so in-place ops work)."""
     if isinstance(value, torch.Tensor):
@@ -128,8 +133,8 @@ class _StageProfile:
         self.tape_bytes = sum(b for k, b in saved_storages.items() if k not in excluded)
         self.output_bytes = sum(b for k, b in _storages(outputs).items() if k not in fixed_storages)
 
-        differentiable = [o for o in tree_flatten(outputs)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
-        wrt = [v for v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor) and v.requires_grad] + params
+        differentiable = _needing_grad(outputs)
+        wrt = _needing_grad(inputs) + params
         self.param_ids: tuple[int, ...] = ()
         self.bwd_bytes = 0
         bwd_flops = 0
@@ -148,7 +153,7 @@ class _StageProfile:
         self.fwd_cost = fwd_flops / FLOPS_PER_MS + self.fwd_taped_bytes / BYTES_PER_MS
         self.bwd_cost = bwd_flops / FLOPS_PER_MS + self.bwd_bytes / BYTES_PER_MS
         self.rerun_taped_bytes = self.fwd_taped_bytes
-        if self.param_ids or any(v.requires_grad for v in tree_flatten(inputs)[0] if isinstance(v, torch.Tensor)):
+        if self.param_ids or _needing_grad(inputs):
             self.rerun_taped_bytes = max(self.fwd_taped_bytes, _recompute_bytes(fn, inputs, params, tracker))
         # Re-run in backward, norm layers other than plain BatchNorm run on copies of their
         # running statistics (see _running_stat_copies): all live while it runs, and its
@@ -200,10 +205,19 @@ def _accumulating_bwd_bytes(fn: Callable[[tuple], tuple], inputs: tuple, params:
     runs = []
     for _ in range(2):
         fresh = tree_map(_fresh_input, tuple(inputs))
-        outputs = [o for o in tree_flatten(fn(fresh))[0] if isinstance(o, torch.Tensor) and o.requires_grad]
-        runs.append((outputs, [v for v in tree_flatten(fresh)[0] if isinstance(v, torch.Tensor) and v.requires_grad]))
+        runs.append((_needing_grad(fn(fresh)), _needing_grad(fresh)))
     (first_outputs, first_inputs), (second_outputs, second_inputs) = runs
-    outputs = second_outputs + first_outputs
+    return _backward_peak_from(tracker, first_outputs, second_outputs + first_outputs,
+                               second_inputs + first_inputs + params)
+
+
+def _backward_peak_from(tracker: LiveStorageTracker, start_at: list[torch.Tensor], outputs: list[torch.Tensor],
+                        wrt: list[torch.Tensor]) -> int:
+    """The peak of ``autograd.grad(outputs, wrt)`` (seeds of ones) from when it reaches a node of ``start_at``.
+
+    From backward's start if none of ``start_at`` has a node. The seeds are allocated
+    before the measurement, as the incoming gradients of a step's backward are.
+    """
     seeds = [torch.ones_like(o) for o in outputs]
     base = [tracker.reset_peak()]
 
@@ -211,13 +225,14 @@ def _accumulating_bwd_bytes(fn: Callable[[tuple], tuple], inputs: tuple, params:
         if len(base) == 1:
             base.append(tracker.reset_peak())
 
-    hooks = [o.grad_fn.register_prehook(start) for o in first_outputs if o.grad_fn is not None]
-    grads = torch.autograd.grad(outputs, second_inputs + first_inputs + params, seeds, allow_unused=True)
-    peak = tracker.peak_bytes - base[-1]
-    for hook in hooks:
-        hook.remove()
-    del grads, seeds, runs, outputs
-    return peak
+    hooks = [t.grad_fn.register_prehook(start) for t in start_at if t.grad_fn is not None]
+    try:
+        grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
+        del grads
+        return tracker.peak_bytes - base[-1]
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class _RecomputeEnd(contextlib.AbstractContextManager):
@@ -246,10 +261,10 @@ def _recompute_bytes(fn: Callable[[tuple], tuple], inputs: tuple, params: list[t
     outputs = checkpoint(lambda *values: fn(tree_unflatten(list(values), structure)), *flat, use_reentrant=False,
                          preserve_rng_state=False,
                          context_fn=lambda: (contextlib.nullcontext(), _RecomputeEnd(tracker, peaks)))
-    outputs = [o for o in tree_flatten(outputs)[0] if isinstance(o, torch.Tensor) and o.requires_grad]
+    outputs = _needing_grad(outputs)
     if not outputs or versions != [v._version for v in flat if isinstance(v, torch.Tensor)]:
         return 0  # a stage that writes into its input cannot be re-run; the runtime refuses such regions
-    wrt = [v for v in flat if isinstance(v, torch.Tensor) and v.requires_grad] + params
+    wrt = _needing_grad(flat) + params
     seeds = [torch.ones_like(o) for o in outputs]
     # Backward runs outside the step's autocast, so the re-run casts the weights afresh.
     torch.clear_autocast_cache()
@@ -274,25 +289,11 @@ def _backward_after(first: Callable[[tuple], tuple], first_spec: StageSpec, seco
     middle = dict(zip(first_spec.out_names, first(fresh)))
     ends = list(second(tuple(middle[name] for name in second_spec.in_names)))
     ends += [value for name, value in middle.items() if name not in second_spec.in_names]  # for later stages
-    ends = [t for t in tree_flatten(ends)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
+    ends = _needing_grad(ends)
     if not ends:
         return 0
-    wrt = [v for v in tree_flatten(fresh)[0] if isinstance(v, torch.Tensor) and v.requires_grad] + params
-    seeds = [torch.ones_like(t) for t in ends]
-    base = [tracker.reset_peak()]
-
-    def start(grad_outputs: Any) -> None:
-        if len(base) == 1:
-            base.append(tracker.reset_peak())
-
-    hooks = [t.grad_fn.register_prehook(start) for t in tree_flatten(list(middle.values()))[0]
-             if isinstance(t, torch.Tensor) and t.grad_fn is not None]
-    grads = torch.autograd.grad(ends, wrt, seeds, allow_unused=True)
-    peak = tracker.peak_bytes - base[-1]
-    for hook in hooks:
-        hook.remove()
-    del grads, seeds, ends, middle
-    return peak
+    start_at = [t for t in tree_flatten(list(middle.values()))[0] if isinstance(t, torch.Tensor)]
+    return _backward_peak_from(tracker, start_at, ends, _needing_grad(fresh) + params)
 
 
 def _running_stat_copies(model: nn.Module) -> dict[int, int]:
