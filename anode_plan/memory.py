@@ -13,7 +13,8 @@ do not count; activations, recompute temporaries and gradients do.
   an operator is.
 
 The tracker works on fake tensors too, which is how :mod:`anode_plan.costmodel`
-measures a stage's memory without running the real model.
+measures a stage's memory without running the real model. On fake CUDA tensors it counts
+each storage in the CUDA allocator's 512-byte blocks (:func:`allocated_bytes`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from torch.utils._pytree import tree_flatten
 
 
 CUDA_BLOCK_BYTES = 512
-"""The CUDA caching allocator rounds every block up to a multiple of this, and
-``max_memory_allocated`` counts the rounded size."""
+"""The CUDA caching allocator rounds every block up to a multiple of this (``kMinBlockSize``
+in PyTorch's ``c10/cuda/CUDACachingAllocator.cpp``: "all sizes are rounded to at least 512
+bytes"), and its allocated-bytes statistic, which ``max_memory_allocated`` reads, counts
+the rounded block. Taken from the source; no GPU run has checked it yet."""
 
 
 def allocation_bytes(nbytes: int, device: torch.device) -> int:

@@ -6,10 +6,12 @@ import copy
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn import functional as F
 
 import anode_plan
 import planners
+from anode_plan.memory import CUDA_BLOCK_BYTES, LiveStorageTracker, allocated_bytes
 from models import mlp_ode, ode_resnet, unet_ode
 
 PLANNERS = [planners.StoreAll(), planners.Anode(), planners.Anode(snapshots="auto"), planners.Anode(snapshots=1),
@@ -165,9 +167,6 @@ def test_cuda_measured_peak_within_budget_and_prediction_an_upper_bound():
 
 def test_fake_cuda_tensors_are_charged_in_512_byte_blocks():
     """What ``max_memory_allocated`` counts: each storage rounded up to the allocator's block size."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from anode_plan.memory import CUDA_BLOCK_BYTES, LiveStorageTracker, allocated_bytes
-
     with FakeTensorMode(), LiveStorageTracker() as tracker:
         small = torch.empty(3, device="cuda")        # 12 bytes -> one block
         exact = torch.empty(256, device="cuda")      # 1024 bytes, two blocks exactly
