@@ -1,24 +1,37 @@
-"""Measure the peak memory of a training step, the quantity ``memory_budget`` bounds.
+"""Measure the peak memory of a training step as the allocator counts it: what ``memory_budget`` bounds.
 
 The peak is the most memory allocated at any moment of the measured call *on top of*
 what was allocated when it started: parameters, optimizer state and the input batch
-do not count; activations, recompute temporaries and gradients do.
+do not count; activations, recompute temporaries, gradients and the buffers a kernel
+allocates and frees inside itself (convolution workspaces, cuDNN, internal copies) do.
 
 * On CUDA it reads the caching allocator: ``max_memory_allocated()`` minus
   ``memory_allocated()`` at the start, after ``reset_peak_memory_stats()``.
-* On the CPU, where PyTorch keeps no allocator statistics, :class:`LiveStorageTracker`
-  counts the bytes of every tensor storage created during the call and subtracts them
-  when the storage is freed (a weakref finalizer on the storage object). Workspace a
-  single kernel allocates and frees internally is not seen; everything that outlives
-  an operator is.
+* On the CPU, where PyTorch keeps no allocator statistics, :class:`AllocatorMeter`
+  records every allocation and free of c10's CPU allocator with ``torch.profiler``
+  (``profile_memory=True``) and replays them in time order, pairing each free with an
+  allocation made inside the window. That is the CPU counterpart of
+  ``max_memory_allocated``: it sees memory a kernel takes for the length of one call.
 
-The tracker works on fake tensors too, which is how :mod:`anode_plan.costmodel`
-measures a stage's memory without running the real model. On fake CUDA tensors it counts
-each storage in the CUDA allocator's 512-byte blocks (:func:`allocated_bytes`).
+What the CPU meter does not see: allocations made on OpenMP worker threads inside an
+ATen parallel region. The profiler's memory hook is thread-local and ATen does not carry
+it into its intra-op workers; measured on torch 2.14.1 with two threads, of eight 4 MiB
+buffers allocated in an ``at::parallel_for`` body, the four made on the calling thread
+were recorded and the four made on the worker were not (``tests/test_memory.py``
+documents the experiment). ATen kernels allocate their outputs and workspaces on the
+calling thread before they fork, so a training step is seen whole: the peaks of the
+test models measured with one thread and with two agree. Memory outside c10's
+allocator (malloc inside a third-party library) is not counted either, on any device.
+
+:class:`LiveStorageTracker`, a ``TorchDispatchMode`` that counts tensor storages, cannot
+see inside a kernel: it is the cost model's tool on fake tensors, where no kernel runs,
+and never the measure of a real step. On fake CUDA tensors it counts each storage in
+the CUDA allocator's 512-byte blocks (:func:`allocated_bytes`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 import weakref
 from dataclasses import dataclass
@@ -58,12 +71,20 @@ class LiveStorageTracker(TorchDispatchMode):
     ``live_bytes`` is what is live now, ``peak_bytes`` the most since the last
     :meth:`reset_peak`. Views, in-place results and outputs that share an input's
     storage are not new allocations and are not counted.
+
+    Use it on fake tensors (the cost model does). On real tensors it misses what a
+    kernel allocates inside itself, so it is no measure of a budget: use
+    :func:`measure_peak_memory` for that.
+
+    ``random_ops`` counts the operators run that draw from a random generator (those
+    tagged ``nondeterministic_seeded``: dropout's ``bernoulli_``, ``rand_like``, ...).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.live_bytes = 0
         self.peak_bytes = 0
+        self.random_ops = 0
         self._live: dict[int, int] = {}
 
     def reset_peak(self) -> int:
@@ -74,6 +95,8 @@ class LiveStorageTracker(TorchDispatchMode):
         self.live_bytes -= self._live.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.random_ops += 1
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]
                   if isinstance(t, torch.Tensor)}
@@ -92,43 +115,240 @@ class LiveStorageTracker(TorchDispatchMode):
         return out
 
 
+_MARK = "anode_plan::mark#"
+# Ops that only allocate: a peak inside them is charged to the kernel that called them.
+_ALLOCATING_OPS = frozenset({"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+                             "aten::new_empty_strided", "aten::resize_", "aten::zeros", "aten::zeros_like",
+                             "aten::new_zeros", "aten::ones", "aten::ones_like", "aten::full", "aten::full_like"})
+
+
+def _quiet_kineto() -> None:
+    """Kineto logs two lines per profiling session (and a CUDA probe error without a GPU) unless told not to.
+
+    Read once, when kineto starts; a level the user set is left alone.
+    """
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
+
+def _kernel_path(outer: str | None, name: str) -> str:
+    """The kernel to name for an allocation inside op ``name`` within ``outer``.
+
+    The outermost ATen op (what the model called: ``aten::conv2d``,
+    ``aten::convolution_backward``), and in parentheses the innermost one that is not a
+    plain allocation, where that differs (``aten::mkldnn_convolution``).
+    """
+    if outer is None:
+        return name
+    top = outer.split(" (", 1)[0]
+    if name in _ALLOCATING_OPS or name == top:
+        return outer
+    return f"{top} ({name})"
+
+
+def _allocation_events(roots: list) -> list[tuple[int, str | None, int, str | None, int]]:
+    """The CPU allocations and frees, and the marks, in a profiler event tree:
+    ``(time, mark name or None, bytes, kernel, pointer)``, in the tree's order."""
+    found = []
+    stack = [(node, None) for node in reversed(roots)]
+    while stack:
+        node, kernel = stack.pop()
+        fields = node.extra_fields
+        if isinstance(fields, torch._C._profiler._ExtraFields_Allocation):
+            if fields.device.type == "cpu":
+                found.append((node.start_time_ns, None, fields.alloc_size, kernel, fields.ptr))
+            continue
+        name = node.name
+        if name.startswith(_MARK):
+            found.append((node.start_time_ns, name, 0, None, 0))
+            continue
+        if name.startswith("aten::"):
+            kernel = _kernel_path(kernel, name)
+        stack.extend((child, kernel) for child in reversed(node.children))
+    return found
+
+
+class AllocatorMeter:
+    """Record what one device's allocator allocates while active; read peaks between marks afterwards.
+
+    Use it to measure parts of one run against each other (the cost model's calibration
+    measures each phase of a stage this way); :func:`measure_peak_memory` is the simple
+    form for one call::
+
+        with AllocatorMeter("cpu") as meter:
+            forward_done = meter.mark()
+            ...
+        meter.peak_bytes()                      # the whole window
+        meter.peak_bytes(forward_done)          # from the mark to the end
+        meter.kernel_at_peak(forward_done)      # "aten::convolution_backward", say
+
+    ``peak_bytes(start, end)`` is the most allocated at any moment between the two marks,
+    on top of what was allocated at ``start``. On the CPU the numbers exist only once the
+    ``with`` block has ended (the profiler's events are read then); on CUDA each mark
+    synchronises the device and reads the caching allocator's statistics. Meters nest:
+    one entered inside another (a training step that plans again, and so calibrates,
+    while it is measured) suspends the outer one's profiling session and hands its
+    events back when it ends, so each sees everything in its window. See the module
+    docstring for what the CPU meter cannot see.
+    """
+
+    _active: list["AllocatorMeter"] = []  # the CPU meters entered and not yet left, innermost last
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        self.device = torch.device(device)
+        self._marks: list[tuple[int, int]] = []  # CUDA, per mark: (allocated then, most allocated since the last)
+        self._count = 0
+        self._events: list[tuple[int, int, int, str | None, int]] = []  # CPU: (time, mark or -1, bytes, kernel, ptr)
+        self._kernels: list[str | None] = []  # CPU: the kernel of each allocation event, for kernel_at_peak
+        self._levels: list[int] = []           # CPU: bytes allocated after each allocation event
+        self._positions: list[int] = []        # CPU: per mark, the number of allocation events before it
+        self._profile: Any = None
+        self._done = False
+        self._name = f"{_MARK}{id(self):x}#"
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def __enter__(self) -> "AllocatorMeter":
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            if self._active:
+                self._active[-1]._stop_session()
+            self._active.append(self)
+            self._start_session()
+        self.mark()
+        return self
+
+    def _start_session(self) -> None:
+        _quiet_kineto()
+        self._profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self._profile.__enter__()
+
+    def _stop_session(self) -> None:
+        self._profile.__exit__(None, None, None)
+        self._events += _allocation_events(self._profile.profiler.kineto_results.experimental_event_tree())
+        self._profile = None
+
+    def mark(self) -> int:
+        """Note this moment; returns the mark's number for :meth:`peak_bytes`."""
+        index = self._count
+        self._count += 1
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+            self._marks.append((torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)))
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with torch.profiler.record_function(f"{self._name}{index}"):
+                pass
+        return index
+
+    def __exit__(self, *exc: Any) -> None:
+        self.mark()
+        self._done = True
+        if self.is_cuda:
+            return
+        self._stop_session()
+        self._active.pop()
+        if self._active:  # the outer meter resumes, and sees what this one saw
+            outer = self._active[-1]
+            outer._events += self._events
+            outer._start_session()
+        if exc[0] is None:
+            self._replay()
+
+    def _replay(self) -> None:
+        """Replay the allocation events in time order: live bytes after each, this meter's marks placed."""
+        live, table = 0, {}
+        marks: dict[int, int] = {}
+        for _, mark, nbytes, kernel, pointer in sorted(self._events, key=lambda event: event[0]):
+            if mark is not None:
+                if mark.startswith(self._name):
+                    marks[int(mark[len(self._name):])] = len(self._levels)
+                continue
+            if nbytes > 0:
+                table[pointer] = nbytes
+                live += nbytes
+            elif pointer in table:  # a free of what was allocated in the window
+                live -= table.pop(pointer)
+            else:
+                continue
+            self._levels.append(live)
+            self._kernels.append(kernel)
+        self._positions = [marks[index] for index in range(self._count)]
+
+    def _level_before(self, position: int) -> int:
+        return self._levels[position - 1] if position else 0
+
+    def peak_bytes(self, start: int = 0, end: int | None = None) -> int:
+        """The most allocated at once between marks ``start`` and ``end`` (default: the whole window),
+        on top of what was allocated at ``start``."""
+        if not self._done:
+            raise RuntimeError("AllocatorMeter: read peaks after the with block has ended")
+        end = self._count - 1 if end is None else end
+        if self.is_cuda:
+            base = self._marks[start][0]
+            return max((peak for _, peak in self._marks[start + 1:end + 1]), default=base) - base
+        first, last = self._positions[start], self._positions[end]
+        base = self._level_before(first)
+        return max(self._levels[first:last], default=base) - base
+
+    def allocated_bytes(self, mark: int) -> int:
+        """What was allocated at ``mark``, on top of what was allocated when the meter started."""
+        if not self._done:
+            raise RuntimeError("AllocatorMeter: read allocations after the with block has ended")
+        if self.is_cuda:
+            return self._marks[mark][0] - self._marks[0][0]
+        return self._level_before(self._positions[mark])
+
+    def kernel_at_peak(self, start: int = 0, end: int | None = None) -> str | None:
+        """The ATen op whose allocation made the peak of :meth:`peak_bytes` (CPU only; ``None`` on CUDA)."""
+        if self.is_cuda or not self._done:
+            return None
+        end = self._count - 1 if end is None else end
+        first, last = self._positions[start], self._positions[end]
+        if first == last:
+            return None
+        window = self._levels[first:last]
+        return self._kernels[first + window.index(max(window))]
+
+
 @dataclass(frozen=True)
 class MemoryMeasurement:
     """The measured peak of one call and how long it took.
 
     Attributes:
-        peak_bytes: the most memory allocated at once on top of what was allocated at
-            the start of the call.
-        time_ms: wall-clock time of the call (with tracking overhead on the CPU).
-        method: ``"cuda-allocator"`` or ``"cpu-storage-tracking"``.
+        peak_bytes: the most memory the allocator had allocated at once on top of what
+            was allocated at the start of the call.
+        time_ms: wall-clock time of the call (with the profiler's overhead on the CPU:
+            time steps apart from measuring them).
+        method: ``"cuda-allocator"`` or ``"cpu-allocator"``.
+        kernel: on the CPU, the ATen op whose allocation made the peak.
     """
 
     peak_bytes: int
     time_ms: float
     method: str
+    kernel: str | None = None
 
 
 def measure_peak_memory(fn: Callable[[], Any], *, device: str | torch.device = "cpu") -> MemoryMeasurement:
-    """Call ``fn()`` once and measure its peak memory on ``device``.
+    """Call ``fn()`` once and measure its peak memory on ``device``, as the allocator counts it.
 
     Use it on one training step, e.g.
     ``measure_peak_memory(lambda: loss_fn(compiled(x), y).backward())``, and compare the
-    result with the ``memory_budget`` given to :func:`anode_plan.compile`. On CUDA the
-    call is synchronised before and after.
+    result with the ``memory_budget`` given to :func:`anode_plan.compile`. On CUDA it is
+    ``max_memory_allocated()`` minus what was allocated at the start (the call is
+    synchronised before and after); on the CPU the profiler's allocation events, replayed
+    (:class:`AllocatorMeter`). Kernel workspaces count on both.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
+    meter = AllocatorMeter(device)
+    with meter:
         began = time.perf_counter()
         fn()
-        torch.cuda.synchronize(device)
+        if meter.is_cuda:
+            torch.cuda.synchronize(meter.device)
         elapsed = (time.perf_counter() - began) * 1e3
-        return MemoryMeasurement(torch.cuda.max_memory_allocated(device) - start, elapsed, "cuda-allocator")
-    tracker = LiveStorageTracker()
-    began = time.perf_counter()
-    with tracker:
-        fn()
-    elapsed = (time.perf_counter() - began) * 1e3
-    return MemoryMeasurement(tracker.peak_bytes, elapsed, "cpu-storage-tracking")
+    method = "cuda-allocator" if meter.is_cuda else "cpu-allocator"
+    return MemoryMeasurement(meter.peak_bytes(), elapsed, method, meter.kernel_at_peak())
