@@ -34,6 +34,11 @@ def _map(fn, *states: State) -> State:
     return tuple(fn(*parts) for parts in zip(*states))
 
 
+def _rk4_slope(k1: torch.Tensor, k2: torch.Tensor, k3: torch.Tensor, k4: torch.Tensor) -> torch.Tensor:
+    """``k1 + 2·k2 + 2·k3 + k4``, the weights as ``alpha`` (no wrapped-number tensors)."""
+    return torch.add(torch.add(k1, k2, alpha=2), k3, alpha=2) + k4
+
+
 def _components(z: State) -> tuple[torch.Tensor, ...]:
     return (z,) if isinstance(z, torch.Tensor) else tuple(z)
 
@@ -132,17 +137,17 @@ class ODEBlock(nn.Module):
         if isinstance(z, torch.Tensor):
             out = self._tensor_step(t, dt, z, context)
         elif self.method == "euler":
-            out = _map(lambda z, k: z + dt * k, z, self._f(t, z, context))
+            out = _map(lambda z, k: torch.add(z, k, alpha=dt), z, self._f(t, z, context))
         elif self.method == "rk2":
             k1 = self._f(t, z, context)
-            mid = _map(lambda z, k: z + (dt / 2) * k, z, k1)
-            out = _map(lambda z, k: z + dt * k, z, self._f(t + dt / 2, mid, context))
+            mid = _map(lambda z, k: torch.add(z, k, alpha=dt / 2), z, k1)
+            out = _map(lambda z, k: torch.add(z, k, alpha=dt), z, self._f(t + dt / 2, mid, context))
         else:
             k1 = self._f(t, z, context)
-            k2 = self._f(t + dt / 2, _map(lambda z, k: z + (dt / 2) * k, z, k1), context)
-            k3 = self._f(t + dt / 2, _map(lambda z, k: z + (dt / 2) * k, z, k2), context)
-            k4 = self._f(t + dt, _map(lambda z, k: z + dt * k, z, k3), context)
-            out = _map(lambda z, a, b, c, d: z + (dt / 6) * (a + 2 * b + 2 * c + d), z, k1, k2, k3, k4)
+            k2 = self._f(t + dt / 2, _map(lambda z, k: torch.add(z, k, alpha=dt / 2), z, k1), context)
+            k3 = self._f(t + dt / 2, _map(lambda z, k: torch.add(z, k, alpha=dt / 2), z, k2), context)
+            k4 = self._f(t + dt, _map(lambda z, k: torch.add(z, k, alpha=dt), z, k3), context)
+            out = _map(lambda z, a, b, c, d: torch.add(z, _rk4_slope(a, b, c, d), alpha=dt / 6), z, k1, k2, k3, k4)
         if self.check_finite:
             self._check_finite(step_idx, z, out)
         return out
@@ -151,18 +156,20 @@ class ODEBlock(nn.Module):
         """One step of a tensor state, written inline so every ``func`` output dies as early as it can.
 
         (Passing a temporary through a helper call keeps it alive until the call returns,
-        which costs one extra state of peak memory per step.)
+        which costs one extra state of peak memory per step.) The step sizes enter as
+        ``alpha`` of ``torch.add``: a Python number times a tensor would wrap the number in
+        an 8-byte tensor that autograd keeps even inside a checkpoint region's untaped run.
         """
         if self.method == "euler":
-            return z + dt * self._f(t, z, context)
+            return torch.add(z, self._f(t, z, context), alpha=dt)
         if self.method == "rk2":
             k1 = self._f(t, z, context)
-            return z + dt * self._f(t + dt / 2, z + (dt / 2) * k1, context)
+            return torch.add(z, self._f(t + dt / 2, torch.add(z, k1, alpha=dt / 2), context), alpha=dt)
         k1 = self._f(t, z, context)
-        k2 = self._f(t + dt / 2, z + (dt / 2) * k1, context)
-        k3 = self._f(t + dt / 2, z + (dt / 2) * k2, context)
-        k4 = self._f(t + dt, z + dt * k3, context)
-        return z + (dt / 6) * (k1 + 2 * k2 + 2 * k3 + k4)
+        k2 = self._f(t + dt / 2, torch.add(z, k1, alpha=dt / 2), context)
+        k3 = self._f(t + dt / 2, torch.add(z, k2, alpha=dt / 2), context)
+        k4 = self._f(t + dt, torch.add(z, k3, alpha=dt), context)
+        return torch.add(z, _rk4_slope(k1, k2, k3, k4), alpha=dt / 6)
 
     def _check_finite(self, step_idx: int, z: State, out: State) -> None:
         if any(is_fake_tensor(c) for c in _components(out)):

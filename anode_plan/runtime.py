@@ -7,8 +7,12 @@ early stop ends a re-run as soon as the tensors backward needs exist again. So a
 schedule runs as written, with PyTorch's own machinery doing the bookkeeping, and:
 
 * gradients are plain autograd's (``backward``, ``autograd.grad``, ``inputs=``, DDP);
-* random operations replay identically on every re-run (checkpoint restores the CPU
-  and device RNG states it saw at the region's first run);
+* random operations replay identically on every re-run: in a region whose stages draw
+  random numbers (the cost model counts the random operators; calibration checks the
+  generators), :class:`ReplayRandomState` restores the CPU and CUDA RNG states the
+  region's first run saw, as checkpoint's own ``preserve_rng_state`` does, but holds
+  them as generator clones, which take no tensor memory (checkpoint's stash is a
+  5,056-byte CPU tensor per live region); regions without them touch no generator;
 * a re-run runs under the autocast state of the original forward;
 * BatchNorm running statistics are updated once per step: a re-run does not update
   them, by :class:`RestoreRunningStats` (the ``context_fn`` recompute context);
@@ -97,6 +101,28 @@ class RestoreRunningStats:
         self._frozen = []
 
 
+class _Both(contextlib.AbstractContextManager):
+    """Two contexts entered in order and left in reverse (a reusable ``ExitStack``)."""
+
+    def __init__(self, first: contextlib.AbstractContextManager, second: contextlib.AbstractContextManager) -> None:
+        self.first, self.second = first, second
+
+    def __enter__(self) -> "_Both":
+        self.first.__enter__()
+        try:
+            self.second.__enter__()
+        except BaseException:
+            self.first.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            self.second.__exit__(*exc)
+        finally:
+            self.first.__exit__(*exc)
+
+
 def norm_layers_with_stats(root: nn.Module) -> list[nn.Module]:
     """The norm layers whose forward updates running statistics."""
     return [m for m in root.modules()
@@ -113,13 +139,62 @@ def copied_on_rerun(root: nn.Module) -> list[nn.Module]:
     return [m for m in norm_layers_with_stats(root) if m.training and updates_by_copy(m)]
 
 
+class ReplayRandomState(contextlib.AbstractContextManager):
+    """Re-run a region from the RNG states its first run saw, then put the current ones back.
+
+    Made when a region's first run starts (it clones the generators then); use it as the
+    recompute context of that region's checkpoint, with ``preserve_rng_state=False``.
+    Each re-run (revolve replays a region up to r+1 times) restores from the same clones.
+    The clones are C++ generator objects: unlike ``torch.get_rng_state()`` tensors they
+    hold nothing in the tensor allocator, so a schedule's memory is what the cost model
+    counts. Restoring makes a state tensor for a moment.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator]) -> None:
+        self.saved = [(generator, generator.clone_state()) for generator in generators]
+        self._current: list[tuple[torch.Generator, torch.Generator]] = []
+
+    def __enter__(self) -> "ReplayRandomState":
+        self._current = [(generator, generator.clone_state()) for generator, _ in self.saved]
+        for generator, state in self.saved:
+            generator.set_state(state.get_state())
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for generator, state in self._current:
+            generator.set_state(state.get_state())
+        self._current = []
+
+
+def random_generators(values: Sequence[Any]) -> list[torch.Generator] | None:
+    """The default generators a region over ``values`` draws from: the CPU's and each CUDA input device's.
+
+    ``None`` when an input lives on another kind of device, whose generator this does not
+    know; the region then lets checkpoint stash the RNG state itself.
+    """
+    generators = [torch.default_generator]
+    for value in values:
+        if not isinstance(value, torch.Tensor) or value.device.type == "cpu":
+            continue
+        if value.device.type != "cuda":
+            return None
+        generator = torch.cuda.default_generators[value.device.index if value.device.index is not None
+                                                  else torch.cuda.current_device()]
+        if all(generator is not known for known in generators):
+            generators.append(generator)
+    return generators
+
+
 class ScheduleRunner:
     """Runs a traced model's stages, by a schedule under autograd, or straight through without it."""
 
-    def __init__(self, traced: TracedModel, ops: tuple[Op, ...], root: nn.Module) -> None:
+    def __init__(self, traced: TracedModel, ops: tuple[Op, ...], root: nn.Module,
+                 random_stages: frozenset[int] = frozenset()) -> None:
+        """``random_stages``: the stages that draw random numbers; regions holding one replay the RNG."""
         self.traced = traced
         self.ops = ops
         self.norm_layers = norm_layers_with_stats(root)
+        self.random_stages = random_stages
 
     def run_stage(self, root: nn.Module, index: int, values: tuple) -> tuple:
         spec = self.traced.stages[index]
@@ -140,8 +215,11 @@ class ScheduleRunner:
                 values = self.run_stage(root, op.stage, values)
             else:
                 flat, structure = tree_flatten(values)
+                random = not self.random_stages.isdisjoint(range(op.start, op.stop))
+                generators = random_generators(flat) if random else []
                 values = checkpoint(self._region, root, op, structure, *flat, use_reentrant=False,
-                                    preserve_rng_state=True, context_fn=self._contexts)
+                                    preserve_rng_state=generators is None,
+                                    context_fn=lambda: self._contexts(generators))
         return values
 
     def _region(self, root: nn.Module, op: Op, structure: Any, *flat: Any) -> tuple:
@@ -167,5 +245,10 @@ class ScheduleRunner:
             "z = z.relu(), ReLU(), z = z + y. (Plain autograd may accept it when nothing is recomputed, which is "
             "why only some budgets fail.)")
 
-    def _contexts(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), RestoreRunningStats(self.norm_layers)
+    def _contexts(self, generators: list[torch.Generator] | None
+                  ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        """A checkpoint's (forward, recompute) contexts; called as the region's first run starts."""
+        stats = RestoreRunningStats(self.norm_layers)
+        if not generators:  # nothing random to replay, or checkpoint stashes the states itself
+            return contextlib.nullcontext(), stats
+        return contextlib.nullcontext(), _Both(ReplayRandomState(generators), stats)
