@@ -6,7 +6,7 @@
 The public names are re-exported here; everything else may change without notice.
 """
 
-from anode_plan.budget import parse_memory_budget
+from anode_plan.budget import budget_for_peak, parse_memory_budget
 from anode_plan.compiler import CompiledModel, Plan, compile, load_plan, plan_for_budget
 from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import (AnodePlanError, BudgetFormatError, ExampleInputsError, InfeasibleBudgetError,
@@ -14,7 +14,7 @@ from anode_plan.errors import (AnodePlanError, BudgetFormatError, ExampleInputsE
                                UntraceableModelError)
 from anode_plan.errors import PlanFileError, PlanMismatchError, PlanOverBudgetError, PlotUnavailableError
 from anode_plan.errors import CompiledModuleError, InPlaceModificationError, NonFiniteStateError, PlannerSpecError
-from anode_plan.memory import LiveStorageTracker, MemoryMeasurement, measure_peak_memory
+from anode_plan.memory import AllocatorMeter, LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode import ODEBlock
 from anode_plan.planfile import dump_plan, save_plan
 from anode_plan.plot import plot_timeline, plot_tradeoff
@@ -32,4 +32,5 @@ __all__ = [
     "save_plan", "plot_timeline", "plot_tradeoff", "TradeoffPoint", "default_budgets", "format_landmarks",
     "format_tradeoff", "tradeoff_curve",
     "InPlaceModificationError", "PlannerSpecError", "NonFiniteStateError", "CompiledModuleError",
+    "AllocatorMeter", "budget_for_peak",
 ]

@@ -4,8 +4,10 @@ The budget, ``memory_budget``, bounds the peak memory one training step (forward
 backward) allocates on top of what is already allocated when forward starts.
 Parameters, optimizer state and the input batch do not count; activations, recompute
 temporaries and parameter gradients do. On CUDA that is ``max_memory_allocated()``
-minus ``memory_allocated()`` at forward start; :func:`anode_plan.measure_peak_memory`
-measures it on either device.
+minus ``memory_allocated()`` at forward start; on the CPU the same as the profiler's
+allocation events count it. Memory kernels allocate inside themselves counts, which is
+why each distinct stage is calibrated on the device (:mod:`anode_plan.calibrate`).
+:func:`anode_plan.measure_peak_memory` measures it on either device.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from anode_plan.budget import parse_memory_budget
+from anode_plan.budget import PREDICTION_RESERVE, budget_for_peak, parse_memory_budget, usable_bytes
+from anode_plan.calibrate import UNCALIBRATED_MARGIN
 from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import AnodePlanError, InfeasibleBudgetError, InputMismatchError, PlannerSpecError
 from anode_plan.plan_cache import CachedPlan, PlanCache, describe_call, describe_plan
@@ -41,6 +44,8 @@ class Plan:
         input_shapes: the shapes of the example inputs.
         input_dtypes: their dtypes, as strings.
         fingerprint: the traced structure, to tell whether a plan fits a model.
+        workspace_margin: the share of the budget kept free for kernel workspaces that
+            were not measured (``compile(..., calibrate=False)``); 0 for a calibrated plan.
     """
 
     schedule: Schedule
@@ -50,6 +55,7 @@ class Plan:
     input_shapes: tuple[tuple[int, ...], ...]
     input_dtypes: tuple[str, ...]
     fingerprint: str
+    workspace_margin: float = 0.0
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -59,6 +65,17 @@ class Plan:
     def recompute_overhead(self) -> float:
         """Predicted extra compute, as a fraction of a step without recompute."""
         return self.simulation.recompute_overhead
+
+
+def _charged_input_grads(plan: Plan) -> tuple[bool, ...]:
+    """For each input, whether the plan charges its gradient (the chain records whether any input's is)."""
+    return (plan.chain.input_grad,) * len(plan.input_shapes)
+
+
+def runner_for(traced: TracedModel, plan: Plan, model: nn.Module) -> ScheduleRunner:
+    """The runner of ``plan``'s schedule, replaying the RNG in the regions whose stages draw random numbers."""
+    random_stages = frozenset(i for i, stage in enumerate(plan.chain.stages) if stage.uses_rng)
+    return ScheduleRunner(traced, plan.schedule.ops, model, random_stages)
 
 
 class CompiledModel(nn.Module):
@@ -73,14 +90,16 @@ class CompiledModel(nn.Module):
 
     A training call with a smaller batch than planned runs the plan as it is (its
     memory only shrinks). A larger batch, other non-batch shapes, another dtype or
-    device (after ``.to(...)``), another autocast state, or parameters unfrozen since
-    planning make it measure and plan again under the same budget, once per new key
+    device (after ``.to(...)``), another autocast state, inputs that now require a
+    gradient, or parameters unfrozen since planning make it measure and plan again
+    under the same budget, once per new key
     (see :mod:`anode_plan.plan_cache`); ``plan`` is then the plan of the last training
     call and ``plans`` all that are cached. When nothing fits the budget for the new
     inputs, the call raises :class:`~anode_plan.InfeasibleBudgetError` saying so.
     """
 
-    def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, *, planner: Any = None) -> None:
+    def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, *, planner: Any = None,
+                 calibrate: bool = True) -> None:
         super().__init__()
         self._parameters = model._parameters
         self._buffers = model._buffers
@@ -90,12 +109,13 @@ class CompiledModel(nn.Module):
         self.__dict__["original_model"] = model
         self.__dict__["traced"] = traced
         self.__dict__["plan"] = plan
-        self.__dict__["runner"] = ScheduleRunner(traced, plan.schedule.ops, model)
+        self.__dict__["runner"] = runner_for(traced, plan, model)
         self.__dict__["planner"] = planner
+        self.__dict__["calibrate"] = calibrate
         self.__dict__["_modules_list"] = list(model.modules())
         self.__dict__["_plan_cache"] = PlanCache()
         key, batches = describe_plan(plan.input_shapes, plan.input_dtypes, self._modules_list)
-        self._plan_cache.add(CachedPlan(key, batches, plan, self.runner))
+        self._plan_cache.add(CachedPlan(key, batches, plan, self.runner, _charged_input_grads(plan)))
 
     @property
     def plans(self) -> tuple[Plan, ...]:
@@ -118,13 +138,15 @@ class CompiledModel(nn.Module):
     def _runner_for(self, inputs: tuple) -> ScheduleRunner | None:
         """The runner of the plan for these inputs (planning anew if needed); ``None`` when no gradient is needed."""
         key, batches = describe_call(inputs, self._modules_list)
-        if not any(key.trainable) and not any(x.requires_grad for x in inputs):
+        input_grads = tuple(x.requires_grad for x in inputs)
+        if not any(key.trainable) and not any(input_grads):
             return None
-        entry = self._plan_cache.find(key, batches)
+        entry = self._plan_cache.find(key, batches, input_grads)
         if entry is None:
             plan = self._replan(inputs)
-            entry = self._plan_cache.add(CachedPlan(key, batches, plan, ScheduleRunner(
-                self.traced, plan.schedule.ops, self.original_model)))
+            entry = self._plan_cache.add(CachedPlan(key, batches, plan, runner_for(self.traced, plan,
+                                                                                   self.original_model),
+                                                    _charged_input_grads(plan)))
         self.__dict__["plan"], self.__dict__["runner"] = entry.plan, entry.runner
         return entry.runner
 
@@ -133,7 +155,7 @@ class CompiledModel(nn.Module):
         first = self._plan_cache.entries[0].plan  # every cached plan has the same budget
         shapes = [tuple(x.shape) for x in inputs]
         try:
-            chain = lower_to_chain(self.original_model, self.traced, inputs)
+            chain = lower_to_chain(self.original_model, self.traced, inputs, calibrate=self.calibrate)
         except AnodePlanError:
             raise
         except Exception as error:
@@ -142,7 +164,8 @@ class CompiledModel(nn.Module):
                 f"called with {shapes}; planning for the new shapes failed ({type(error).__name__}: {error}). Call it "
                 "with inputs shaped like example_inputs (the batch size may change).") from error
         try:
-            return plan_for_budget(chain, self.traced, inputs, first.budget_bytes, self.planner)
+            return plan_for_budget(chain, self.traced, inputs, first.budget_bytes, self.planner,
+                                   workspace_margin=first.workspace_margin)
         except InfeasibleBudgetError as error:
             raise InfeasibleBudgetError(
                 f"{self.traced.model_name} was planned for inputs {list(first.input_shapes)} under a budget of "
@@ -171,7 +194,8 @@ class CompiledModel(nn.Module):
 
 def compile(model: nn.Module, memory_budget: int | str | None = None,
             example_inputs: Sequence[torch.Tensor] | None = None, *, planner: Any = None,
-            leaf_modules: Sequence[type] = (), plan: "str | os.PathLike | Plan | None" = None) -> CompiledModel:
+            leaf_modules: Sequence[type] = (), plan: "str | os.PathLike | Plan | None" = None,
+            calibrate: bool = True) -> CompiledModel:
     """Plan ``model``'s training step to fit ``memory_budget`` and return the compiled model.
 
     Args:
@@ -196,6 +220,12 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
             again; the plan must match its structure and ``example_inputs`` (by default
             inputs shaped like the plan's), and its schedule must fit ``memory_budget``
             (by default the plan's budget) on the fresh measurements.
+        calibrate: run each distinct stage once for real on the inputs' device to measure
+            what its kernels allocate inside themselves (convolution and cuDNN
+            workspaces), which count against the budget; see :mod:`anode_plan.calibrate`
+            for what it costs (about two training steps at most). ``False`` skips it and
+            plans under ``1 - UNCALIBRATED_MARGIN`` (75%) of the budget instead, which
+            is no guarantee.
 
     Raises:
         BudgetFormatError: the budget is not a positive size.
@@ -205,12 +235,13 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
             cannot be read, was made for another model or input, or is broken.
     """
     if plan is not None:
-        return _reuse_plan(model, plan, memory_budget, example_inputs, planner, leaf_modules)
+        return _reuse_plan(model, plan, memory_budget, example_inputs, planner, leaf_modules, calibrate)
     parse_memory_budget(memory_budget)  # reject a bad budget before tracing
     traced = trace_model(model, example_inputs, leaf_modules=leaf_modules)
-    chain = lower_to_chain(model, traced, example_inputs)
-    plan = plan_for_budget(chain, traced, example_inputs, memory_budget, planner)
-    return CompiledModel(model, traced, plan, planner=planner)
+    chain = lower_to_chain(model, traced, example_inputs, calibrate=calibrate)
+    plan = plan_for_budget(chain, traced, example_inputs, memory_budget, planner,
+                           workspace_margin=0.0 if calibrate else UNCALIBRATED_MARGIN)
+    return CompiledModel(model, traced, plan, planner=planner, calibrate=calibrate)
 
 
 PLANNER_NAMES = {
@@ -240,23 +271,34 @@ def resolve_planner(planner: Any) -> Any:
 
 
 def plan_for_budget(chain: Chain, traced: TracedModel, example_inputs: Sequence[torch.Tensor],
-                    memory_budget: int | str, planner: Any = None) -> Plan:
+                    memory_budget: int | str, planner: Any = None, *, workspace_margin: float = 0.0) -> Plan:
     """Plan an already measured chain for one budget (what :func:`compile` does after tracing).
 
     Use it to compare several budgets or planners without tracing again.
+    ``workspace_margin``: the share of the budget to keep free, for a chain lowered
+    without calibration (:data:`anode_plan.calibrate.UNCALIBRATED_MARGIN`).
     """
     budget_bytes = parse_memory_budget(memory_budget)
+    if not 0.0 <= workspace_margin < 1.0:
+        raise ValueError(f"workspace_margin={workspace_margin!r} must be a fraction in [0, 1)")
     planner = resolve_planner(planner)
+    usable = usable_bytes(budget_bytes, workspace_margin)
     try:
-        schedule = planner.plan(chain, budget_bytes=budget_bytes)
+        schedule = planner.plan(chain, budget_bytes=usable)
     except InfeasibleBudgetError as error:
-        raise InfeasibleBudgetError(f"memory_budget={memory_budget!r}: {error}", budget_bytes=error.budget_bytes,
-                                    min_budget_bytes=error.min_budget_bytes, breakdown=error.breakdown) from None
+        needed = budget_for_peak(error.min_budget_bytes, workspace_margin)
+        kept = f"{PREDICTION_RESERVE:.2%}" + (f" and, since calibration was skipped, {workspace_margin:.0%} for kernel "
+                                              "workspaces (compile with calibrate=True to measure them instead)"
+                                              if workspace_margin else "")
+        message = str(error).replace(f"Give at least {error.min_budget_bytes} bytes",
+                                     f"Give at least {needed} bytes (a plan keeps {kept} of the budget free)")
+        raise InfeasibleBudgetError(f"memory_budget={memory_budget!r}: {message}", budget_bytes=budget_bytes,
+                                    min_budget_bytes=needed, breakdown=error.breakdown) from None
     simulation = simulate_plan(chain, schedule, timeline=True)
     return Plan(schedule=schedule, chain=chain, budget_bytes=budget_bytes, simulation=simulation,
                 input_shapes=tuple(tuple(x.shape) for x in example_inputs),
                 input_dtypes=tuple(str(x.dtype) for x in example_inputs),
-                fingerprint=structure_digest(traced))
+                fingerprint=structure_digest(traced), workspace_margin=workspace_margin)
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
@@ -272,14 +314,15 @@ def load_plan(path: str | os.PathLike) -> Plan:
         PlanOverBudgetError: the schedule needs more than the file's budget.
     """
     saved = read_plan_file(path)
-    simulation = check_plan_fits(saved.schedule, saved.chain, saved.budget_bytes, saved.source)
+    simulation = check_plan_fits(saved.schedule, saved.chain, saved.budget_bytes, saved.source, saved.workspace_margin)
     return Plan(schedule=saved.schedule, chain=saved.chain, budget_bytes=saved.budget_bytes, simulation=simulation,
-                input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint)
+                input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
+                workspace_margin=saved.workspace_margin)
 
 
 def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budget: int | str | None,
                 example_inputs: Sequence[torch.Tensor] | None, planner: Any,
-                leaf_modules: Sequence[type]) -> CompiledModel:
+                leaf_modules: Sequence[type], calibrate: bool) -> CompiledModel:
     """``compile(model, plan=...)``: trace and measure again, check the saved schedule, run it."""
     if planner is not None:
         raise TypeError("compile(..., plan=..., planner=...): a saved plan is reused, not planned again, so "
@@ -290,8 +333,10 @@ def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budge
     inputs = tuple(example_inputs) if example_inputs is not None else example_inputs_for(saved, model)
     traced = trace_model(model, inputs, leaf_modules=leaf_modules)
     check_plan_matches(saved, traced, inputs, source)
-    chain = lower_to_chain(model, traced, inputs)
-    simulation = check_plan_fits(saved.schedule, chain, budget_bytes, source)
+    chain = lower_to_chain(model, traced, inputs, calibrate=calibrate)
+    margin = 0.0 if calibrate else UNCALIBRATED_MARGIN
+    simulation = check_plan_fits(saved.schedule, chain, budget_bytes, source, margin)
     fresh = Plan(schedule=saved.schedule, chain=chain, budget_bytes=budget_bytes, simulation=simulation,
-                 input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint)
-    return CompiledModel(model, traced, fresh)
+                 input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
+                 workspace_margin=margin)
+    return CompiledModel(model, traced, fresh, calibrate=calibrate)

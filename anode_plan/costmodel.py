@@ -16,13 +16,13 @@ the last stage's backward, so the details count:
   reference), so backward frees it node by node: ``bwd_bytes`` is net of the tape
   freed by then. (Holding it to the end over-counted by up to the tape.)
 * Each stage's backward is measured where it runs, after the backward of the stage
-  after it (:func:`_backward_after`): its output gradients come as that one makes them,
+  after it (:func:`~anode_plan.stagerun.backward_after`): its output gradients come as that one makes them,
   and the parameters they share (every step of an ODE block) already have a gradient,
   which it adds to out of place.
 * A re-run in backward (a non-reentrant checkpoint) starts only when backward needs a
   saved tensor, after the gradients that need none, and stops once the last saved tensor
   exists again: ``rerun_taped_bytes`` is the larger of that, measured on a checkpoint
-  of the stage (:func:`_recompute_bytes`), and the first run's ``fwd_taped_bytes``.
+  of the stage (:func:`~anode_plan.stagerun.backward_through_rerun`), and the first run's ``fwd_taped_bytes``.
   Plain BatchNorm layers re-run frozen in place, at no cost; other norm layers with
   running statistics re-run on copies of them (:func:`_running_stat_copies`), which
   every stage's forward and tape pay for.
@@ -40,32 +40,35 @@ its numbers reused for the others.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException, FakeCopyMode,
                                            FakeTensorMode)
-from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
-from torch.utils.checkpoint import checkpoint
+from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from anode_plan.calibrate import Workspaces, measure_workspaces
 from anode_plan.errors import UntraceableModelError
 from anode_plan.memory import LiveStorageTracker, allocated_bytes, allocation_bytes
 from anode_plan.runtime import copied_on_rerun
-from anode_plan.trace import StageSpec, TracedModel, run_layer_group, run_step
+from anode_plan.stagerun import (backward_accumulating, backward_after, backward_through_rerun, fresh_inputs,
+                                 needing_grad, run_untaped)
+from anode_plan.trace import StageSpec, TracedModel, stage_function
 from planners import Block, Chain, Stage
 
 # The loss after the network is the user's: it is allowed LOSS_OUTPUTS tensors the size
-# of the output, on top of the output's gradient, plus LOSS_SLACK_BYTES for scalars (four
-# allocator blocks on CUDA, where each scalar takes a 512-byte block).
-# Cross-entropy, MSE and x.square().mean() need at most three in backward (measured).
+# of the output, on top of the output's gradient, plus LOSS_SLACK_SCALARS scalars in the
+# output's precision (each a 512-byte block on CUDA). Measured with the CPU allocator on
+# top of the output's gradient: x.square().mean() takes 3 outputs and 8 bytes,
+# cross-entropy 2 outputs and 8 bytes, MSE 1 output and 12 bytes, x.sum() 16 bytes.
 LOSS_OUTPUTS = 3
-LOSS_SLACK_BYTES = 1024
+LOSS_SLACK_SCALARS = 4
 LOSS_VALUE_SCALARS = 2  # the loss and the seed of its gradient, live through backward
 FLOPS_PER_MS = 5e7   # 50 GFLOP/s: a nominal rate, for comparing stages
 BYTES_PER_MS = 5e6   # 5 GB/s of memory writes
@@ -84,32 +87,19 @@ def _storages(values: Any) -> dict[int, int]:
     return found
 
 
-def _needing_grad(values: Any) -> list[torch.Tensor]:
-    """The tensors among ``values`` (any nesting of tuples and lists) that require a gradient."""
-    return [v for v in tree_flatten(values)[0] if isinstance(v, torch.Tensor) and v.requires_grad]
-
-
-def _fresh_input(value: Any) -> Any:
-    """A stand-in for a stage input with its own autograd history (not a leaf, so in-place ops work)."""
-    if isinstance(value, torch.Tensor):
-        leaf = value.detach().requires_grad_(value.requires_grad)
-        return leaf.clone() if value.requires_grad else leaf
-    return value
-
-
 class _StageProfile:
     """What one stage's three runs measured."""
 
     def __init__(self, fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor],
                  fixed_storages: set[int], tracker: LiveStorageTracker, stat_copies: dict[int, int]) -> None:
-        inputs = tree_map(_fresh_input, tuple(inputs))  # a state value may be a tuple of tensors
+        inputs = fresh_inputs(inputs)  # a state value may be a tuple of tensors
         input_keys = set(_storages(inputs))
         self.input_bytes = sum(b for k, b in _storages(inputs).items() if k not in fixed_storages)
 
-        base = tracker.reset_peak()
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None):
-            fn(inputs)
+        base, random_before = tracker.reset_peak(), tracker.random_ops
+        run_untaped(fn, inputs)
         self.fwd_untaped_bytes = tracker.peak_bytes - base
+        self.uses_rng = tracker.random_ops > random_before
 
         saved: list[weakref.ref] = []  # weak: a strong list would keep the tape alive through backward
 
@@ -133,8 +123,8 @@ class _StageProfile:
         self.tape_bytes = sum(b for k, b in saved_storages.items() if k not in excluded)
         self.output_bytes = sum(b for k, b in _storages(outputs).items() if k not in fixed_storages)
 
-        differentiable = _needing_grad(outputs)
-        wrt = _needing_grad(inputs) + params
+        differentiable = needing_grad(outputs)
+        wrt = needing_grad(inputs) + params
         self.param_ids: tuple[int, ...] = ()
         self.bwd_bytes = 0
         bwd_flops = 0
@@ -153,8 +143,9 @@ class _StageProfile:
         self.fwd_cost = fwd_flops / FLOPS_PER_MS + self.fwd_taped_bytes / BYTES_PER_MS
         self.bwd_cost = bwd_flops / FLOPS_PER_MS + self.bwd_bytes / BYTES_PER_MS
         self.rerun_taped_bytes = self.fwd_taped_bytes
-        if self.param_ids or _needing_grad(inputs):
-            self.rerun_taped_bytes = max(self.fwd_taped_bytes, _recompute_bytes(fn, inputs, params, tracker))
+        if self.param_ids or needing_grad(inputs):
+            self.rerun_taped_bytes = max(self.fwd_taped_bytes,
+                                         backward_through_rerun(fn, inputs, params, _TrackerProbe(tracker)))
         # Re-run in backward, norm layers other than plain BatchNorm run on copies of their
         # running statistics (see _running_stat_copies): all live while it runs, and its
         # tape saves copies. Charged to every run, an upper bound.
@@ -166,7 +157,8 @@ class _StageProfile:
     def bwd_accumulating_bytes(self) -> int:
         """The backward's peak when its parameters' gradients are under way (measured once, when first asked)."""
         if self._bwd_accumulating_bytes is None:
-            self._bwd_accumulating_bytes = _accumulating_bwd_bytes(*self._rerun)
+            fn, inputs, params, tracker = self._rerun
+            self._bwd_accumulating_bytes = backward_accumulating(fn, inputs, params, _TrackerProbe(tracker))
         return self._bwd_accumulating_bytes
 
     def stage(self, spec: StageSpec, values: "_Values", measured: StageSpec | None = None, *,
@@ -187,113 +179,21 @@ class _StageProfile:
                      fwd_taped_bytes=self.fwd_taped_bytes, fwd_untaped_bytes=self.fwd_untaped_bytes,
                      rerun_taped_bytes=self.rerun_taped_bytes,
                      bwd_bytes=bwd_bytes, fwd_cost=self.fwd_cost, bwd_cost=self.bwd_cost,
-                     param_ids=self.param_ids, block=spec.block, step=spec.step)
+                     param_ids=self.param_ids, block=spec.block, step=spec.step, uses_rng=self.uses_rng)
 
 
-def _accumulating_bwd_bytes(fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor],
-                            tracker: LiveStorageTracker) -> int:
-    """The peak of a stage's backward when its parameters' gradients are already under way.
+class _TrackerProbe:
+    """A :class:`~anode_plan.stagerun.Probe` reading the storage tracker (on fake tensors)."""
 
-    In one training step a parameter used by several stages (every step of an ODE block)
-    gets its gradient summed by autograd as each of their backwards reaches it: the first
-    one's is kept, and each later one makes its own and adds them out of place, a
-    parameter-sized buffer more for a moment. The stage is run twice on the same graph;
-    backward runs the second run's nodes first (they are newer), so when it reaches the
-    first run, every parameter has a gradient pending. Measured from there on (from the
-    start, so over both runs, if no output of the first run has a node to say when).
-    """
-    runs = []
-    for _ in range(2):
-        fresh = tree_map(_fresh_input, tuple(inputs))
-        runs.append((_needing_grad(fn(fresh)), _needing_grad(fresh)))
-    (first_outputs, first_inputs), (second_outputs, second_inputs) = runs
-    return _backward_peak_from(tracker, first_outputs, second_outputs + first_outputs,
-                               second_inputs + first_inputs + params)
-
-
-def _backward_peak_from(tracker: LiveStorageTracker, start_at: list[torch.Tensor], outputs: list[torch.Tensor],
-                        wrt: list[torch.Tensor]) -> int:
-    """The peak of ``autograd.grad(outputs, wrt)`` (seeds of ones) from when it reaches a node of ``start_at``.
-
-    From backward's start if none of ``start_at`` has a node. The seeds are allocated
-    before the measurement, as the incoming gradients of a step's backward are.
-    """
-    seeds = [torch.ones_like(o) for o in outputs]
-    base = [tracker.reset_peak()]
-
-    def start(grad_outputs: Any) -> None:
-        if len(base) == 1:
-            base.append(tracker.reset_peak())
-
-    hooks = [t.grad_fn.register_prehook(start) for t in start_at if t.grad_fn is not None]
-    try:
-        grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
-        del grads
-        return tracker.peak_bytes - base[-1]
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-class _RecomputeEnd(contextlib.AbstractContextManager):
-    """A checkpoint's recompute context that notes the tracker's peak when the re-run ends."""
-
-    def __init__(self, tracker: LiveStorageTracker, peaks: list[int]) -> None:
+    def __init__(self, tracker: LiveStorageTracker) -> None:
         self.tracker = tracker
-        self.peaks = peaks
+        self.base = 0
 
-    def __exit__(self, *exc: Any) -> None:
-        self.peaks.append(self.tracker.peak_bytes)
+    def begin(self) -> None:
+        self.base = self.tracker.reset_peak()
 
-
-def _recompute_bytes(fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor],
-                     tracker: LiveStorageTracker) -> int:
-    """The peak of re-running the stage in backward, as a checkpoint region of its own.
-
-    A non-reentrant checkpoint re-runs its region only when backward first needs a tensor
-    it saved: the nodes before that (an ODE step's final sum of its slopes, scaled by
-    Python numbers) have already made their gradients, and the re-run stops as soon as the
-    last saved tensor exists again. Measured from backward's start to the re-run's end.
-    """
-    flat, structure = tree_flatten(tree_map(_fresh_input, tuple(inputs)))
-    versions = [v._version for v in flat if isinstance(v, torch.Tensor)]
-    peaks: list[int] = []
-    outputs = checkpoint(lambda *values: fn(tree_unflatten(list(values), structure)), *flat, use_reentrant=False,
-                         preserve_rng_state=False,
-                         context_fn=lambda: (contextlib.nullcontext(), _RecomputeEnd(tracker, peaks)))
-    outputs = _needing_grad(outputs)
-    if not outputs or versions != [v._version for v in flat if isinstance(v, torch.Tensor)]:
-        return 0  # a stage that writes into its input cannot be re-run; the runtime refuses such regions
-    wrt = _needing_grad(flat) + params
-    seeds = [torch.ones_like(o) for o in outputs]
-    # Backward runs outside the step's autocast, so the re-run casts the weights afresh.
-    torch.clear_autocast_cache()
-    base = tracker.reset_peak()
-    grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
-    del grads
-    return peaks[0] - base if peaks else 0
-
-
-def _backward_after(first: Callable[[tuple], tuple], first_spec: StageSpec, second: Callable[[tuple], tuple],
-                    second_spec: StageSpec, values: dict[str, Any], params: list[torch.Tensor],
-                    tracker: LiveStorageTracker) -> int:
-    """The peak of stage ``first``'s backward where it runs: after that of ``second``, the stage after it.
-
-    Its output gradients then come as ``second``'s backward makes them (views of one
-    buffer after a ``cat``, say), and the parameters the two share already have a
-    gradient under way, which the first one's backward adds to out of place. Both stages
-    run on one graph; backward reaches ``first`` last (its nodes are older), and is
-    measured from there on (from the start, over both, if no output of ``first`` has a node).
-    """
-    fresh = tree_map(_fresh_input, tuple(values[name] for name in first_spec.in_names))
-    middle = dict(zip(first_spec.out_names, first(fresh)))
-    ends = list(second(tuple(middle[name] for name in second_spec.in_names)))
-    ends += [value for name, value in middle.items() if name not in second_spec.in_names]  # for later stages
-    ends = _needing_grad(ends)
-    if not ends:
-        return 0
-    start_at = [t for t in tree_flatten(list(middle.values()))[0] if isinstance(t, torch.Tensor)]
-    return _backward_peak_from(tracker, start_at, ends, _needing_grad(fresh) + params)
+    def end(self, label: str) -> int:
+        return self.tracker.peak_bytes - self.base
 
 
 def _running_stat_copies(model: nn.Module) -> dict[int, int]:
@@ -373,22 +273,30 @@ class _Values:
         return sum(self.nbytes[v] for v in self.ids(names))
 
 
+@dataclass(frozen=True)
+class BackwardSource:
+    """Where a chain stage's ``bwd_bytes`` was measured: how (``"after"`` the stage after
+    it, ``"alone"``, or ``"accumulating"`` into pending parameter gradients), at which
+    stage position, and what it measured there on fake tensors. The calibration measures
+    the same run for real."""
+
+    kind: str
+    position: int
+    fake_bytes: int
+
+
 def _place_backwards(measured: list[tuple[_StageProfile, StageSpec, StageSpec]], traced: TracedModel,
                      fake_model: nn.Module, values: dict[str, Any], params: list[torch.Tensor],
-                     tracker: LiveStorageTracker, ids: _Values) -> list[Stage]:
-    """The chain's stages, each with its backward measured where it runs.
+                     tracker: LiveStorageTracker, ids: _Values) -> tuple[list[Stage], list[tuple[BackwardSource, ...]]]:
+    """The chain's stages, each with its backward measured where it runs, and where each was measured.
 
     Backward runs the stages last to first, so a stage's backward follows that of the
-    stage after it (:func:`_backward_after`): a block's last step follows the stage after
-    the block, and its other steps follow a step (the block's first two are measured). A
-    stage adds to the gradients of parameters that a later one touched; where that is not
-    the stage after it (two blocks sharing an ODE function), that is measured apart too.
+    stage after it (:func:`~anode_plan.stagerun.backward_after`): a block's last step
+    follows the stage after the block, and its other steps follow a step (the block's
+    first two are measured). A stage adds to the gradients of parameters that a later one
+    touched; where that is not the stage after it (two blocks sharing an ODE function),
+    that is measured apart too.
     """
-    def run(spec: StageSpec) -> Callable[[tuple], tuple]:
-        if spec.block is None:
-            return lambda v: run_layer_group(fake_model, traced, spec, v)
-        return lambda v: run_step(fake_model, spec, v)
-
     positions = {id(spec): at for at, spec in enumerate(traced.stages)}
     later: list[set[int]] = [set() for _ in measured]
     touched: set[int] = set()
@@ -396,28 +304,74 @@ def _place_backwards(measured: list[tuple[_StageProfile, StageSpec, StageSpec]],
         later[index] = touched.intersection(measured[index][0].param_ids)
         touched.update(measured[index][0].param_ids)
     after: dict[int, int] = {}
-    stages = []
+    probe = _TrackerProbe(tracker)
+    stages, sources = [], []
     for index, (profile, spec, measured_spec) in enumerate(measured):
         last_step = spec.block is None or spec.step == traced.blocks[spec.block].nt - 1
         at = positions[id(spec if last_step else measured_spec)]
         if at + 1 == len(traced.stages):
-            bwd_bytes = profile.bwd_bytes  # the loss comes next
+            found = [BackwardSource("alone", positions[id(measured_spec)], profile.bwd_bytes)]  # the loss comes next
         else:
             if at not in after:
                 first, second = traced.stages[at], traced.stages[at + 1]
-                after[at] = _backward_after(run(first), first, run(second), second, values, params, tracker)
-            bwd_bytes = after[at]
+                inputs = tuple(values[name] for name in first.in_names)
+                after[at] = backward_after(stage_function(fake_model, traced, first), (first.in_names, first.out_names),
+                                           stage_function(fake_model, traced, second), second.in_names, inputs,
+                                           params, probe)
+            found = [BackwardSource("after", at, after[at])]
             if later[index] - set(measured[index + 1][0].param_ids):
-                bwd_bytes = max(bwd_bytes, profile.bwd_accumulating_bytes())
-        stages.append(profile.stage(spec, ids, measured_spec, bwd_bytes=bwd_bytes))
-    return stages
+                found.append(BackwardSource("accumulating", positions[id(measured_spec)],
+                                            profile.bwd_accumulating_bytes()))
+        stages.append(profile.stage(spec, ids, measured_spec, bwd_bytes=max(s.fake_bytes for s in found)))
+        sources.append(tuple(found))
+    return stages, sources
 
 
-def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor]) -> Chain:
+def _with_workspace(stage: Stage, position: int, backward: tuple[BackwardSource, ...],
+                    found: Workspaces) -> Stage:
+    """``stage`` (measured at ``position``) with what calibration measured added: the kernel workspaces to its
+    peaks, and to its tape what the taped forward keeps that the storage view missed."""
+    untaped, taped, rerun = (found.excess(phase, position) for phase in ("fwd_untaped", "fwd_taped", "rerun"))
+    # A re-run peaks at the larger of the first taped run and the checkpoint's re-run
+    # (rerun_taped_bytes); each brings its own workspace.
+    rerun_bytes = max(stage.fwd_taped_bytes + taped.nbytes, stage.rerun_taped_bytes + rerun.nbytes)
+    bwd = [(source.fake_bytes + found.excess(source.kind, source.position).nbytes,
+            found.excess(source.kind, source.position)) for source in backward]
+    bwd_bytes, bwd_excess = max(bwd, key=lambda pair: pair[0])
+    rerun_kernel = rerun.kernel if stage.rerun_taped_bytes + rerun.nbytes >= rerun_bytes else taped.kernel
+    return dataclasses.replace(
+        stage, tape_bytes=stage.tape_bytes + taped.kept_bytes, fwd_untaped_bytes=stage.fwd_untaped_bytes + untaped.nbytes,
+        fwd_taped_bytes=stage.fwd_taped_bytes + taped.nbytes, rerun_taped_bytes=rerun_bytes,
+        bwd_bytes=max(stage.bwd_bytes, bwd_bytes), fwd_untaped_workspace_bytes=untaped.nbytes,
+        fwd_taped_workspace_bytes=taped.nbytes, rerun_workspace_bytes=rerun_bytes - stage.rerun_taped_bytes,
+        bwd_workspace_bytes=max(stage.bwd_bytes, bwd_bytes) - stage.bwd_bytes,
+        workspace_kernels=(untaped.kernel, taped.kernel, rerun_kernel, bwd_excess.kernel))
+
+
+def _with_rng_restore(stages: list[Stage], device: torch.device) -> list[Stage]:
+    """Charge the RNG replay of re-runs, when some stage draws random numbers.
+
+    A region whose stages draw random numbers re-runs from the generator states its
+    first run saw (:class:`anode_plan.runtime.ReplayRandomState`): restoring a state,
+    at the re-run's start and again at its end, makes a state tensor for a moment (5,056
+    bytes for the CPU's Mersenne Twister). It is host memory, so it counts on a CPU
+    budget only. Charged to every re-run of such a chain: an upper bound by that much.
+    """
+    if device.type != "cpu" or not any(stage.uses_rng for stage in stages):
+        return stages
+    state_bytes = torch.default_generator.get_state().nbytes
+    return [dataclasses.replace(stage, rerun_taped_bytes=stage.rerun_taped_bytes + state_bytes) for stage in stages]
+
+
+def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor], *,
+                   calibrate: bool = True) -> Chain:
     """Measure ``traced``'s stages on fake copies of ``model`` and ``example_inputs``.
 
-    Returns the :class:`planners.Chain` the planners work on. The model is left
-    untouched (BatchNorm statistics included).
+    Returns the :class:`planners.Chain` the planners work on. With ``calibrate`` (the
+    default) each distinct stage also runs once for real on the device of
+    ``example_inputs``, to measure what its kernels allocate inside themselves
+    (:mod:`anode_plan.calibrate`); without it those workspaces are not in the chain.
+    The model is left untouched (BatchNorm statistics included).
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     with FakeCopyMode(fake_mode):
@@ -445,22 +399,31 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             spec = traced.stages[index]
             inputs = tuple(values[n] for n in spec.in_names)
             if spec.block is None:
-                profile = _measure(spec, lambda v, s=spec: run_layer_group(fake_model, traced, s, v),
-                                        inputs, params, fixed, tracker, stat_copies)
+                profile = _measure(spec, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
+                                   stat_copies)
                 values.update(zip(spec.out_names, profile.outputs))
                 measured.append((profile, spec, spec))
                 index += 1
                 continue
             block = traced.blocks[spec.block]
-            profile = _measure(spec, lambda v, s=spec: run_step(fake_model, s, v), inputs, params, fixed, tracker,
+            profile = _measure(spec, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
                                stat_copies)
             z_next = dict(zip(spec.out_names, profile.outputs))[spec.z_out]
             for step_spec in traced.stages[block.start:block.stop]:
                 values[step_spec.z_out] = z_next
                 measured.append((profile, step_spec, spec))
             index = block.stop
-        stages = _place_backwards(measured, traced, fake_model, values, params, tracker, ids)
-        del measured
+        stages, backward = _place_backwards(measured, traced, fake_model, values, params, tracker, ids)
+    if calibrate:
+        positions = {id(spec): at for at, spec in enumerate(traced.stages)}
+        forward = [positions[id(measured_spec)] for _, _, measured_spec in measured]
+        runs = {("rerun", at) for at in forward} | {(s.kind, s.position) for found in backward for s in found}
+        found = measure_workspaces(model, traced, example_inputs, runs, values)
+        stages = [_with_workspace(stage, at, sources, found) for stage, at, sources in zip(stages, forward, backward)]
+        stages = [dataclasses.replace(stage, uses_rng=True) if at in found.random_positions else stage
+                  for at, stage in enumerate(stages)]
+    del measured
+    stages = _with_rng_restore(stages, example_inputs[0].device)
     # The loss value and its gradient's seed: scalars the caller and autograd hold through
     # backward, in the output's precision (float32 at least, as autocast computes losses).
     # They are a value of the last state, made by the last stage, so every moment of
@@ -479,6 +442,6 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
     boundaries[-1].append(len(ids.nbytes))  # the loss
     return Chain(stages=tuple(stages), blocks=blocks, param_grad_bytes=param_bytes,
                  input_grad=any(x.requires_grad for x in example_inputs),
-                 head_bytes=LOSS_OUTPUTS * output_bytes + max(LOSS_SLACK_BYTES, 4 * allocation_bytes(1, device)),
+                 head_bytes=LOSS_OUTPUTS * output_bytes + LOSS_SLACK_SCALARS * allocation_bytes(scalar_bytes, device),
                  name=f"{traced.model_name} (batch {batch})",
                  state_values=tuple(tuple(values) for values in boundaries), value_bytes=(*ids.nbytes, loss_bytes))

@@ -2,9 +2,14 @@
 
 A plan's memory promise holds for the inputs it was measured on and for any smaller
 batch: every activation shrinks with the batch and nothing else grows. It does not hold
-for a larger batch, other non-batch shapes, another dtype or device of the inputs or
+for a larger batch, inputs that need a gradient where the plan's did not (their gradients
+are memory), other non-batch shapes, another dtype or device of the inputs or
 the parameters, another autocast state (autocast halves activations but adds casted
-weights), or a parameter that was frozen when it was planned and now trains. So
+weights), a parameter that was frozen when it was planned and now trains, a module
+switched between train and eval (BatchNorm saves other tensors, dropout draws random
+numbers only in training), or, on CUDA,
+other cuDNN and TF32 settings (``cudnn.benchmark`` picks algorithms with other
+workspaces, and the plan was calibrated under the settings it saw). So
 :class:`CompiledModel` describes each training call by a :class:`PlanKey` plus its batch
 sizes, runs the cached plan with the same key and the smallest batch that covers the
 call, and otherwise measures and plans again (about as long as ``compile`` took). A
@@ -26,25 +31,33 @@ class PlanKey:
 
     Attributes:
         inputs: for each input, its shape without the batch dimension, its rank and dtype.
+        training: ``training`` of each module, in module order.
         tensors: the (dtype, device) pairs of the model's parameters and buffers.
         trainable: ``requires_grad`` of each parameter, in module order.
         autocast: the (device type, dtype) of every enabled autocast context.
+        kernels: on CUDA, the settings that choose kernels and so their workspaces:
+            ``cudnn.enabled``, ``cudnn.benchmark``, ``cudnn.deterministic``,
+            ``cudnn.allow_tf32``, ``cuda.matmul.allow_tf32``; empty elsewhere.
     """
 
     inputs: tuple[tuple[tuple[int, ...], int, str], ...]
     tensors: frozenset
     trainable: tuple[bool, ...]
     autocast: tuple[tuple[str, str], ...]
+    kernels: tuple[bool, ...] = ()
+    training: tuple[bool, ...] = ()
 
 
 @dataclass(frozen=True)
 class CachedPlan:
-    """A plan, the key and batch sizes it was made for, and the runner that executes it."""
+    """A plan, the key, batch sizes and input ``requires_grad`` flags it was made for, and the runner that
+    executes it."""
 
     key: PlanKey
     batches: tuple[int | None, ...]
     plan: Any
     runner: Any
+    input_grads: tuple[bool, ...] = ()
 
 
 def _autocast_state(tensors: frozenset) -> tuple[tuple[str, str], ...]:
@@ -52,6 +65,15 @@ def _autocast_state(tensors: frozenset) -> tuple[tuple[str, str], ...]:
     devices = sorted({"cpu", "cuda", *(device.type for _, device in tensors)})
     return tuple((device, str(torch.get_autocast_dtype(device))) for device in devices
                  if torch.is_autocast_enabled(device))
+
+
+def _kernel_settings(tensors: frozenset) -> tuple[bool, ...]:
+    """The global settings that choose CUDA kernels (and so their workspaces), when the model is on CUDA."""
+    if not any(device.type == "cuda" for _, device in tensors):
+        return ()
+    cudnn = torch.backends.cudnn
+    return (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32,
+            torch.backends.cuda.matmul.allow_tf32)
 
 
 def _model_state(modules: Sequence[nn.Module]) -> tuple[frozenset, tuple[bool, ...]]:
@@ -78,7 +100,8 @@ def describe_plan(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[str],
     """The key and batch sizes of a plan (or call) with inputs of ``shapes`` and ``dtypes``, as the model is now."""
     tensors, trainable = _model_state(modules)
     key = PlanKey(inputs=tuple((tuple(shape[1:]), len(shape), dtype) for shape, dtype in zip(shapes, dtypes)),
-                  tensors=tensors, trainable=trainable, autocast=_autocast_state(tensors))
+                  tensors=tensors, trainable=trainable, autocast=_autocast_state(tensors),
+                  kernels=_kernel_settings(tensors), training=tuple(module.training for module in modules))
     return key, tuple(shape[0] if shape else None for shape in shapes)
 
 
@@ -95,9 +118,14 @@ class PlanCache:
     def __init__(self) -> None:
         self.entries: list[CachedPlan] = []
 
-    def find(self, key: PlanKey, batches: tuple) -> CachedPlan | None:
-        """The plan for ``key`` with the smallest batch that covers ``batches``, or ``None``."""
-        fits = [entry for entry in self.entries if entry.key == key and covers(entry.batches, batches)]
+    def find(self, key: PlanKey, batches: tuple, input_grads: Sequence[bool]) -> CachedPlan | None:
+        """The plan for ``key`` with the smallest batch that covers ``batches``, or ``None``.
+
+        A plan made for inputs that require a gradient (it charges their gradients) also
+        covers a call whose inputs do not; not the other way round.
+        """
+        fits = [entry for entry in self.entries if entry.key == key and covers(entry.batches, batches)
+                and all(planned or not needed for planned, needed in zip(entry.input_grads, input_grads))]
         return min(fits, key=lambda e: sum(b or 0 for b in e.batches), default=None)
 
     def add(self, entry: CachedPlan) -> CachedPlan:

@@ -43,9 +43,12 @@ import torch
 import yaml
 from torch.fx.node import _get_qualified_name
 
+from anode_plan.budget import budget_for_peak, usable_bytes
 from anode_plan.errors import PlanFileError, PlanInvariantError, PlanMismatchError, PlanOverBudgetError
 from anode_plan.trace import TracedModel
 from planners import Block, Chain, Region, Run, Schedule, Simulation, Stage, format_bytes, simulate_plan
+from planners.chain import WORKSPACE_FIELDS
+from planners.feasibility import peak_workspace
 from planners.schedule import Op
 
 FORMAT = "anode-plan plan"
@@ -71,6 +74,7 @@ class SavedPlan:
     input_dtypes: tuple[str, ...]
     fingerprint: str
     source: str
+    workspace_margin: float = 0.0
 
 
 def structure_digest(traced: TracedModel) -> str:
@@ -109,6 +113,7 @@ def dump_plan(plan: Any) -> str:
         "inputs": [{"shape": list(shape), "dtype": dtype} for shape, dtype in zip(plan.input_shapes,
                                                                                   plan.input_dtypes)],
         "budget_bytes": plan.budget_bytes,
+        "workspace_margin": plan.workspace_margin,
         "planner": plan.schedule.planner,
         "description": plan.schedule.description,
         "proven_optimal": plan.schedule.proven_optimal,
@@ -194,6 +199,9 @@ def read_plan_file(path: str | os.PathLike) -> SavedPlan:
             raise PlanFileError(f"{source}: {where}.dtype {dtype!r} is not a torch dtype such as 'torch.float32'")
         dtypes.append(dtype)
     budget_bytes = reader.integer(top, "budget_bytes", minimum=1)
+    margin = reader.number(top, "workspace_margin", "the file") if "workspace_margin" in top else 0.0
+    if not 0.0 <= margin < 1.0:
+        raise PlanFileError(f"{source}: workspace_margin is {margin!r}, not a fraction in [0, 1); {_REPLAN}")
     schedule = Schedule(ops=tuple(reader.op(op, f"schedule[{i}]")
                                   for i, op in enumerate(reader.sequence(reader.field(top, "schedule"), "schedule"))),
                         planner=reader.string(top, "planner"),
@@ -201,7 +209,7 @@ def read_plan_file(path: str | os.PathLike) -> SavedPlan:
                         description=reader.string(top, "description"))
     return SavedPlan(schedule=schedule, chain=reader.chain(reader.field(top, "chain")), budget_bytes=budget_bytes,
                      input_shapes=tuple(shapes), input_dtypes=tuple(dtypes),
-                     fingerprint=reader.string(top, "fingerprint"), source=source)
+                     fingerprint=reader.string(top, "fingerprint"), source=source, workspace_margin=margin)
 
 
 @contextlib.contextmanager
@@ -335,6 +343,16 @@ class _Reader:
             values[key] = self.integer(data, key, where, minimum=0)
         if "rerun_taped_bytes" in data:  # files written before it existed re-run at fwd_taped_bytes
             values["rerun_taped_bytes"] = self.integer(data, "rerun_taped_bytes", where, minimum=0)
+        for key in WORKSPACE_FIELDS:  # files written before calibration have none
+            if key in data:
+                values[key] = self.integer(data, key, where, minimum=0)
+        if "workspace_kernels" in data:
+            kernels = self.sequence(data["workspace_kernels"], f"{where}.workspace_kernels")
+            if not all(isinstance(kernel, str) for kernel in kernels):
+                raise self.fail(f"{where}.workspace_kernels", "a list of strings", kernels)
+            values["workspace_kernels"] = tuple(kernels)
+        if "uses_rng" in data:
+            values["uses_rng"] = self.boolean(data, "uses_rng", where)
         for key in ("saves_input", "saves_output"):
             values[key] = self.boolean(data, key, where)
         for key in ("fwd_cost", "bwd_cost"):
@@ -344,14 +362,19 @@ class _Reader:
             values[key] = None if data.get(key) is None else self.integer(data, key, where, minimum=0)
         values["saved_values"] = (None if data.get("saved_values") is None
                                   else tuple(self.integer_list(data, "saved_values", where, minimum=0)))
-        return Stage(**values)
+        try:
+            return Stage(**values)
+        except ValueError as error:
+            raise self.inconsistent(f"{where}: {error}") from None
 
 
 # ---------------------------------------------------------------------------------------- checking
 
 
-def check_plan_fits(schedule: Schedule, chain: Chain, budget_bytes: int, source: str) -> Simulation:
-    """Validate ``schedule`` on ``chain`` and simulate it; its peak must be within ``budget_bytes``.
+def check_plan_fits(schedule: Schedule, chain: Chain, budget_bytes: int, source: str,
+                    workspace_margin: float = 0.0) -> Simulation:
+    """Validate ``schedule`` on ``chain`` and simulate it; its peak must be within the part of
+    ``budget_bytes`` a plan may use (:func:`anode_plan.budget.usable_bytes`).
 
     Returns the simulation (with its timeline). Raises :class:`PlanInvariantError` when the
     schedule would not compute the gradients (a stage skipped, repeated or out of order)
@@ -365,12 +388,16 @@ def check_plan_fits(schedule: Schedule, chain: Chain, budget_bytes: int, source:
                                  f"{_REPLAN}.") from None
     except (IndexError, KeyError) as error:  # a schedule over stages the chain lacks, caught by the validator first
         raise PlanInvariantError(f"{source}: the schedule does not fit {chain.name}: {error!r}; {_REPLAN}.") from None
-    if simulation.peak_bytes > budget_bytes:
+    usable = usable_bytes(budget_bytes, workspace_margin)
+    if simulation.peak_bytes > usable:
+        kept = f" (a plan may use {usable} bytes of it; the rest is kept free)"
         raise PlanOverBudgetError(
             f"{source}: the schedule ({schedule.planner}: {schedule.description}) needs "
-            f"{format_bytes(simulation.peak_bytes)} ({simulation.peak_bytes} bytes) on {chain.name}, above the "
-            f"budget {format_bytes(budget_bytes)} ({budget_bytes} bytes). The plan was edited, or the model's memory "
-            f"has changed since it was planned; give memory_budget={simulation.peak_bytes} or more, or {_REPLAN}.",
+            f"{format_bytes(simulation.peak_bytes)} ({simulation.peak_bytes} bytes) on {chain.name}"
+            f"{peak_workspace(chain, simulation)}, above the budget {format_bytes(budget_bytes)} ({budget_bytes} "
+            f"bytes){kept}. The plan was edited, or the model's memory has changed since it was planned (plans made before "
+            "anode-plan measured kernel workspaces did not count them); give memory_budget="
+            f"{budget_for_peak(simulation.peak_bytes, workspace_margin)} or more, or {_REPLAN}.",
             peak_bytes=simulation.peak_bytes, budget_bytes=budget_bytes)
     return simulation
 

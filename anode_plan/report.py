@@ -16,6 +16,8 @@ from planners import (Anode, Auto, Chain, InfeasibleBudgetError, Region, Run, St
 from planners.schedule import Op, nesting_depth
 from planners.simulate import Simulation
 
+from anode_plan.budget import budget_for_peak, usable_bytes
+
 # The simulator's kinds of memory, as a report names and explains them.
 _KINDS = (
     ("parameter gradients", "fixed", "parameter gradients (every schedule pays them)"),
@@ -23,6 +25,7 @@ _KINDS = (
     ("tapes", "tapes", "tensors autograd saved for backward"),
     ("gradients", "gradients", "gradients of states, flowing back"),
     ("transient", "transients", "temporaries of the operation running at the peak"),
+    ("workspace", "workspace", "what the kernel running at the peak allocates inside itself"),
 )
 
 
@@ -87,7 +90,11 @@ def summarize_blocks(plan) -> list[BlockSummary]:
 
 
 def find_landmarks(chain: Chain, planner=None) -> BudgetLandmarks:
-    """Store-all and ANODE peaks, and the smallest budget ``planner`` (default :class:`planners.Auto`) accepts."""
+    """The budgets store-all and ANODE need, and the smallest ``planner`` (default :class:`planners.Auto`) accepts.
+
+    Budgets, not peaks: each holds its schedule's predicted peak in the part of the budget
+    a plan uses (:func:`anode_plan.budget_for_peak`).
+    """
     huge = 1 << 62
     store_all = simulate_plan(chain, StoreAll().plan(chain, budget_bytes=huge)).peak_bytes
     anode = simulate_plan(chain, Anode().plan(chain, budget_bytes=huge)).peak_bytes
@@ -96,7 +103,7 @@ def find_landmarks(chain: Chain, planner=None) -> BudgetLandmarks:
         minimum = simulate_plan(chain, schedule).peak_bytes
     except InfeasibleBudgetError as error:
         minimum = error.min_budget_bytes
-    return BudgetLandmarks(store_all, anode, minimum)
+    return BudgetLandmarks(budget_for_peak(store_all), budget_for_peak(anode), budget_for_peak(minimum))
 
 
 
@@ -134,15 +141,19 @@ def default_budgets(landmarks: BudgetLandmarks, count: int = 5) -> list[int]:
 
 
 def tradeoff_curve(chain: Chain, budgets: Sequence[int], planner=None) -> tuple[TradeoffPoint, ...]:
-    """Plan ``chain`` for every budget (bytes) with ``planner`` (default :class:`planners.Auto`) and simulate the result."""
+    """Plan ``chain`` for every budget (bytes) with ``planner`` (default :class:`planners.Auto`) and simulate the result.
+
+    Each budget is planned as :func:`anode_plan.compile` plans it (its usable part,
+    :func:`anode_plan.budget.usable_bytes`).
+    """
     planner = planner if planner is not None else Auto()
     points = []
     for budget in budgets:
         try:
-            schedule = planner.plan(chain, budget_bytes=budget)
+            schedule = planner.plan(chain, budget_bytes=usable_bytes(budget))
         except InfeasibleBudgetError as error:
             points.append(TradeoffPoint(budget, None, None, None, "infeasible",
-                                        min_budget_bytes=error.min_budget_bytes))
+                                        min_budget_bytes=budget_for_peak(error.min_budget_bytes)))
             continue
         sim = simulate_plan(chain, schedule)
         points.append(TradeoffPoint(budget, sim.peak_bytes, sim.compute_cost, sim.recompute_overhead,
@@ -162,7 +173,7 @@ def format_landmarks(landmarks: BudgetLandmarks, indent: str = "  ") -> str:
 
 
 def format_breakdown(simulation: Simulation, indent: str = "  ") -> str:
-    """What is live at the predicted peak, by kind, in the order fixed, states, tapes, gradients, transients."""
+    """What is live at the predicted peak, by kind: fixed, states, tapes, gradients, transients, workspace."""
     found = simulation.breakdown()
     lines = [f"{indent}memory at the predicted peak"]
     for kind, label, meaning in _KINDS:

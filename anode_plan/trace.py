@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
@@ -141,6 +141,13 @@ def run_step(root: nn.Module, spec: StageSpec, values: Sequence[Any]) -> tuple:
     z = env[spec.z_in] if isinstance(spec.z_in, str) else tuple(env[name] for name in spec.z_in)
     env[spec.z_out] = block.step(spec.step, z, *(env[name] for name in spec.context))
     return tuple(env[name] for name in spec.out_names)
+
+
+def stage_function(root: nn.Module, traced: TracedModel, spec: StageSpec) -> Callable[[Sequence[Any]], tuple]:
+    """The stage ``spec`` of ``traced`` as a function of its input state, run on the modules of ``root``."""
+    if spec.block is None:
+        return lambda values: run_layer_group(root, traced, spec, values)
+    return lambda values: run_step(root, spec, values)
 
 
 def trace_model(model: nn.Module, example_inputs: Sequence[Any], *,

@@ -14,6 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+WORKSPACE_FIELDS = ("fwd_untaped_workspace_bytes", "fwd_taped_workspace_bytes", "rerun_workspace_bytes",
+                    "bwd_workspace_bytes")
+"""The :class:`Stage` fields of the kernel workspace inside each phase's peak."""
+
+
 @dataclass(frozen=True)
 class Stage:
     """One stage of a chain and what running it costs.
@@ -28,7 +33,8 @@ class Stage:
         saves_input: the tape keeps ``x_i`` alive.
         saves_output: the tape keeps ``x_{i+1}`` alive.
         fwd_taped_bytes: the most memory the taped forward allocates on top of what was
-            live before it (output, tape and temporaries together).
+            live before it (output, tape and temporaries together), as the allocator
+            counts it: kernel workspaces included (``fwd_taped_workspace_bytes`` of it).
         fwd_untaped_bytes: the same for an untaped forward (output and temporaries).
         rerun_taped_bytes: ``fwd_taped_bytes`` for a taped forward re-run in backward (a
             checkpoint region's recompute), which can differ from the first run: it
@@ -36,6 +42,16 @@ class Stage:
             stops when the last saved tensor exists again. Defaults to ``fwd_taped_bytes``.
         bwd_bytes: the most memory the backward allocates on top of what was live
             before it (input gradient, parameter gradients and temporaries).
+        fwd_untaped_workspace_bytes, fwd_taped_workspace_bytes, rerun_workspace_bytes,
+            bwd_workspace_bytes: the part of each of those four peaks that no tensor
+            holds: memory kernels allocate and free inside themselves (convolution
+            workspaces, internal copies), measured on the real device by
+            :mod:`anode_plan.calibrate`. Already included in the peaks; kept apart to say
+            what a peak is made of.
+        workspace_kernels: for each of those four workspaces, the kernel at its peak
+            (``"aten::convolution_backward"``), or ``""``.
+        uses_rng: the stage draws random numbers (dropout), so a re-run must replay the
+            generator's state.
         fwd_cost: cost of one forward, in the chain's cost unit (model milliseconds).
         bwd_cost: cost of one backward.
         param_ids: indices into :attr:`Chain.param_grad_bytes` of the trainable
@@ -64,9 +80,15 @@ class Stage:
     block: int | None = None
     step: int | None = None
     saved_values: tuple[int, ...] | None = None
+    fwd_untaped_workspace_bytes: int = 0
+    fwd_taped_workspace_bytes: int = 0
+    rerun_workspace_bytes: int = 0
+    bwd_workspace_bytes: int = 0
+    workspace_kernels: tuple[str, str, str, str] = ("", "", "", "")
+    uses_rng: bool = False
 
     def __post_init__(self) -> None:
-        for attr in ("input_bytes", "output_bytes", "tape_bytes"):
+        for attr in ("input_bytes", "output_bytes", "tape_bytes", *WORKSPACE_FIELDS):
             if getattr(self, attr) < 0:
                 raise ValueError(f"Stage {self.name!r}: {attr} must be >= 0, got {getattr(self, attr)}")
         # Defaults for hand-written chains: a taped forward allocates its output and
@@ -79,6 +101,14 @@ class Stage:
             object.__setattr__(self, "bwd_bytes", self.input_bytes)
         if self.rerun_taped_bytes < 0:
             object.__setattr__(self, "rerun_taped_bytes", self.fwd_taped_bytes)
+        for workspace, peak in zip(WORKSPACE_FIELDS, ("fwd_untaped_bytes", "fwd_taped_bytes", "rerun_taped_bytes",
+                                                      "bwd_bytes")):
+            if getattr(self, workspace) > getattr(self, peak):
+                raise ValueError(f"Stage {self.name!r}: {workspace}={getattr(self, workspace)} is part of "
+                                 f"{peak}={getattr(self, peak)} and cannot exceed it")
+        if len(self.workspace_kernels) != len(WORKSPACE_FIELDS):
+            raise ValueError(f"Stage {self.name!r}: workspace_kernels needs {len(WORKSPACE_FIELDS)} names, one per "
+                             f"phase, got {len(self.workspace_kernels)}")
 
 
 @dataclass(frozen=True)

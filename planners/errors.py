@@ -27,7 +27,8 @@ class InfeasibleBudgetError(AnodePlanError, ValueError):
 
     ``min_budget_bytes`` is the peak of the smallest schedule the planner knows, and
     ``breakdown`` maps what is live at that schedule's peak (``"states"``, ``"tapes"``,
-    ``"gradients"``, ``"parameter gradients"``, ``"transient"``) to bytes.
+    ``"gradients"``, ``"parameter gradients"``, ``"transient"``, and ``"workspace"``: what
+    the kernel running at the peak allocates inside itself) to bytes.
     """
 
     def __init__(self, message: str, *, budget_bytes: int, min_budget_bytes: int,

@@ -10,12 +10,24 @@ from planners.schedule import Op, Schedule
 from planners.simulate import Simulation, simulate_plan
 
 
+def peak_workspace(chain: Chain, simulation: Simulation) -> str:
+    """Which kernel's workspace is in ``simulation``'s peak, and where: ``""`` when none is."""
+    workspace = simulation.breakdown().get("workspace", 0)
+    if not workspace or not 0 <= simulation.peak_stage < len(chain.stages):
+        return ""
+    stage = chain.stages[simulation.peak_stage]
+    kernel = simulation.peak_kernel or "a kernel"
+    return (f" (the workspace {format_bytes(workspace)} is what {kernel} allocates inside itself, in the "
+            f"{simulation.peak_phase} of stage {stage.name})")
+
+
 def infeasible_error(chain: Chain, planner: str, budget_bytes: int, smallest: Simulation) -> InfeasibleBudgetError:
     """The error for a budget below ``smallest.peak_bytes``, with what is live at that peak."""
     parts = " + ".join(f"{kind} {format_bytes(nbytes)}" for kind, nbytes in smallest.peak_breakdown if nbytes)
     return InfeasibleBudgetError(
         f"memory budget {format_bytes(budget_bytes)} ({budget_bytes} bytes) is below the smallest "
-        f"{planner} schedule for {chain.name}: {format_bytes(smallest.peak_bytes)} = {parts}. Give at least "
+        f"{planner} schedule for {chain.name}: {format_bytes(smallest.peak_bytes)} = {parts}"
+        f"{peak_workspace(chain, smallest)}. Give at least "
         f"{smallest.peak_bytes} bytes, or lower the batch size.",
         budget_bytes=budget_bytes, min_budget_bytes=smallest.peak_bytes, breakdown=smallest.breakdown())
 

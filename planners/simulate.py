@@ -66,6 +66,9 @@ class Simulation:
         peak_breakdown: what is live at the peak, by kind, plus ``"transient"``.
         timeline: every operation in execution order (empty unless asked for).
         recompute_cost: the cost of the forward evaluations beyond the first of each stage.
+        peak_phase: the phase of the operation at the peak (see :class:`TimelineEvent`).
+        peak_stage: the stage of that operation (``len(chain)`` for the loss).
+        peak_kernel: the kernel whose workspace is in the peak (``Stage.workspace_kernels``), or ``""``.
     """
 
     peak_bytes: int
@@ -75,6 +78,9 @@ class Simulation:
     peak_breakdown: tuple[tuple[str, int], ...]
     timeline: tuple[TimelineEvent, ...] = ()
     recompute_cost: float = 0.0
+    peak_phase: str = ""
+    peak_stage: int = -1
+    peak_kernel: str = ""
 
     @property
     def recompute_overhead(self) -> float:
@@ -103,6 +109,7 @@ class _Memory:
         self._next = 0
         self.record = record
         self.events: list[TimelineEvent] = []
+        self.peak_where = ("", -1, "")
 
     def new(self, kind: str, nbytes: int) -> int:
         handle = self._next
@@ -125,12 +132,14 @@ class _Memory:
             self.live -= nbytes
             self.by_kind[kind] -= nbytes
 
-    def touch(self, transient: int) -> int:
-        """Note a moment where ``transient`` bytes are allocated on top of what is live."""
+    def touch(self, transient: int, workspace: int = 0, where: tuple[str, int, str] = ("", -1, "")) -> int:
+        """Note a moment where ``transient`` bytes are allocated on top of what is live,
+        ``workspace`` of them inside kernels, during the operation ``where`` (phase, stage, kernel)."""
         total = self.live + transient
         if total > self.peak:
             self.peak = total
-            self.peak_breakdown = {**self.by_kind, "transient": transient}
+            self.peak_breakdown = {**self.by_kind, "transient": transient - workspace, "workspace": workspace}
+            self.peak_where = where if workspace else where[:2] + ("",)
         return total
 
     def event(self, phase: str, stage: int, peak: int) -> None:
@@ -174,10 +183,14 @@ class _Simulator:
             if isinstance(op, Run):
                 i = op.stage
                 stage = self.stages[i]
+                kernels = stage.workspace_kernels
                 if not taped:
-                    peak = self.mem.touch(stage.fwd_untaped_bytes)
+                    peak = self.mem.touch(stage.fwd_untaped_bytes, stage.fwd_untaped_workspace_bytes,
+                                          (phase, i, kernels[0]))
+                elif self.in_backward:
+                    peak = self.mem.touch(stage.rerun_taped_bytes, stage.rerun_workspace_bytes, (phase, i, kernels[2]))
                 else:
-                    peak = self.mem.touch(stage.rerun_taped_bytes if self.in_backward else stage.fwd_taped_bytes)
+                    peak = self.mem.touch(stage.fwd_taped_bytes, stage.fwd_taped_workspace_bytes, (phase, i, kernels[1]))
                 new_state = {}
                 for value in self.chain.state_values[i + 1]:
                     if value in state:
@@ -212,7 +225,8 @@ class _Simulator:
             if isinstance(op, Run):
                 i = op.stage
                 stage = self.stages[i]
-                peak = self.mem.touch(stage.bwd_bytes)
+                peak = self.mem.touch(stage.bwd_bytes, stage.bwd_workspace_bytes,
+                                      ("backward", i, stage.workspace_kernels[3]))
                 self.cost += stage.bwd_cost
                 # bwd_bytes covers the backward while it runs, the gradients it makes
                 # included; by its end autograd has freed the tape, and the new
@@ -249,7 +263,7 @@ class _Simulator:
         self.in_backward = True
         for value in self.chain.state_values[-1]:
             self.grads[value] = self.mem.new("gradients", self._bytes(value, gradient=True))
-        peak = self.mem.touch(self.chain.head_bytes)
+        peak = self.mem.touch(self.chain.head_bytes, 0, ("loss", len(self.stages), ""))
         self.mem.event("loss", len(self.stages), peak)
         self.backward(ops, records)
         for handle in list(self.grads.values()) + list(out.values()):
@@ -275,4 +289,7 @@ def simulate_plan(chain: Chain, schedule: Schedule | tuple[Op, ...], *, timeline
         peak_breakdown=tuple(sim.mem.peak_breakdown.items()),
         timeline=tuple(sim.mem.events),
         recompute_cost=sum((count - 1) * stage.fwd_cost for count, stage in zip(sim.counts, chain.stages)),
+        peak_phase=sim.mem.peak_where[0],
+        peak_stage=sim.mem.peak_where[1],
+        peak_kernel=sim.mem.peak_where[2],
     )

@@ -10,7 +10,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.nn import functional as F
 
 import anode_plan
+from anode_plan.budget import PREDICTION_RESERVE
 import planners
+from promise import assert_budget_promise
 from anode_plan.memory import CUDA_BLOCK_BYTES, LiveStorageTracker, allocated_bytes
 from models import mlp_ode, ode_resnet, unet_ode
 
@@ -124,7 +126,7 @@ def resnet32():
     return model, x, y
 
 
-def test_measured_peak_within_budget_and_prediction_within_10_percent(resnet32):
+def test_measured_peak_within_budget_and_prediction_within_the_promise(resnet32):
     model, x, y = resnet32
     store_all = anode_plan.compile(model, 10**12, (x,), planner=planners.StoreAll()).plan.predicted_peak_bytes
     minimum = _min_budget(model, x, planners.Landmarks())
@@ -136,10 +138,8 @@ def test_measured_peak_within_budget_and_prediction_within_10_percent(resnet32):
         model.zero_grad(set_to_none=True)
         measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(compiled(x), y).backward()).peak_bytes
         model.zero_grad(set_to_none=True)
-        predicted = compiled.plan.predicted_peak_bytes
-        assert measured <= budget, (budget, compiled.plan.schedule.description, measured)
-        assert measured <= predicted <= 1.10 * measured, (budget, compiled.plan.schedule.description, predicted,
-                                                          measured)
+        assert_budget_promise(measured, compiled.plan.predicted_peak_bytes, budget,
+                              compiled.plan.schedule.description)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -160,9 +160,8 @@ def test_cuda_measured_peak_within_budget_and_prediction_an_upper_bound():
         measured = anode_plan.measure_peak_memory(
             lambda: outputs.append(compiled(x)) or F.cross_entropy(outputs[-1], y).backward(), device="cuda").peak_bytes
         model.zero_grad(set_to_none=True)
-        predicted = compiled.plan.predicted_peak_bytes
-        assert measured <= budget, (budget, compiled.plan.schedule.description, measured)
-        assert measured <= predicted, (budget, compiled.plan.schedule.description, predicted, measured)
+        assert_budget_promise(measured, compiled.plan.predicted_peak_bytes, budget,
+                              compiled.plan.schedule.description)
 
 
 def test_fake_cuda_tensors_are_charged_in_512_byte_blocks():
@@ -193,15 +192,16 @@ STORE_ALL_CASES = {
 
 
 @pytest.mark.parametrize("case", list(STORE_ALL_CASES))
-def test_store_all_prediction_is_plain_autograds_peak_to_the_byte(case):
-    """The budget store-all needs is plain autograd's measured peak, exactly.
+def test_store_all_prediction_is_plain_autograds_allocator_peak(case):
+    """The budget store-all needs is plain autograd's peak as the allocator counts it.
 
     So a budget of plain autograd's own peak stores every tape and runs as fast as plain
     autograd. It takes every detail: each stage's backward frees its tape as it goes and
     is measured after the backward of the stage after it; a re-run's peak is kept apart
-    from the first run's; plain BatchNorm re-runs allocate nothing; and the caller keeps
-    the output and the loss through backward, as the PyTorch tutorials' loop does. (When
-    the cost model held each stage's tape through its backward, it was 0.2-3% high here.)
+    from the first run's; plain BatchNorm re-runs allocate nothing; kernel workspaces are
+    calibrated; and the caller keeps the output and the loss through backward, as the
+    PyTorch tutorials' loop does. Within a few hundred bytes: the allocator sees small
+    internal buffers the storage view does not place exactly.
     """
     build, shape, loss_fn = STORE_ALL_CASES[case]
     torch.manual_seed(0)
@@ -212,7 +212,8 @@ def test_store_all_prediction_is_plain_autograds_peak_to_the_byte(case):
     measured = anode_plan.measure_peak_memory(
         lambda: outputs.append(model(x)) or loss_fn(outputs[-1], x).backward()).peak_bytes
     model.zero_grad(set_to_none=True)
-    assert predicted == measured, (predicted, measured, predicted - measured)
+    assert_budget_promise(measured, predicted, None, case)
+    assert abs(predicted - measured) <= 1024, (predicted, measured)
 
 
 @pytest.mark.parametrize("planner", [planners.StoreAll(), planners.Anode(), planners.Revolve(snapshots=2),
@@ -225,8 +226,7 @@ def test_skip_connections_across_blocks_are_counted_once(planner):
     compiled = anode_plan.compile(model, "1GB", (x,), planner=planner)
     compiled(x)
     measured = anode_plan.measure_peak_memory(lambda: compiled(x).square().mean().backward()).peak_bytes
-    predicted = compiled.plan.predicted_peak_bytes
-    assert measured <= predicted <= 1.10 * measured
+    assert_budget_promise(measured, compiled.plan.predicted_peak_bytes, None, planner)
 
 
 def test_smaller_budget_never_costs_less_compute(resnet32):
@@ -263,8 +263,12 @@ def test_budget_below_minimum_names_the_minimum_and_breakdown(resnet32):
     error = info.value
     assert error.min_budget_bytes > 10_000 and error.budget_bytes == 10_000
     assert "memory_budget='10KB'" in str(error) and "Give at least" in str(error)
-    assert sum(error.breakdown.values()) == error.min_budget_bytes
+    peak = sum(error.breakdown.values())  # the smallest schedule's peak, part by part
+    assert peak < error.min_budget_bytes <= int(peak / (1 - PREDICTION_RESERVE)) + 1  # with the reserve kept free
+    assert f"Give at least {error.min_budget_bytes} bytes" in str(error)
     anode_plan.compile(model, error.min_budget_bytes, (x,))  # the minimum itself is feasible
+    with pytest.raises(anode_plan.InfeasibleBudgetError):
+        anode_plan.compile(model, error.min_budget_bytes - 1, (x,))
 
 
 def test_compiled_shares_parameters_and_state_dict_keys(resnet32):

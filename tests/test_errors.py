@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import anode_plan
+from anode_plan.budget import PREDICTION_RESERVE
 import planners
 from anode_plan import ODEBlock
 from models import mlp_ode
@@ -76,8 +77,12 @@ def test_budget_below_minimum_names_the_minimum_its_parts_and_the_fix():
     message = str(error)
     assert error.budget_bytes == 1000 and error.min_budget_bytes > 1000
     assert "memory_budget='1KB'" in message and "Give at least" in message and "MLPODE (batch 5)" in message
-    assert sum(error.breakdown.values()) == error.min_budget_bytes
+    peak = sum(error.breakdown.values())  # the smallest schedule's peak, part by part
+    assert peak < error.min_budget_bytes <= int(peak / (1 - PREDICTION_RESERVE)) + 1  # with the reserve kept free
+    assert f"Give at least {error.min_budget_bytes} bytes" in str(error)
     anode_plan.compile(model, error.min_budget_bytes, (x,))  # the minimum itself fits
+    with pytest.raises(anode_plan.InfeasibleBudgetError):
+        anode_plan.compile(model, error.min_budget_bytes - 1, (x,))
 
 
 # --- models the planner sees as plain graphs -----------------------------------------------------------------------

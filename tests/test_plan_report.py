@@ -145,10 +145,10 @@ def test_report_on_a_saved_plan_with_and_without_the_model(tool, capsys, tmp_pat
 
 
 def test_dump_prints_a_plan_file(tool, capsys):
-    assert tool.main([*TINY, "--budget", "220KB", "--dump"]) == 0
+    assert tool.main([*TINY, "--budget", "260KB", "--dump"]) == 0
     out = capsys.readouterr().out
     data = yaml.safe_load(out[out.index("# anode-plan plan"):])
-    assert data["format"] == "anode-plan plan" and data["budget_bytes"] == 220_000
+    assert data["format"] == "anode-plan plan" and data["budget_bytes"] == 260_000
 
 
 @pytest.mark.parametrize("argv, message", [

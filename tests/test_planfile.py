@@ -99,11 +99,12 @@ def test_a_given_memory_budget_replaces_the_files_and_must_hold(setup, tmp_path)
     model, _, _, _, plan = setup
     path = _save(plan, tmp_path)
     peak = plan.predicted_peak_bytes
-    assert anode_plan.compile(copy.deepcopy(model), peak, plan=path).plan.budget_bytes == peak
+    budget = anode_plan.budget_for_peak(peak)  # the peak, and the share of the budget plans keep free
+    assert anode_plan.compile(copy.deepcopy(model), budget, plan=path).plan.budget_bytes == budget
     with pytest.raises(anode_plan.PlanOverBudgetError) as info:
-        anode_plan.compile(copy.deepcopy(model), peak - 1, plan=path)
-    assert (info.value.peak_bytes, info.value.budget_bytes) == (peak, peak - 1)
-    assert f"memory_budget={peak} or more" in str(info.value)
+        anode_plan.compile(copy.deepcopy(model), budget - 1, plan=path)
+    assert (info.value.peak_bytes, info.value.budget_bytes) == (peak, budget - 1)
+    assert f"memory_budget={budget} or more" in str(info.value)
 
 
 def test_plan_and_planner_together_are_refused(setup, tmp_path):

@@ -142,7 +142,7 @@ def test_revolve_peak_grows_with_snapshots_and_counts_at_most_s_states(n):
         assert sim.peak_bytes - tape - REVOLVE_OVERHEAD_BYTES <= s
         assert sim.peak_bytes == tape + REVOLVE_OVERHEAD_BYTES + min(s, n - 1)
         assert sim.breakdown() == {"states": min(s, n - 1) + 1, "tapes": tape, "gradients": 1,
-                                   "parameter gradients": 0, "transient": 2}
+                                   "parameter gradients": 0, "transient": 2, "workspace": 0}
         peaks.append(sim.peak_bytes)
     assert peaks == sorted(peaks)
 

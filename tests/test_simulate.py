@@ -113,7 +113,7 @@ def test_store_all_on_three_stages_matches_hand_count():
     sim = simulate_plan(chain, tuple(Run(i) for i in range(3)), timeline=True)
     assert sim.peak_bytes == 42
     assert sim.breakdown() == {"states": 11, "tapes": 13, "gradients": 6, "parameter gradients": 0,
-                               "transient": 12}
+                               "transient": 12, "workspace": 0}
     assert sim.compute_cost == 1 + 2 + 3 + 2 + 4 + 6 == 18
     assert sim.baseline_cost == 18
     assert sim.recompute_overhead == 0.0
@@ -142,7 +142,7 @@ def test_region_on_three_stages_matches_hand_count():
     sim = simulate_plan(chain, ops, timeline=True)
     assert sim.peak_bytes == 29
     assert sim.breakdown() == {"states": 9, "tapes": 5, "gradients": 5, "parameter gradients": 10,
-                               "transient": 0}
+                               "transient": 0, "workspace": 0}
     assert [(e.phase, e.stage, e.live_bytes, e.peak_bytes) for e in sim.timeline][-2:] == [
         ("backward", 1, 24, 29), ("backward", 0, 16, 28)]
     assert sim.forward_counts == (2, 2, 1)
@@ -192,7 +192,7 @@ def test_nested_regions_recompute_counts():
     # 5 + fwd_taped 2 = 7, above the loss (x4 + x5 + tape4 + grad 1 + head 2 = 6).
     assert sim.peak_bytes == 7
     assert sim.breakdown() == {"states": 3, "tapes": 1, "gradients": 1, "parameter gradients": 0,
-                               "transient": 2}
+                               "transient": 2, "workspace": 0}
 
 
 def test_recompute_phase_is_labelled_in_the_timeline():

@@ -23,6 +23,7 @@ import anode_plan
 import anode_plan.compiler as compiler_module
 import anode_plan.runtime as runtime_module
 import planners
+from promise import assert_budget_promise
 from models import mlp_ode, ode_resnet
 
 PLANNERS = [planners.StoreAll(), planners.Anode(), planners.Anode(snapshots=1), planners.Revolve(snapshots=1),
@@ -112,7 +113,7 @@ def test_plan_made_under_autocast_keeps_its_budget(resnet):
     measured = anode_plan.measure_peak_memory(step).peak_bytes
     model.zero_grad(set_to_none=True)
     assert len(compiled.plans) == 1  # compiled under the autocast it trains in: no re-plan
-    assert measured <= budget
+    assert_budget_promise(measured, compiled.plan.predicted_peak_bytes, budget, "bfloat16 autocast")
 
 
 @pytest.mark.gpu
@@ -224,10 +225,11 @@ def test_every_norm_layer_keeps_its_running_statistics_and_budget_under_recomput
     assert compiled.plan.simulation.recomputed_forwards > 0
     _train_side_by_side(compiled, model, reference, x, y)
     _assert_same_training_state(model, reference)
-    budget = compiled.plan.predicted_peak_bytes
+    budget = anode_plan.budget_for_peak(compiled.plan.predicted_peak_bytes)
     tight = anode_plan.compile(model, budget, (x,), planner=planners.Anode(snapshots=1), leaf_modules=leaves)
+    model.zero_grad(set_to_none=True)  # as optimizer.zero_grad() leaves them: the step allocates its gradients
     measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(tight(x), y).backward()).peak_bytes
-    assert measured <= budget, (measured, budget)
+    assert_budget_promise(measured, tight.plan.predicted_peak_bytes, budget, norm)
 
 
 # --- distributed data parallel -------------------------------------------------------------------------------------
@@ -324,7 +326,7 @@ def test_larger_batch_replans_once_under_the_same_budget(resnet, monkeypatch):
     compiled = anode_plan.compile(model, budget, (x,))
     lowered = []
     original = compiler_module.lower_to_chain
-    monkeypatch.setattr(compiler_module, "lower_to_chain", lambda *a: lowered.append(1) or original(*a))
+    monkeypatch.setattr(compiler_module, "lower_to_chain", lambda *a, **k: lowered.append(1) or original(*a, **k))
     assert _peak_of_step(compiled, model, x16, y16) <= budget
     assert compiled.plan.input_shapes == ((16, 3, 16, 16),) and compiled.plan.budget_bytes == budget
     compiled(x16[:12])  # covered by the batch-16 plan
@@ -579,7 +581,7 @@ def test_tuple_state_with_context_and_time_dependence(planner):
     assert [b.nt for b in compiled.plan.chain.blocks] == [5]
     model.zero_grad(set_to_none=True)
     measured = anode_plan.measure_peak_memory(lambda: compiled(x).square().sum().backward()).peak_bytes
-    assert measured <= compiled.plan.predicted_peak_bytes
+    assert_budget_promise(measured, compiled.plan.predicted_peak_bytes, None, planner)
 
 
 @pytest.mark.parametrize("planner", PLANNERS, ids=repr)

@@ -1,0 +1,222 @@
+"""Calibrate the cost model on the real device: the memory kernels allocate inside themselves.
+
+Fake tensors run no kernel, so the cost model (:mod:`anode_plan.costmodel`) sees every
+tensor a stage makes but nothing a kernel allocates and frees within one call: the two
+activation-sized buffers of a CPU convolution's backward, cuDNN and cuBLAS workspaces,
+the copy a matmul makes of a strided input. The budget is what the allocator counts,
+so those count. :func:`measure_workspaces` runs each distinct stage for real, once, on
+the example batch, in each phase the simulator has (untaped forward, taped forward,
+re-run in backward, backward), under two meters at once: the allocator's
+(:class:`~anode_plan.memory.AllocatorMeter`) and the storage view
+(:class:`~anode_plan.memory.LiveStorageTracker`, what the fake tensors measured). What
+the allocator peaks above the storage view in a phase is that phase's workspace, and
+the cost model adds it to the phase's peak, so the simulator and every planner charge it
+at the moment it occurs.
+
+*Distinct stages* are each layer group and one time step per ODE block (a block's steps
+run the same code on the same shapes).
+
+*Cost*: one forward of the model without a tape, to carry the batch to the measured
+stages, then per measured stage three forwards and two backwards under the profiler:
+about two training steps of the model for a network without ODE blocks, much less for
+one whose blocks have many steps. ``benchmarks/RESULTS.md`` gives the time on the demo
+model. ``compile(..., calibrate=False)`` skips it (see :data:`UNCALIBRATED_MARGIN`).
+
+*Side effects*: none. The stages run on a copy of the model's modules that shares its
+parameters and buffers; the buffers (BatchNorm statistics) are put back as they were,
+the RNG state is restored, and gradients come from ``autograd.grad``, so no ``.grad``
+is written and Python-side counters in the model (``self.nfe += 1``) do not move.
+
+*CUDA*: it runs under the cuDNN settings in force. ``torch.backends.cudnn.benchmark``
+picks algorithms with other workspaces, so with it on each stage runs once before it is
+measured (autotuning's trials are not the steady state), and a compiled model plans
+again when those settings change (:mod:`anode_plan.plan_cache`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from anode_plan.memory import AllocatorMeter, LiveStorageTracker
+from anode_plan.ode import ODEBlock
+from anode_plan.stagerun import (backward_accumulating, backward_after, backward_alone, backward_through_rerun,
+                                 fresh_inputs)
+from anode_plan.trace import TracedModel, stage_function
+
+UNCALIBRATED_MARGIN = 0.25
+"""With ``calibrate=False`` the planner keeps this share of the budget free for the kernel
+workspaces it did not measure. It is a margin, not a measurement, and no guarantee: in
+the test models the workspace at a plan's peak reached 45% of the step's peak (the MNIST
+ODE-net of ``tests/test_allocator_budget.py`` at its smallest budget, inside the CPU's
+``convolution_backward`` of a strided convolution), and 18% in a U-Net. Calibrate when
+the budget is a hard limit."""
+
+
+@dataclass(frozen=True)
+class Excess:
+    """What the allocator counted above the storage view in one measured phase.
+
+    Attributes:
+        nbytes: at the phase's peak.
+        kernel: the kernel at the allocator's peak.
+        kept_bytes: in what the phase leaves allocated at its end (small tensors a kernel
+            makes and autograd saves, which no operator returns: a taped forward's tape
+            holds them).
+    """
+
+    nbytes: int = 0
+    kernel: str = ""
+    kept_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class Workspaces:
+    """The calibration's findings: an :class:`Excess` per (phase label, stage position).
+
+    Labels are those of :mod:`anode_plan.stagerun`'s measurements: ``"fwd_untaped"``,
+    ``"fwd_taped"``, ``"rerun"``, ``"after"``, ``"alone"``, ``"accumulating"``.
+    ``random_positions``: the stages whose real forward moved a random generator (a
+    check on the cost model's count of random operators, which cannot see a kernel
+    that draws from the generator without declaring it).
+    """
+
+    found: Mapping[tuple[str, int], Excess]
+    random_positions: frozenset[int] = frozenset()
+
+    def excess(self, label: str, position: int) -> Excess:
+        return self.found.get((label, position), Excess())
+
+
+class _BothMeters:
+    """A :class:`~anode_plan.stagerun.Probe` that reads the storage tracker and marks the allocator meter.
+
+    Each phase's allocator peak is known only once the meter has stopped (:meth:`excesses`).
+    """
+
+    def __init__(self, meter: AllocatorMeter, tracker: LiveStorageTracker, position: int) -> None:
+        self.meter = meter
+        self.tracker = tracker
+        self.position = position
+        # phase -> (start mark, end mark, storage peak, storage kept at the end)
+        self.spans: dict[tuple[str, int], tuple[int, int, int, int]] = {}
+        self._start = (0, 0)
+
+    def begin(self) -> None:
+        self._start = (self.meter.mark(), self.tracker.reset_peak())
+
+    def end(self, label: str) -> int:
+        start, base = self._start
+        storage = self.tracker.peak_bytes - base
+        self.spans[(label, self.position)] = (start, self.meter.mark(), storage, self.tracker.live_bytes - base)
+        return storage
+
+    def excesses(self) -> dict[tuple[str, int], Excess]:
+        found = {}
+        for key, (start, end, storage, kept) in self.spans.items():
+            nbytes = max(0, self.meter.peak_bytes(start, end) - storage)
+            allocated = self.meter.allocated_bytes(end) - self.meter.allocated_bytes(start)
+            found[key] = Excess(nbytes, (self.meter.kernel_at_peak(start, end) or "") if nbytes else "",
+                                max(0, allocated - kept))
+        return found
+
+
+def _measure_runs(kinds: set[str], position: int, traced: TracedModel, twin: nn.Module, inputs: tuple,
+                  params: list[torch.Tensor], device: torch.device) -> dict[tuple[str, int], Excess]:
+    """Run the measurements ``kinds`` of the stage at ``position`` under both meters (see the module docstring)."""
+    spec = traced.stages[position]
+    fn = stage_function(twin, traced, spec)
+    if device.type == "cuda" and torch.backends.cudnn.benchmark:
+        backward_alone(fn, inputs, params, _Unmeasured())  # let cuDNN autotune before anything is measured
+    tracker = LiveStorageTracker()
+    meter = AllocatorMeter(device)
+    with meter, tracker:
+        probe = _BothMeters(meter, tracker, position)
+        if "rerun" in kinds:
+            backward_through_rerun(fn, inputs, params, probe)
+        if "after" in kinds:
+            second = traced.stages[position + 1]
+            backward_after(fn, (spec.in_names, spec.out_names), stage_function(twin, traced, second),
+                           second.in_names, inputs, params, probe)
+        if "alone" in kinds:
+            backward_alone(fn, inputs, params, probe)
+        if "accumulating" in kinds:
+            backward_accumulating(fn, inputs, params, probe)
+    return probe.excesses()
+
+
+class _Unmeasured:
+    def begin(self) -> None:
+        pass
+
+    def end(self, label: str) -> int:
+        return 0
+
+
+@contextlib.contextmanager
+def _model_unchanged(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+    """A copy of ``model``'s modules sharing its tensors; on exit its buffers are as they were, and the RNG too."""
+    tensors = list(itertools.chain(model.parameters(), model.buffers()))
+    twin = copy.deepcopy(model, memo={id(t): t for t in tensors})
+    for block in twin.modules():
+        if isinstance(block, ODEBlock):
+            block.check_finite = False  # memory is measured here, not values (a diverging example batch is fine)
+    saved = [(buf, buf.detach().clone()) for buf in model.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield twin
+        finally:
+            with torch.no_grad():
+                for buf, value in saved:
+                    buf.copy_(value)
+
+
+def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor],
+                       runs: set[tuple[str, int]], like: Mapping[str, Any]) -> Workspaces:
+    """Make the measurements ``runs`` ((kind, stage position) pairs) of the cost model for real, once each.
+
+    Kinds are :mod:`anode_plan.stagerun`'s: ``"rerun"`` (the untaped first run and the
+    re-run in backward), ``"after"``, ``"alone"`` and ``"accumulating"`` (a backward, with
+    the taped forward before it for the first two). ``like`` maps each value name to a
+    tensor (fake or real) whose ``requires_grad`` the stage inputs take, as in the cost
+    model's runs. The batch is carried from stage to stage without a tape, through every
+    stage, keeping only the values a later stage reads.
+    """
+    device = example_inputs[0].device
+    params = [p for p in model.parameters() if p.requires_grad]
+    last_read = {name: at for at, spec in enumerate(traced.stages) for name in spec.in_names}
+    wanted: dict[int, set[str]] = {}
+    for kind, position in runs:
+        wanted.setdefault(position, set()).add(kind)
+    found: dict[tuple[str, int], Excess] = {}
+    random: set[int] = set()
+    with _model_unchanged(model, device) as twin:
+        values: dict[str, Any] = dict(zip(traced.input_names, example_inputs))
+        for at, spec in enumerate(traced.stages):
+            inputs = tuple(values[name] for name in spec.in_names)
+            if at in wanted:
+                fresh = fresh_inputs(inputs, tuple(like[name] for name in spec.in_names))
+                found.update(_measure_runs(wanted[at], at, traced, twin, fresh, params, device))
+            before = _generator_states(device)
+            with torch.no_grad():
+                values.update(zip(spec.out_names, stage_function(twin, traced, spec)(inputs)))
+            if any(not torch.equal(a, b) for a, b in zip(before, _generator_states(device))):
+                random.add(at)
+            for name in spec.in_names:
+                if last_read[name] == at and name not in spec.out_names:
+                    del values[name]
+    return Workspaces(found, frozenset(random))
+
+
+def _generator_states(device: torch.device) -> list[torch.Tensor]:
+    """The states of the default generators a stage on ``device`` can draw from."""
+    states = [torch.default_generator.get_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.default_generators[device.index or 0].get_state())
+    return states

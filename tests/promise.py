@@ -1,0 +1,32 @@
+"""The budget promise every memory test checks, with the allocator as the meter.
+
+A real training step's peak, as the allocator counts it (``anode_plan.measure_peak_memory``:
+the profiler's allocation events on the CPU, ``max_memory_allocated`` on CUDA), is within
+the budget, and the plan's prediction is within :data:`ABOVE` above that peak and never
+more than :data:`BELOW` below it.
+
+With ``ANODE_PLAN_PROMISE_LOG=path`` set, each check appends a line ``test predicted
+measured budget`` to ``path``: the worst ratio over a whole run is then one ``sort`` away.
+"""
+
+from __future__ import annotations
+
+import os
+
+ABOVE = 0.03
+BELOW = 0.005
+
+
+def assert_budget_promise(measured: int, predicted: int, budget: int | None, what: object = "") -> None:
+    """``measured <= budget`` and ``measured·(1 - BELOW) <= predicted <= measured·(1 + ABOVE)``."""
+    log = os.environ.get("ANODE_PLAN_PROMISE_LOG")
+    if log:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(log, "a", encoding="utf-8") as stream:
+            stream.write(f"{test} {predicted} {measured} {budget}\n")
+    if budget is not None:
+        assert measured <= budget, f"{what}: the allocator's peak {measured} B is over the budget {budget} B"
+    assert measured * (1 - BELOW) <= predicted, (
+        f"{what}: predicted {predicted} B is {1 - predicted / measured:.3%} below the allocator's peak {measured} B")
+    assert predicted <= measured * (1 + ABOVE), (
+        f"{what}: predicted {predicted} B is {predicted / measured - 1:.3%} above the allocator's peak {measured} B")
