@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -57,16 +58,19 @@ from anode_plan.calibrate import Workspaces, measure_workspaces
 from anode_plan.errors import UntraceableModelError
 from anode_plan.memory import LiveStorageTracker, allocated_bytes, allocation_bytes
 from anode_plan.runtime import copied_on_rerun
+from anode_plan.sharing import BlockMatch, block_key, match_blocks
 from anode_plan.stagerun import (backward_accumulating, backward_after, backward_through_rerun, fresh_inputs,
                                  needing_grad, run_untaped)
 from anode_plan.trace import StageSpec, TracedModel, stage_function
 from planners import Block, Chain, Stage
+from planners.progress import Progress
 
 # The loss after the network is the user's: it is allowed LOSS_OUTPUTS tensors the size
 # of the output, on top of the output's gradient, plus LOSS_SLACK_SCALARS scalars in the
 # output's precision (each a 512-byte block on CUDA). Measured with the CPU allocator on
 # top of the output's gradient: x.square().mean() takes 3 outputs and 8 bytes,
 # cross-entropy 2 outputs and 8 bytes, MSE 1 output and 12 bytes, x.sum() 16 bytes.
+_log = logging.getLogger("anode_plan.costmodel")
 LOSS_OUTPUTS = 3
 LOSS_SLACK_SCALARS = 4
 LOSS_VALUE_SCALARS = 2  # the loss and the seed of its gradient, live through backward
@@ -162,16 +166,18 @@ class _StageProfile:
         return self._bwd_accumulating_bytes
 
     def stage(self, spec: StageSpec, values: "_Values", measured: StageSpec | None = None, *,
-              bwd_bytes: int | None = None) -> Stage:
-        """The chain's stage for ``spec``, from this profile of ``measured`` (another step of the same block).
+              bwd_bytes: int | None = None, match: BlockMatch | None = None) -> Stage:
+        """The chain's stage for ``spec``, from this profile of ``measured`` (another step of
+        the same block, or of a block built alike, whose names and parameters ``match`` maps).
 
         ``bwd_bytes``: its backward's peak where it runs in the chain (by default the one
         measured alone).
         """
         measured = spec if measured is None else measured
+        match = BlockMatch.identity() if match is None else match
         bwd_bytes = self.bwd_bytes if bwd_bytes is None else bwd_bytes
-        saved_names = [_same_role(measured.in_names[p], measured, spec) for p in self.saved_inputs] + \
-            [_same_role(measured.out_names[p], measured, spec) for p in self.saved_outputs]
+        saved_names = [_same_role(measured.in_names[p], measured, spec, match) for p in self.saved_inputs] + \
+            [_same_role(measured.out_names[p], measured, spec, match) for p in self.saved_outputs]
         saved = tuple(values.ids([name for names in saved_names for name in names]))
         return Stage(name=spec.name, input_bytes=values.state_bytes(spec.in_names),
                      output_bytes=values.state_bytes(spec.out_names), tape_bytes=self.tape_bytes,
@@ -179,7 +185,8 @@ class _StageProfile:
                      fwd_taped_bytes=self.fwd_taped_bytes, fwd_untaped_bytes=self.fwd_untaped_bytes,
                      rerun_taped_bytes=self.rerun_taped_bytes,
                      bwd_bytes=bwd_bytes, fwd_cost=self.fwd_cost, bwd_cost=self.bwd_cost,
-                     param_ids=self.param_ids, block=spec.block, step=spec.step, uses_rng=self.uses_rng)
+                     param_ids=match.param_ids(self.param_ids), block=spec.block, step=spec.step,
+                     uses_rng=self.uses_rng)
 
 
 class _TrackerProbe:
@@ -234,11 +241,12 @@ def _positions(values: Sequence[Any], storages: dict[int, int]) -> tuple[int, ..
     return tuple(p for p, v in enumerate(values) if _storages(v).keys() & storages.keys())
 
 
-def _same_role(name: str, measured: StageSpec, spec: StageSpec) -> tuple[str, ...]:
-    """The names in step ``spec`` of what ``name`` is in step ``measured`` of the same block.
+def _same_role(name: str, measured: StageSpec, spec: StageSpec, match: BlockMatch) -> tuple[str, ...]:
+    """The names in step ``spec`` of what ``name`` is in step ``measured``, of the same block or one built alike.
 
-    One step is measured for all steps of a block; its input state (all of ``z_in``) and
-    output state stand for each step's own, while carried and context values keep their names.
+    One step is measured for all steps of a block (and of the blocks built alike): its
+    input state (all of ``z_in``) and output state stand for each step's own, while carried
+    and context values keep their names within a block and map by ``match`` across blocks.
     """
     if spec is measured:
         return (name,)
@@ -247,7 +255,7 @@ def _same_role(name: str, measured: StageSpec, spec: StageSpec) -> tuple[str, ..
         return (spec.z_in,) if isinstance(spec.z_in, str) else tuple(spec.z_in or ())
     if name == measured.z_out:
         return (spec.z_out,)
-    return (name,)
+    return (match.name(name),)
 
 
 class _Values:
@@ -273,6 +281,16 @@ class _Values:
         return sum(self.nbytes[v] for v in self.ids(names))
 
 
+class _Measured(NamedTuple):
+    """A chain stage, the profile that measured it, the stage that profile ran, and how their names and
+    parameters correspond (identity unless the profile is of a block built alike)."""
+
+    profile: _StageProfile
+    spec: StageSpec
+    measured_spec: StageSpec
+    match: BlockMatch
+
+
 @dataclass(frozen=True)
 class BackwardSource:
     """Where a chain stage's ``bwd_bytes`` was measured: how (``"after"`` the stage after
@@ -285,9 +303,9 @@ class BackwardSource:
     fake_bytes: int
 
 
-def _place_backwards(measured: list[tuple[_StageProfile, StageSpec, StageSpec]], traced: TracedModel,
-                     fake_model: nn.Module, values: dict[str, Any], params: list[torch.Tensor],
-                     tracker: LiveStorageTracker, ids: _Values) -> tuple[list[Stage], list[tuple[BackwardSource, ...]]]:
+def _place_backwards(measured: list[_Measured], traced: TracedModel, fake_model: nn.Module, values: dict[str, Any],
+                     params: list[torch.Tensor], tracker: LiveStorageTracker, ids: _Values,
+                     kinds: list[Hashable]) -> tuple[list[Stage], list[tuple[BackwardSource, ...]]]:
     """The chain's stages, each with its backward measured where it runs, and where each was measured.
 
     Backward runs the stages last to first, so a stage's backward follows that of the
@@ -298,31 +316,34 @@ def _place_backwards(measured: list[tuple[_StageProfile, StageSpec, StageSpec]],
     that is measured apart too.
     """
     positions = {id(spec): at for at, spec in enumerate(traced.stages)}
+    param_ids = [m.match.param_ids(m.profile.param_ids) for m in measured]
     later: list[set[int]] = [set() for _ in measured]
     touched: set[int] = set()
     for index in reversed(range(len(measured))):
-        later[index] = touched.intersection(measured[index][0].param_ids)
-        touched.update(measured[index][0].param_ids)
-    after: dict[int, int] = {}
+        later[index] = touched.intersection(param_ids[index])
+        touched.update(param_ids[index])
+    after: dict[Hashable, tuple[int, int]] = {}  # (kind of the stage, of the next) -> (position measured, bytes)
     probe = _TrackerProbe(tracker)
     stages, sources = [], []
-    for index, (profile, spec, measured_spec) in enumerate(measured):
+    for index, (profile, spec, measured_spec, match) in enumerate(measured):
         last_step = spec.block is None or spec.step == traced.blocks[spec.block].nt - 1
         at = positions[id(spec if last_step else measured_spec)]
         if at + 1 == len(traced.stages):
             found = [BackwardSource("alone", positions[id(measured_spec)], profile.bwd_bytes)]  # the loss comes next
         else:
-            if at not in after:
+            key = (kinds[at], kinds[at + 1])
+            if key not in after:
                 first, second = traced.stages[at], traced.stages[at + 1]
                 inputs = tuple(values[name] for name in first.in_names)
-                after[at] = backward_after(stage_function(fake_model, traced, first), (first.in_names, first.out_names),
-                                           stage_function(fake_model, traced, second), second.in_names, inputs,
-                                           params, probe)
-            found = [BackwardSource("after", at, after[at])]
-            if later[index] - set(measured[index + 1][0].param_ids):
+                after[key] = (at, backward_after(stage_function(fake_model, traced, first),
+                                                 (first.in_names, first.out_names),
+                                                 stage_function(fake_model, traced, second), second.in_names, inputs,
+                                                 params, probe))
+            found = [BackwardSource("after", *after[key])]
+            if later[index] - set(param_ids[index + 1]):
                 found.append(BackwardSource("accumulating", positions[id(measured_spec)],
                                             profile.bwd_accumulating_bytes()))
-        stages.append(profile.stage(spec, ids, measured_spec, bwd_bytes=max(s.fake_bytes for s in found)))
+        stages.append(profile.stage(spec, ids, measured_spec, bwd_bytes=max(s.fake_bytes for s in found), match=match))
         sources.append(tuple(found))
     return stages, sources
 
@@ -364,19 +385,20 @@ def _with_rng_restore(stages: list[Stage], device: torch.device) -> list[Stage]:
 
 
 def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor], *,
-                   calibrate: bool = True) -> Chain:
+                   calibrate: bool = True, share: bool = True) -> Chain:
     """Measure ``traced``'s stages on fake copies of ``model`` and ``example_inputs``.
 
     Returns the :class:`planners.Chain` the planners work on. With ``calibrate`` (the
     default) each distinct stage also runs once for real on the device of
     ``example_inputs``, to measure what its kernels allocate inside themselves
     (:mod:`anode_plan.calibrate`); without it those workspaces are not in the chain.
+    With ``share`` (the default) ODE blocks built alike are measured once
+    (:mod:`anode_plan.sharing`); ``share=False`` measures every block, to check that.
     The model is left untouched (BatchNorm statistics included).
     """
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     with FakeCopyMode(fake_mode):
         fake_model = copy.deepcopy(model)
-    fake_model.train(model.training)
     for module in fake_model.modules():
         # A cumulative average (momentum None) divides by float(num_batches_tracked), a value
         # fake tensors lack; the update's factor does not change what is allocated.
@@ -391,39 +413,61 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             values[name] = fake_mode.from_tensor(example)
 
     ids = _Values(values, fixed)
-    measured: list[tuple[_StageProfile, StageSpec, StageSpec]] = []  # (profile, stage, stage measured)
+    measured: list[_Measured] = []
+    kinds: list[Hashable] = []  # per stage: what its measurements may be shared by
+    shared: dict[Hashable, tuple[_StageProfile, StageSpec, nn.Module]] = {}  # block key -> its representative
     tracker = LiveStorageTracker()
+    progress = Progress(_log, f"measuring {traced.model_name}")
     with fake_mode, tracker:
         index = 0
         while index < len(traced.stages):
+            progress.step(f"stage {index} of {len(traced.stages)}, {len(shared)} kinds of block measured")
             spec = traced.stages[index]
             inputs = tuple(values[n] for n in spec.in_names)
             if spec.block is None:
                 profile = _measure(spec, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
                                    stat_copies)
                 values.update(zip(spec.out_names, profile.outputs))
-                measured.append((profile, spec, spec))
+                measured.append(_Measured(profile, spec, spec, BlockMatch.identity()))
+                kinds.append(("stage", index))
                 index += 1
                 continue
             block = traced.blocks[spec.block]
-            profile = _measure(spec, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
-                               stat_copies)
-            z_next = dict(zip(spec.out_names, profile.outputs))[spec.z_out]
+            module = fake_model.get_submodule(spec.block_target)
+            key = block_key(module, spec, traced.stages[block.stop - 1].out_names, values) if share else None
+            profile, rep_spec, match = None, spec, BlockMatch.identity()
+            if key in shared:
+                profile, rep_spec, rep_module = shared[key]
+                match = match_blocks(rep_module, rep_spec, module, spec, params)
+                if match.param_ids(profile.param_ids) is None:  # it uses parameters from outside the block
+                    profile, rep_spec, match, key = None, spec, BlockMatch.identity(), ("block", spec.block)
+            if profile is None:
+                profile = _measure(spec, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
+                                   stat_copies)
+                if key is not None:
+                    shared.setdefault(key, (profile, spec, module))
+            key = ("block", spec.block) if key is None else key
+            z_next = dict(zip(rep_spec.out_names, profile.outputs))[rep_spec.z_out]
             for step_spec in traced.stages[block.start:block.stop]:
                 values[step_spec.z_out] = z_next
-                measured.append((profile, step_spec, spec))
+                measured.append(_Measured(profile, step_spec, rep_spec, match))
+                kinds.append((key, step_spec.step == 0, step_spec.step == block.nt - 1))
             index = block.stop
-        stages, backward = _place_backwards(measured, traced, fake_model, values, params, tracker, ids)
+        stages, backward = _place_backwards(measured, traced, fake_model, values, params, tracker, ids, kinds)
+    blocks_alike = sum(1 for m in measured if m.spec.step == 0 and m.measured_spec is not m.spec)
     if calibrate:
         positions = {id(spec): at for at, spec in enumerate(traced.stages)}
-        forward = [positions[id(measured_spec)] for _, _, measured_spec in measured]
+        forward = [positions[id(m.measured_spec)] for m in measured]
         runs = {("rerun", at) for at in forward} | {(s.kind, s.position) for found in backward for s in found}
+        progress.step(f"calibrating {len(runs)} measurements on {example_inputs[0].device}")
         found = measure_workspaces(model, traced, example_inputs, runs, values)
         stages = [_with_workspace(stage, at, sources, found) for stage, at, sources in zip(stages, forward, backward)]
         stages = [dataclasses.replace(stage, uses_rng=True) if at in found.random_positions else stage
                   for at, stage in enumerate(stages)]
     del measured
     stages = _with_rng_restore(stages, example_inputs[0].device)
+    progress.done(f"{len(stages)} stages, {len(traced.blocks) - blocks_alike} of {len(traced.blocks)} ODE blocks "
+                  f"measured ({blocks_alike} share a block built alike)" + (", calibrated" if calibrate else ""))
     # The loss value and its gradient's seed: scalars the caller and autograd hold through
     # backward, in the output's precision (float32 at least, as autocast computes losses).
     # They are a value of the last state, made by the last stage, so every moment of
