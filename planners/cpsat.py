@@ -54,6 +54,7 @@ solution within ``time_limit_s``) raises :class:`PlanningTimeoutError`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from math import inf
 
@@ -65,6 +66,8 @@ from planners.rotor_events import HOLD_ALL, ChainEvents
 from planners.rotor_frontier import thinned
 from planners.schedule import Op, Region, Run, Schedule, count_regions, nesting_depth
 from planners.simulate import simulate_plan
+
+_log = logging.getLogger("anode_plan.planners.cpsat")
 
 
 class PlanningTimeoutError(AnodePlanError, RuntimeError):
@@ -439,6 +442,10 @@ class _Model:
         solver.parameters.random_seed = 0
         solver.parameters.linearization_level = 2  # the path and memory rows in the LP: much stronger bounds
         status = solver.Solve(model)
+        if solver.WallTime() >= 2.0 and status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            _log.info("CP-SAT on %s: %s in %.1f s, cost %.1f, bound %.1f, %d segments", self.chain.name,
+                      solver.StatusName(status), solver.WallTime(), solver.ObjectiveValue(),
+                      solver.BestObjectiveBound(), len(segments))
         if status == cp_model.INFEASIBLE:
             return None
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):

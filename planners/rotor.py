@@ -58,12 +58,14 @@ flat optimum is measured in tests/test_rotor.py.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from math import inf
 
 from planners.chain import Chain
 from planners.errors import PlanInvariantError, format_bytes
 from planners.feasibility import infeasible_error
+from planners.progress import Progress
 from planners.revolve import revolve_ops
 from planners.rotor_events import HOLD_ALL, HOLD_NONE, ChainEvents
 from planners.rotor_frontier import Point, combined, lower_envelope, shifted, thinned
@@ -72,6 +74,7 @@ from planners.schedule import Op, Region, Run, Schedule, count_regions, nesting_
 from planners.simulate import Simulation, simulate_plan
 
 FLAT_STAGE_LIMIT = 40
+_log = logging.getLogger("anode_plan.planners.chain_dp")
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,7 @@ class ScheduleTable:
 
     def __init__(self, chain: Chain, events: ChainEvents, cuts: list[int], two_level: bool, memory_slots: int,
                  budget: float, min_peak_only: bool = False) -> None:
+        self.name = chain.name
         self.events = events
         self.cuts = cuts
         self.block_options = BlockOptions(chain, events, memory_slots) if two_level else None
@@ -194,13 +198,16 @@ class ScheduleTable:
         ``bodies_only`` fills the lists of region bodies only (``top=False``) and returns ``[]``.
         """
         units = len(self.cuts) - 1
+        progress = Progress(_log, f"chain-dp on {self.name}")
         for v in range(units + 1):
             for hold in self.events.holds_at(self.cuts[v]):
                 self.frontiers[(v, v, hold, False)] = self._end(v, False)
                 self.frontiers[(v, v, hold, True)] = self._end(v, True) if v == units else []
         for length in range(1, units + 1):
+            progress.step(f"lists of {length} of {units} units")
             for u in range(units - length + 1):
                 self._fill(u, u + length, False)
+        progress.done(f"{units} units{', thinned frontiers' if self.thinned else ''}")
         if bodies_only:
             return []
         for u in reversed(range(units)):

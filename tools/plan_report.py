@@ -21,6 +21,7 @@ out-timeline.png (needs matplotlib).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -69,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the tool; long measuring and planning report their progress on stderr (``anode_plan`` logging)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("anode_plan")
+    logger.addHandler(handler)
+    previous = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        return _main(argv)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
