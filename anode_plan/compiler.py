@@ -252,6 +252,7 @@ PLANNER_NAMES = {
     "store-all": planners.StoreAll,
     "anode": planners.Anode,
     "revolve": planners.Revolve,
+    "nested": planners.Nested,
 }
 
 

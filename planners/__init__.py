@@ -11,6 +11,7 @@ from planners.chain import Block, Chain, Stage, carries_values
 from planners.cpsat import CPSat, PlanningTimeoutError
 from planners.errors import AnodePlanError, InfeasibleBudgetError, PlanInvariantError, format_bytes
 from planners.landmarks import Anode, Landmarks, StoreAll
+from planners.nested import Nested
 from planners.revolve import (Revolve, binomial_beta, optimal_advances, optimal_split, repetition_number,
                               revolve_ops)
 from planners.rotor import ChainDP
@@ -23,5 +24,5 @@ __all__ = [
     "TimelineEvent", "binomial_beta", "count_regions", "format_bytes", "nesting_depth",
     "optimal_advances", "optimal_split", "repetition_number", "revolve_ops", "simulate_plan",
     "validate_schedule",
-    "Auto", "CPSat", "ChainDP", "PlanningTimeoutError", "carries_values",
+    "Auto", "CPSat", "ChainDP", "PlanningTimeoutError", "carries_values", "Nested",
 ]

@@ -2,7 +2,10 @@
 
 * A chain whose states carry no value from one stage to the next but one (a plain
   sequence of layers and ODE blocks) goes to :class:`~planners.ChainDP`, the optimal
-  heterogeneous-chain dynamic program.
+  heterogeneous-chain dynamic program, when it has at most
+  :data:`~planners.nested.DP_UNIT_LIMIT` units; a deeper one to
+  :class:`~planners.Nested`, binomial checkpointing over its blocks, whose cost grows
+  gently with depth (not proven optimal; the plan says so).
 * A chain that carries skip values (a U-Net, a DenseNet: the graph is not a chain)
   goes to :class:`~planners.CPSat`, whose memory model counts each carried value once.
 
@@ -24,7 +27,8 @@ from planners.chain import Chain, carries_values
 from planners.cpsat import CPSat
 from planners.feasibility import cheapest_fitting
 from planners.landmarks import Landmarks
-from planners.rotor import ChainDP
+from planners.nested import DP_UNIT_LIMIT, Nested
+from planners.rotor import ChainDP, dp_cuts
 from planners.schedule import Schedule
 
 
@@ -36,6 +40,10 @@ class Auto:
     graph_planner: CPSat = field(default_factory=CPSat)
 
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
-        primary = self.graph_planner if carries_values(chain) else self.chain_planner
+        if carries_values(chain):
+            primary = self.graph_planner
+        else:
+            _, cuts = dp_cuts(chain, self.chain_planner.two_level, self.chain_planner.block_chunks)
+            primary = self.chain_planner if len(cuts) - 1 <= DP_UNIT_LIMIT else Nested()
         candidates = [primary] + ([Landmarks()] if primary is self.graph_planner else [])
         return cheapest_fitting(chain, candidates, budget_bytes)
