@@ -416,6 +416,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
     measured: list[_Measured] = []
     kinds: list[Hashable] = []  # per stage: what its measurements may be shared by
     shared: dict[Hashable, tuple[_StageProfile, StageSpec, nn.Module]] = {}  # block key -> its representative
+    param_index = {id(p): i for i, p in enumerate(params)}
     tracker = LiveStorageTracker()
     progress = Progress(_log, f"measuring {traced.model_name}")
     with fake_mode, tracker:
@@ -438,7 +439,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             profile, rep_spec, match = None, spec, BlockMatch.identity()
             if key in shared:
                 profile, rep_spec, rep_module = shared[key]
-                match = match_blocks(rep_module, rep_spec, module, spec, params)
+                match = match_blocks(rep_module, rep_spec, module, spec, param_index)
                 if match.param_ids(profile.param_ids) is None:  # it uses parameters from outside the block
                     profile, rep_spec, match, key = None, spec, BlockMatch.identity(), ("block", spec.block)
             if profile is None:

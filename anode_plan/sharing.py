@@ -120,11 +120,11 @@ class BlockMatch:
 
 
 def match_blocks(representative: nn.Module, rep_first: StageSpec, block: nn.Module, first: StageSpec,
-                 params: Sequence[torch.Tensor]) -> BlockMatch:
-    """The :class:`BlockMatch` from a representative block to a block with an equal :func:`block_key`."""
+                 index: dict[int, int]) -> BlockMatch:
+    """The :class:`BlockMatch` from a representative block to a block with an equal :func:`block_key`;
+    ``index`` maps ``id`` of each trainable parameter to its index."""
     if block is representative and rep_first.in_names == first.in_names:
         return BlockMatch.identity()
-    index = {id(p): i for i, p in enumerate(params)}
     mapping = {index[id(a)]: index[id(b)] for a, b in zip(representative.parameters(), block.parameters())
                if id(a) in index and id(b) in index}
     return BlockMatch(dict(zip(rep_first.in_names, first.in_names)), mapping)

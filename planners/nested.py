@@ -117,6 +117,11 @@ class Nested:
     inner: object | None = None
 
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
+        store_all = tuple(Run(stage) for stage in range(len(chain.stages)))
+        simulation = simulate_plan(chain, store_all)
+        if simulation.peak_bytes <= budget_bytes:  # no recompute at all: nothing is cheaper
+            return Schedule(store_all, planner="nested", proven_optimal=True,
+                            description=f"store every tape (peak {format_bytes(simulation.peak_bytes)})")
         units = len(unit_bounds(chain)) - 1
         least = fewest_snapshots(units)
         best: tuple[float, int, tuple[Op, ...], str] | None = None
