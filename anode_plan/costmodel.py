@@ -29,13 +29,17 @@ the last stage's backward, so the details count:
 * The loss value and its gradient's seed live through backward, as a value of the
   last state (``LOSS_VALUE_SCALARS``).
 
-Peaks come from :class:`~anode_plan.memory.LiveStorageTracker`. Costs come from
+Peaks come from :class:`~anode_plan.memory.LiveStorageTracker` on the fake tensors, and
+then from calibration (:mod:`anode_plan.calibrate`): each of those measurements is made
+once more for real, under the allocator, and what kernels allocate inside themselves is
+added to the phase it occurs in. ODE blocks built alike share one measurement
+(:mod:`anode_plan.sharing`). Costs come from
 ``torch.utils.flop_counter.FlopCounterMode`` plus a bandwidth term for the memory each
 stage writes, converted to nominal milliseconds (``FLOPS_PER_MS``, ``BYTES_PER_MS``):
 the planners only compare costs, so the nominal rates need not match the machine.
 
 The time steps of one ODE block have identical shapes, so one step is measured and
-its numbers reused for the others.
+its numbers reused for the others, and for the steps of every block built alike.
 """
 
 from __future__ import annotations
