@@ -14,6 +14,7 @@ fetches them from the module when it runs.
 from __future__ import annotations
 
 import inspect
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -194,6 +195,8 @@ def _check_not_compiled(model: nn.Module) -> None:
     all at once. With each ODE function of ``ode_resnet`` compiled, the measured peak went
     6-7% over the budget. Silently breaking the budget is worse than refusing.
     """
+    if "torch._dynamo" not in sys.modules:
+        return  # torch.compile imports it: nothing can be compiled yet (and importing it costs a second)
     from torch._dynamo.eval_frame import OptimizedModule
 
     for name, module in model.named_modules():
