@@ -13,12 +13,15 @@ from pathlib import Path
 
 import torch
 
+from anode_plan import budget_for_peak
+from anode_plan.budget import PREDICTION_RESERVE
 from _common import MIB, TRAIN_STEP_FORM, ModelRunConfig, log, mib, percent
 from models import example_input_shape
 
 SECTION_TITLE = "## Compared with the alternatives (CPU)"
 CUDA_SECTION_TITLE = "## Compared with the alternatives (CUDA)"
 SPEED_TOLERANCE = 1.03  # a median paired step-time ratio within 3% counts as "as fast" on this noisy machine
+PREDICTION_TOLERANCE = 0.03  # a predicted peak further than this from the measured one is called out
 PLAIN = "plain autograd"
 ADJOINT = "torchdiffeq odeint_adjoint"
 
@@ -30,10 +33,6 @@ class CompareConfig(ModelRunConfig):
     compile_budgets: tuple[float, ...] = (1.0, 0.5, 0.1)
     device: str = "cpu"
     quick: bool = False
-
-    def model_call(self) -> str:
-        return (f"ode_resnet(width={self.width}, stages={self.stages}, nt={self.nt}, method={self.method!r}, "
-                f"norm={self.norm!r}, seed={self.seed})")
 
 
 @dataclass(frozen=True)
@@ -48,17 +47,17 @@ class Measured:
     first_step_s: float
     setup_s: float | None
     compile_fraction: float | None
-    tracker_peak_bytes: int | None
-    allocator_peak_bytes: int
-    kept_bytes: int | None  # live when forward returns: what the method keeps for backward
+    peak_bytes: int  # anode_plan.measure_peak_memory of one warm step: the allocator's peak
+    peak_method: str  # "cpu-allocator" or "cuda-allocator"
+    kernel_at_peak: str | None  # the ATen op whose allocation made the peak (CPU only)
+    kept_bytes: int  # still allocated when forward (and the loss) returns: what the method keeps for backward
     grad_rel_err: float
     predicted_peak_bytes: int | None = None
     predicted_recompute: float | None = None
 
     @property
-    def peak_bytes(self) -> int:
-        """The measured peak: the storage tracker's, or the allocator's where the tracker cannot see (compile)."""
-        return self.tracker_peak_bytes if self.tracker_peak_bytes is not None else self.allocator_peak_bytes
+    def predicted_over_measured(self) -> float | None:
+        return None if self.predicted_peak_bytes is None else self.predicted_peak_bytes / self.peak_bytes
 
     @property
     def held(self) -> bool | None:
@@ -132,9 +131,9 @@ def fmt_err(err: float) -> str:
 
 
 def results_table(report: CompareReport) -> str:
-    header = ("| method | budget | plan | measured peak (MiB) | tracker / allocator peak (MiB) | kept after forward "
-              "(MiB) | budget held | step (ms) | vs plain | ratio IQR | max rel. grad error vs float64 | first step / "
-              "setup (s) |")
+    header = ("| method | budget | plan | measured peak (MiB) | predicted peak (MiB) | predicted / measured | kernel "
+              "at the peak | kept after forward (MiB) | budget held | step (ms) | vs plain | ratio IQR | max rel. "
+              "grad error vs float64 | first step / setup (s) |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     timings = report.timings
     for r in report.results:
@@ -142,8 +141,9 @@ def results_table(report: CompareReport) -> str:
         budget = "—" if r.budget_bytes is None else f"{mib(r.budget_bytes)} MiB"
         if r.compile_fraction is not None:
             budget = f"fraction {r.compile_fraction:g}"
-        tracker = "n/a" if r.tracker_peak_bytes is None else mib(r.tracker_peak_bytes)
-        kept = "n/a" if r.kept_bytes is None else mib(r.kept_bytes)
+        predicted = "—" if r.predicted_peak_bytes is None else mib(r.predicted_peak_bytes)
+        ratio = "—" if r.predicted_over_measured is None else f"{r.predicted_over_measured:.4f}"
+        kernel = f"`{r.kernel_at_peak}`" if r.kernel_at_peak else "—"
         held = "—" if r.held is None else ("yes" if r.held else "**NO**")
         if r.compile_fraction is not None:
             setup = f"{r.first_step_s:.0f} (compile)"
@@ -152,15 +152,14 @@ def results_table(report: CompareReport) -> str:
         else:
             setup = f"{r.first_step_s:.1f}"
         name = f"**{r.name}**" if r.family == "anode-plan" else r.name
-        rows.append(f"| {name} | {budget} | {r.plan or '—'} | {mib(r.peak_bytes)} | {tracker} / "
-                    f"{mib(r.allocator_peak_bytes)} | {kept} | {held} | {t.median_ms:.0f} | {t.ratio:.3f}x | "
+        rows.append(f"| {name} | {budget} | {r.plan or '—'} | {mib(r.peak_bytes)} | {predicted} | {ratio} | "
+                    f"{kernel} | {mib(r.kept_bytes)} | {held} | {t.median_ms:.0f} | {t.ratio:.3f}x | "
                     f"{t.ratio_iqr[0]:.2f}-{t.ratio_iqr[1]:.2f} | {fmt_err(r.grad_rel_err)} | {setup} |")
     for inf in report.infeasible:
         peer = report.result(inf.budget_of)
         rows.append(f"| **anode-plan at the peak of: {inf.budget_of}** | {mib(inf.budget_bytes)} MiB | does not fit: "
-                    f"minimum is {mib(inf.min_budget_bytes)} MiB | — | — | — | — | — | — | — | "
-                    "(the peer pays "
-                    f"{fmt_err(peer.grad_rel_err)}) | — |")
+                    f"minimum is {mib(inf.min_budget_bytes)} MiB | " + "— | " * 10 +
+                    f"(the peer pays {fmt_err(peer.grad_rel_err)}) | — |")
     return "\n".join(rows)
 
 
@@ -214,6 +213,26 @@ def headline_table(report: CompareReport) -> str:
     return "\n".join(rows)
 
 
+def why_slower(report: CompareReport, h: HeadToHead) -> str:
+    """A sentence on why anode-plan is slower than the peer ``h``, where the numbers say; else empty."""
+    a = h.anode
+    store_all_budget = budget_for_peak(report.store_all_predicted_bytes)
+    if a.budget_bytes < store_all_budget <= 1.02 * a.budget_bytes:
+        predicted = report.store_all_predicted_bytes
+        where = (f"{predicted - a.budget_bytes} B above this budget" if predicted > a.budget_bytes else
+                 f"within this budget, but a plan keeps {PREDICTION_RESERVE:.2%} of the budget free, so store-all "
+                 f"needs {store_all_budget} B, {store_all_budget - a.budget_bytes} B more than this one")
+        return (f" At {short_name(h.peer.name)}'s peak, store-all is predicted at {predicted} B (plain autograd "
+                f"measured {report.result(PLAIN).peak_bytes} B), {where}; so the planner recomputes "
+                f"({percent(a.predicted_recompute)} predicted) instead of storing every tape.")
+    if a.predicted_recompute == 0.0:
+        return (f" At {short_name(h.peer.name)}'s peak anode-plan stores every tape and recomputes nothing, so its "
+                "step is plain eager autograd's; the peer takes "
+                f"{paired_ratio(report.timings, h.peer.name, PLAIN)[1]:.2f}x plain autograd's time, faster than eager "
+                "PyTorch itself.")
+    return ""
+
+
 def interpretation(report: CompareReport) -> list[str]:
     lines = []
     pairs = head_to_head(report)
@@ -236,22 +255,14 @@ def interpretation(report: CompareReport) -> list[str]:
         lines.append(f"Within noise (median ratio above {SPEED_TOLERANCE:.2f}, but anode-plan was at least as fast in "
                      "a quarter of the rounds or more) at: " +
                      "; ".join(f"{short_name(h.peer.name)} ({h.speed:.2f}, IQR {h.speed_iqr[0]:.2f}-"
-                               f"{h.speed_iqr[1]:.2f}, plan '{h.anode.plan}')" for h in noisy) + ".")
+                               f"{h.speed_iqr[1]:.2f}, plan '{h.anode.plan}')" for h in noisy) + "." +
+                     "".join(why_slower(report, h) for h in noisy))
     for h in slower:
         a = h.anode
-        why = ""
-        if a.budget_bytes < report.store_all_predicted_bytes <= 1.02 * a.budget_bytes:
-            why = (f" Store-all is predicted at {mib(report.store_all_predicted_bytes)} MiB, "
-                   f"{report.store_all_predicted_bytes / a.budget_bytes - 1:.2%} above this budget (the prediction is "
-                   "an upper bound), so the planner recomputes instead of storing every tape.")
-        elif a.predicted_recompute == 0.0:
-            why = (" Here anode-plan stores every tape and recomputes nothing, so its step is plain eager autograd's; "
-                   f"the peer takes {paired_ratio(report.timings, h.peer.name, PLAIN)[1]:.2f}x plain autograd's time, "
-                   "faster than eager PyTorch itself.")
         lines.append(f"**Headline missed** at {short_name(h.peer.name)} ({mib(a.budget_bytes)} MiB): anode-plan takes "
                      f"{h.speed:.2f}x the peer's time (IQR {h.speed_iqr[0]:.2f}-{h.speed_iqr[1]:.2f}), with the plan "
                      f"'{a.plan}': predicted peak {mib(a.predicted_peak_bytes)} MiB, predicted recompute "
-                     f"{percent(a.predicted_recompute)}, measured peak {mib(a.peak_bytes)} MiB.{why}")
+                     f"{percent(a.predicted_recompute)}, measured peak {mib(a.peak_bytes)} MiB.{why_slower(report, h)}")
     if not any(h.infeasible for h in pairs):
         lowest = min((h.peer for h in pairs), key=lambda r: r.peak_bytes)
         line = (f"No peer's peak is below anode-plan's minimum budget, {mib(report.min_budget_bytes)} MiB; the lowest "
@@ -259,9 +270,9 @@ def interpretation(report: CompareReport) -> list[str]:
         adjoint = next((h for h in pairs if h.peer.name == ADJOINT), None)
         if adjoint is not None and adjoint.anode is not None:
             p, a = adjoint.peer, adjoint.anode
-            kept = f"its forward keeps only {mib(p.kept_bytes)} MiB, but " if p.kept_bytes is not None else ""
-            line += (f" Nor is the adjoint's: {kept}its reverse solve (torchdiffeq's augmented state, and a "
-                     f"vector-Jacobian product through f at every RK stage) peaks at {mib(p.peak_bytes)} MiB, "
+            line += (f" Nor is the adjoint's: its forward keeps only {mib(p.kept_bytes)} MiB, but its reverse solve "
+                     "(torchdiffeq's augmented state, and a vector-Jacobian product through f at every RK stage) "
+                     f"peaks at {mib(p.peak_bytes)} MiB, "
                      f"{p.peak_bytes / report.min_budget_bytes:.2f}x anode-plan's minimum. At that peak anode-plan "
                      f"takes {adjoint.speed:.2f}x the adjoint's time with gradient error {fmt_err(a.grad_rel_err)} "
                      f"against the adjoint's {fmt_err(p.grad_rel_err)}.")
@@ -276,15 +287,17 @@ def interpretation(report: CompareReport) -> list[str]:
         lines.append("torch.compile: " + "; ".join(
             f"budget {r.compile_fraction:g}: compile {r.first_step_s:.0f} s, peak {mib(r.peak_bytes)} MiB, "
             f"{report.timings[r.name].ratio:.2f}x plain" for r in compiled) + ". anode-plan's own setup (trace, "
-            "measure on fake tensors, plan) took " + ", ".join(sorted({f"{r.setup_s:.1f}" for r in report.results
-                                                                      if r.setup_s is not None})) + " s.")
-    eager = [r for r in report.results if r.tracker_peak_bytes is not None]
-    if eager:
-        gaps = [r.allocator_peak_bytes / r.tracker_peak_bytes - 1 for r in eager]
-        lines.append(f"The allocator's peak is {min(gaps):+.1%} to {max(gaps):+.1%} off the storage tracker's for the "
-                     f"{len(eager)} eager rows (kernel workspaces the tracker does not see, and frees of memory "
-                     "allocated before the step), so the two measure the same thing and the compile rows' allocator "
-                     "peaks compare with the others'.")
+            "measure on fake tensors, calibrate the kernels' workspaces for real, plan) took " +
+            ", ".join(sorted({f"{r.setup_s:.1f}" for r in report.results if r.setup_s is not None})) + " s.")
+    predicted = [r for r in report.results if r.predicted_over_measured is not None]
+    if predicted:
+        ratios = [r.predicted_over_measured for r in predicted]
+        off = [r for r in predicted if abs(r.predicted_over_measured - 1) > PREDICTION_TOLERANCE]
+        lines.append(f"anode-plan's predicted peak is {min(ratios):.4f}x to {max(ratios):.4f}x its measured peak over "
+                     f"its {len(predicted)} rows" + (
+                         f"; **off by more than {PREDICTION_TOLERANCE:.0%}** at: " + ", ".join(
+                             f"{short_name(r.budget_of)} ({r.predicted_over_measured:.4f})" for r in off) + "."
+                         if off else f", within {PREDICTION_TOLERANCE:.0%} at every one."))
     busy = max(report.load_before[0], report.load_after[0])
     if busy > report.config.num_threads:
         lines.append(f"The machine was shared while this ran (1-minute load average {report.load_before[0]:.1f} "
@@ -319,16 +332,21 @@ def render_section(report: CompareReport, plot_name: str | None) -> str:
         ("- Measured peak: `anode_plan.measure_peak_memory(device=cuda)` of one warm training step, that is "
          "`torch.cuda.max_memory_allocated()` over the step minus `memory_allocated()` before it, for every row."
          if config.device.startswith("cuda") else
-         "- Measured peak: `anode_plan.measure_peak_memory` (storage tracker) of one warm training step; for "
-         "`torch.compile` the allocator's peak from the profiler's allocation record (the tracker's dispatch mode "
-         "makes TorchDynamo fall back to eager, so it would measure the uncompiled model). Both columns are shown."),
+         "- Measured peak: `anode_plan.measure_peak_memory` of one warm training step, the same meter for every "
+         "row, peers and anode-plan alike: the CPU allocator's allocations and frees, recorded by torch.profiler "
+         "(`profile_memory=True`) and replayed in time order, on top of what was allocated before the step. It "
+         "counts what kernels allocate inside themselves (workspaces) and the buffers of inductor's generated code; "
+         "the profiler leaves TorchDynamo running the compiled code. \"Kernel at the peak\" is the ATen op whose "
+         "allocation made the peak. \"Kept after forward\": what is still allocated right after the forward and "
+         "the loss (`anode_plan.AllocatorMeter`, a mark after the loss and `allocated_bytes` there)."),
         f"- Step time: median over {config.repeats} rounds, each running every method once in a rotated order; "
         "\"vs plain\" is the median of the per-round ratios to plain autograd.",
         "- Grad error: max over parameters of max|g - g64| / max|g64|, against plain autograd in float64 on the same "
         "weights and batch (the float32 methods cannot go below float32 rounding, about 1e-6).",
         "- anode-plan: `anode_plan.compile(model, memory_budget=<the peer's measured peak in bytes>, "
-        "example_inputs=(x,))`, default planner; \"budget held\": measured peak <= budget. \"setup\" is the time "
-        "of that call.",
+        "example_inputs=(x,))`, default planner, calibrated (each distinct stage run once for real to measure its "
+        "kernels' workspaces); \"budget held\": measured peak <= budget; predicted peak: "
+        "`plan.predicted_peak_bytes`. \"setup\" is the time of that call, calibration included.",
     ]
     if not config.device.startswith("cuda"):
         lines.append("- CUDA: `python benchmarks/compare.py --device cuda --write` on a GPU machine writes the section "
@@ -377,7 +395,7 @@ def plot(report: CompareReport, path: Path) -> bool:
     ax.annotate("anode-plan\nminimum budget", (report.min_budget_bytes / MIB, 1), xycoords=("data", "axes fraction"),
                 xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color="gray")
     ax.scatter([], [], marker="*", s=150, color="white", edgecolor="black", label="anode-plan at that peer's peak")
-    ax.set_xlabel("measured peak memory of a training step (MiB)")
+    ax.set_xlabel("measured peak memory of a training step (MiB, allocator)")
     ax.set_ylabel("step time / plain autograd (median of paired ratios)")
     ax.set_title("Each peer (dot) and anode-plan given the peer's peak as budget (star)", fontsize=10)
     ax.grid(alpha=0.3)

@@ -20,15 +20,17 @@ backward); the step time, as the median over ``--repeats`` rounds in which every
 once (order rotated each round) and its ratio to plain autograd as the median of the per-round
 ratios; the largest relative parameter-gradient error against plain autograd in float64 on the
 same weights and batch (max over parameters of max|g - g64| / max|g64|); and, for anode-plan,
-whether the measured peak stayed within the budget.
+the predicted peak and whether the measured peak stayed within the budget.
 
-Memory on the CPU. ``anode_plan.measure_peak_memory`` tracks tensor storages with a
-``TorchDispatchMode``. TorchDynamo does not run compiled code while such a mode is active (it
-falls back to eager, "non-infra torch dispatch mode present"), so for the ``torch.compile``
-rows that number would be the eager model's. Those rows use the allocator's peak instead:
-the PyTorch profiler's record of every allocation and free of the c10 CPU allocator, which
-inductor's generated code also goes through. It is reported for every method, next to the
-tracker, as a cross-check. On CUDA both are ``torch.cuda.max_memory_allocated``.
+Memory. Every row, peers and anode-plan alike, is measured with the same meter,
+``anode_plan.measure_peak_memory``: on the CPU it replays, in time order, every allocation
+and free that the PyTorch profiler records from the c10 CPU allocator
+(``profile_memory=True``); on CUDA it reads ``torch.cuda.max_memory_allocated``. So it counts
+the workspaces kernels allocate inside themselves (convolution backward, internal copies)
+and the buffers inductor's generated code allocates, and the profiler leaves TorchDynamo
+running compiled code. "Kept after forward" comes from the same allocator
+(``anode_plan.AllocatorMeter``): what is still allocated at a mark right after the forward
+and loss. anode-plan gets each peer's measured peak, in bytes and unchanged, as its budget.
 
 Run from the repository root::
 
@@ -68,14 +70,14 @@ from torch import nn  # noqa: E402
 
 import anode_plan  # noqa: E402
 import planners  # noqa: E402
-from _common import (RESULTS_PATH, allocator_peak_bytes, clear_grads, gradients,  # noqa: E402
-                     kept_after_forward_bytes, load_average, log, machine_info, max_relative_grad_error, mib,
-                     source_version, timed_ms, train_step, write_section)
+from _common import (RESULTS_PATH, clear_grads, gradients, kept_after_forward_bytes, load_average,  # noqa: E402
+                     log, machine_info, max_relative_grad_error, mib, min_budget_bytes, publish_section,
+                     source_version, timed_ms, train_step)
 from _compare_report import (ADJOINT, PLAIN, SECTION_TITLE, CompareConfig, CompareReport, Infeasible,  # noqa: E402
-                             Measured, Timing, plot, render_section, section_title)
+                             Measured, Timing, plot, render_section)
 from _peers import (SequentialCheckpointed, checkpoint_blocks_model, checkpoint_steps_model,  # noqa: E402
                     torchdiffeq_missing, torchdiffeq_model)
-from models import example_input_shape, ode_resnet  # noqa: E402
+from models import example_input_shape  # noqa: E402
 
 DEFAULT_PLOT = Path(__file__).resolve().parent / "compare.png"
 SOLVER_MATCH_TOLERANCE = 1e-12  # relative, in float64: the torchdiffeq solve must be the same computation
@@ -151,18 +153,15 @@ def measure(candidate: Candidate, params: list[nn.Parameter], x: torch.Tensor, y
     step()  # a second warm step: the gradients checked are those of a warm step
     grad_rel_err = max_relative_grad_error(gradients(params), reference)
     clear_grads(params)
-    tracker = kept = None
-    if candidate.compile_fraction is None or device.type == "cuda":
-        tracker = anode_plan.measure_peak_memory(step, device=device).peak_bytes
-        clear_grads(params)
-        kept = kept_after_forward_bytes(lambda: F.cross_entropy(candidate.forward(x), y), device=device)
-    allocator = allocator_peak_bytes(step, device=device)
+    peak = anode_plan.measure_peak_memory(step, device=device)
+    clear_grads(params)
+    kept = kept_after_forward_bytes(lambda: F.cross_entropy(candidate.forward(x), y), device=device)
     clear_grads(params)
     return Measured(name=candidate.name, family=candidate.family, budget_of=candidate.budget_of,
                     budget_bytes=candidate.budget_bytes, plan=candidate.plan, first_step_s=first_ms / 1e3,
                     setup_s=candidate.setup_s, compile_fraction=candidate.compile_fraction,
-                    tracker_peak_bytes=tracker, allocator_peak_bytes=allocator, kept_bytes=kept,
-                    grad_rel_err=grad_rel_err,
+                    peak_bytes=peak.peak_bytes, peak_method=peak.method, kernel_at_peak=peak.kernel,
+                    kept_bytes=kept, grad_rel_err=grad_rel_err,
                     predicted_peak_bytes=candidate.predicted_peak_bytes,
                     predicted_recompute=candidate.predicted_recompute)
 
@@ -206,22 +205,12 @@ def check_solvers(model64: nn.Module, x64: torch.Tensor) -> dict[str, float]:
     return diffs
 
 
-def min_budget(model: nn.Module, x: torch.Tensor) -> int:
-    try:
-        anode_plan.compile(model, 1, (x,))
-    except anode_plan.InfeasibleBudgetError as error:
-        return error.min_budget_bytes
-    raise RuntimeError("anode_plan.compile(memory_budget=1) succeeded; the minimum budget cannot be read from "
-                       "the error")
-
-
 def run_compare(config: CompareConfig) -> CompareReport:
     began = time.perf_counter()
     load_before = load_average()
     torch.set_num_threads(config.num_threads)
     device = torch.device(config.device)
-    model = ode_resnet(width=config.width, stages=config.stages, nt=config.nt, method=config.method,
-                       norm=config.norm, seed=config.seed).train()
+    model = config.build_model()
     generator = torch.Generator().manual_seed(config.seed)
     x = torch.randn(example_input_shape("ode_resnet", config.batch_size), generator=generator)
     y = torch.randint(0, 10, (config.batch_size,), generator=generator)
@@ -246,10 +235,10 @@ def run_compare(config: CompareConfig) -> CompareReport:
         result = measure(peer, params, x, y, reference, device)
         measured.append(result)
         compile_note = "" if peer.compile_fraction is None else f", first step (compile) {result.first_step_s:.0f} s"
-        log(f"  {peer.name:<55} peak {mib(result.peak_bytes):>8} MiB (allocator {mib(result.allocator_peak_bytes)})"
+        log(f"  {peer.name:<55} peak {mib(result.peak_bytes):>8} MiB (at {result.kernel_at_peak})"
             f"  grad err {result.grad_rel_err:.1e}{compile_note}  ({time.perf_counter() - began:.0f} s)")
 
-    minimum = min_budget(model, x)
+    minimum = min_budget_bytes(model, x)
     store_all = anode_plan.compile(model, 2**50, (x,), planner=planners.StoreAll()).plan.predicted_peak_bytes
     log(f"anode-plan minimum budget {mib(minimum)} MiB, store-all predicted {mib(store_all)} MiB")
     planned: list[Candidate] = []
@@ -271,7 +260,8 @@ def run_compare(config: CompareConfig) -> CompareReport:
         result = measure(candidate, params, x, y, reference, device)
         measured.append(result)
         log(f"  {candidate.name[:55]:<55} peak {mib(result.peak_bytes):>8} MiB of {mib(candidate.budget_bytes)}"
-            f"  {candidate.plan}  grad err {result.grad_rel_err:.1e}  ({time.perf_counter() - began:.0f} s)")
+            f" (predicted {mib(candidate.predicted_peak_bytes)})  {candidate.plan}  grad err {result.grad_rel_err:.1e}"
+            f"  ({time.perf_counter() - began:.0f} s)")
 
     log(f"timing {len(peers) + len(planned)} methods, {config.repeats} rounds")
     timings = time_all(peers + planned, params, x, y, config.repeats, device)
@@ -337,12 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_name = None
     if plotted and write_path is not None:
         plot_name = os.path.relpath(plot_path, write_path.resolve().parent)
-    section = render_section(report, plot_name)
-    print(section)
-    if write_path is not None:
-        write_section(write_path, section_title(config), section)
-        log(f"wrote the section {section_title(config)[3:]!r} of {write_path}")
-    log(f"done in {report.runtime_s:.0f} s")
+    publish_section(render_section(report, plot_name), write_path, report.runtime_s)
     return 0
 
 

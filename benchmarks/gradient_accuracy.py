@@ -11,12 +11,15 @@ This script measures both on an ODE-ResNet (f = conv3x3-norm-ReLU-conv3x3-norm):
    downloaded): plain autograd; anode-plan at its tightest budget (the minimum,
    ``InfeasibleBudgetError.min_budget_bytes``); and torchdiffeq's ``odeint_adjoint`` on
    the same blocks (same fixed-step method and grid, same parameters). Loss per step,
-   held-out accuracy at the end, and the measured peak of one step of each.
+   held-out accuracy at the end, and the measured peak of one step of each
+   (``anode_plan.measure_peak_memory``: the allocator's peak, on the CPU from the
+   profiler's allocation events, kernel workspaces included).
 2. **Gradient error, in float64.** At several points of the plain run (training
    progress) and for several step counts Nt, the relative gradient error of
    ``odeint_adjoint``, of ``odeint`` (backprop through torchdiffeq's solver, a sanity
    check that the solvers agree) and of anode-plan at every landmark budget (store-all,
-   ANODE, minimum and points between) against plain autograd: max over parameters of
+   ANODE, minimum and points between; a landmark's budget is ``anode_plan.budget_for_peak``
+   of its predicted peak) against plain autograd: max over parameters of
    max|g - g_exact| / max|g_exact|.
 
 Run from the repository root::
@@ -48,13 +51,15 @@ from torch import nn  # noqa: E402
 import anode_plan  # noqa: E402
 import planners  # noqa: E402
 from _common import (RESULTS_PATH, clear_grads, gradients, load_average, log, machine_info,  # noqa: E402
-                     max_relative_grad_error, mib, source_version, write_section)
+                     max_relative_grad_error, mib, min_budget_bytes, publish_section, source_version)
 from _peers import torchdiffeq_missing, torchdiffeq_model  # noqa: E402
 from models import ode_resnet  # noqa: E402
 
 SECTION_TITLE = "## Gradient accuracy: the adjoint against exact backprop"
 DEFAULT_PLOT = Path(__file__).resolve().parent / "gradient_accuracy.png"
 HUGE_BUDGET_BYTES = 2**50
+CPU_METER = ("the CPU allocator's peak: torch.profiler's allocation and free events replayed in time order, "
+             "kernel workspaces included")
 
 
 @dataclass(frozen=True)
@@ -174,15 +179,6 @@ def _loss_backward(forward: nn.Module, x: torch.Tensor, y: torch.Tensor) -> floa
     return float(loss.detach())
 
 
-def min_budget(model: nn.Module, x: torch.Tensor) -> int:
-    try:
-        anode_plan.compile(model, 1, (x,))
-    except anode_plan.InfeasibleBudgetError as error:
-        return error.min_budget_bytes
-    raise RuntimeError("anode_plan.compile(memory_budget=1) succeeded; the minimum budget cannot be read from "
-                       "the error")
-
-
 # --- gradient errors in float64 ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -205,12 +201,15 @@ class BudgetSet:
 
 
 def landmark_budgets(model: nn.Module, x: torch.Tensor, between: int) -> list[int]:
-    """The store-all, ANODE and minimum budgets, and ``between`` more, geometrically from store-all to the minimum."""
+    """The store-all, ANODE and minimum budgets, and ``between`` more, geometrically from store-all to the minimum.
+
+    The store-all and ANODE budgets are :func:`anode_plan.budget_for_peak` of those schedules' predicted peaks.
+    """
     store_all = anode_plan.compile(model, HUGE_BUDGET_BYTES, (x,), planner=planners.StoreAll()).plan
     anode = anode_plan.compile(model, HUGE_BUDGET_BYTES, (x,), planner=planners.Anode()).plan
-    high, low = store_all.predicted_peak_bytes, min_budget(model, x)
+    high, low = anode_plan.budget_for_peak(store_all.predicted_peak_bytes), min_budget_bytes(model, x)
     points = [round(high * (low / high) ** (k / (between + 1))) for k in range(1, between + 1)] if high > low else []
-    return sorted({high, anode.predicted_peak_bytes, low, *points}, reverse=True)
+    return sorted({high, anode_plan.budget_for_peak(anode.predicted_peak_bytes), low, *points}, reverse=True)
 
 
 def error_table(config: AccuracyConfig, snapshots: tuple[tuple[int, dict], ...], x: torch.Tensor,
@@ -312,6 +311,16 @@ def training_markdown(report: AccuracyReport) -> str:
     return "\n".join(rows)
 
 
+def budget_note(report: AccuracyReport, run: TrainingRun) -> str:
+    """For anode-plan's run: whether its measured peak held its budget; else empty."""
+    if run.nt not in report.tight or not run.name.startswith("anode-plan"):
+        return ""
+    budget = report.tight[run.nt][0]
+    if run.peak_bytes <= budget:
+        return f", within its budget of {budget} B ({run.peak_bytes} B measured)"
+    return f", **over its budget** of {budget} B by {run.peak_bytes - budget} B"
+
+
 def interpretation(report: AccuracyReport) -> list[str]:
     lines = []
     adjoint = [p for p in report.points if p.adjoint is not None]
@@ -346,7 +355,7 @@ def interpretation(report: AccuracyReport) -> list[str]:
         lines.append(f"Nt={run.nt}, {run.name}: loss differs from plain autograd by at most {loss_gap(run, plain):.2e} "
                      f"over {len(run.losses)} steps; final loss {final_loss(run):.4f} vs {final_loss(plain):.4f}, "
                      f"held-out accuracy {100 * run.test_accuracy:.1f}% vs {100 * plain.test_accuracy:.1f}%; measured "
-                     f"peak {mib(run.peak_bytes)} MiB vs {mib(plain.peak_bytes)} MiB.")
+                     f"peak {mib(run.peak_bytes)} MiB vs {mib(plain.peak_bytes)} MiB" + budget_note(report, run) + ".")
     busy = max(report.load_before[0], report.load_after[0])
     if busy > report.config.num_threads:
         lines.append(f"The machine was shared (1-minute load average {report.load_before[0]:.1f} before, "
@@ -374,7 +383,7 @@ def render_section(report: AccuracyReport, plot_name: str | None) -> str:
         f"is torchdiffeq's `odeint_adjoint` on the same blocks "
         f"({'fixed-grid midpoint = RK2' if c.method == 'rk2' else 'Euler'}, "
         "the blocks' time grid). Peaks: `anode_plan.measure_peak_memory` of step 1"
-        f"{' (torch.cuda.max_memory_allocated)' if c.device.startswith('cuda') else ' (CPU storage tracking)'}. "
+        f" ({'torch.cuda.max_memory_allocated' if c.device.startswith('cuda') else CPU_METER})" + ". "
         "Held-out accuracy uses batch statistics (train-mode BatchNorm), since the adjoint's reverse solve also "
         "updates the running ones.",
         f"- Error table: float64, batch {c.batch_size} of the training set; the weights of the Nt={c.train_nts[-1]} "
@@ -491,7 +500,7 @@ def run(config: AccuracyConfig) -> AccuracyReport:
 
         model = copy.deepcopy(initial).to(device)
         x0 = data[0][:config.batch_size].to(device)
-        budget = min_budget(model, x0)
+        budget = min_budget_bytes(model, x0)
         compiled = anode_plan.compile(model, budget, (x0,))
         tight[nt] = (budget, compiled.plan.schedule.description)
         runs.append(train("anode-plan, minimum budget", nt, model, compiled, config, data, test))
@@ -566,13 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     if plotted:
         log(f"wrote {plot_path}")
     plot_name = os.path.relpath(plot_path, write_path.resolve().parent) if plotted and write_path is not None else None
-    section = render_section(report, plot_name)
-    print(section)
-    if write_path is not None:
-        title = section.splitlines()[0]
-        write_section(write_path, title, section)
-        log(f"wrote the section {title[3:]!r} of {write_path}")
-    log(f"done in {report.runtime_s:.0f} s")
+    publish_section(render_section(report, plot_name), write_path, report.runtime_s)
     return 0
 
 

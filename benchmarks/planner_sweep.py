@@ -11,9 +11,12 @@ Two parts, both written to ``benchmarks/RESULTS.md`` with ``--write``:
    (a) the landmark schedules only (``planners.Landmarks``, what the foundation had),
    (b) the two-level DP (``ChainDP(two_level=True)``), (c) CP-SAT (``CPSat()``, which
    must agree with the DP on a chain), and (d) the flat DP, the exact optimum under the
-   model. For (a) and (d) it also measures the real peak of a
-   training step and the step time relative to plain autograd (median of paired,
-   interleaved runs).
+   model. The budgets run from the minimum to store-all, each end as
+   ``anode_plan.budget_for_peak`` of its predicted peak (plans keep 0.01% of the budget
+   free). For (a) and (d) it also measures the real peak of a training step with
+   ``anode_plan.measure_peak_memory`` (the allocator's peak: on the CPU the profiler's
+   allocation events, kernel workspaces included) beside the predicted one, and the step
+   time relative to plain autograd (median of paired, interleaved runs).
 
     PYTHONPATH=. python benchmarks/planner_sweep.py [--quick] [--write]
 """
@@ -28,11 +31,11 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
 
 import anode_plan  # noqa: E402
 import planners  # noqa: E402
-from _common import RESULTS_PATH, load_average, machine_info, mib, write_section  # noqa: E402
+from _common import (RESULTS_PATH, TRAIN_STEP_FORM, load_average, machine_info, mib, train_step,  # noqa: E402
+                     write_section)
 from models import ode_resnet  # noqa: E402
 
 SECTION_TITLE = "## Optimal planning: planning time and the DP against the landmarks (CPU)"
@@ -94,7 +97,7 @@ def planning_times(quick: bool) -> list[tuple[str, int, float, str, str]]:
 def _step_ratio(compiled, model, x, y, repeats: int) -> float:
     def step(runner):
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(runner(x), y).backward()
+        train_step(runner, x, y)
     step(compiled), step(model)
     ratios = []
     for _ in range(repeats):
@@ -120,7 +123,8 @@ def three_curves(quick: bool) -> tuple[str, list[str]]:
         flat.plan(chain, budget_bytes=1)
     except planners.InfeasibleBudgetError as error:
         minimum = error.min_budget_bytes
-    budgets = [minimum + (store_all - minimum) * k // 7 for k in range(8)]
+    low, high = anode_plan.budget_for_peak(minimum), anode_plan.budget_for_peak(store_all)
+    budgets = [low + (high - low) * k // 7 for k in range(8)]
     rows = []
     for budget in budgets:
         cells = [mib(budget)]
@@ -135,15 +139,17 @@ def three_curves(quick: bool) -> tuple[str, list[str]]:
                 compiled = anode_plan.CompiledModel(model, traced, plan)
                 compiled(x)
                 model.zero_grad(set_to_none=True)
-                measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(compiled(x), y).backward())
+                measured = anode_plan.measure_peak_memory(lambda: train_step(compiled, x, y))
                 ratio = _step_ratio(compiled, model, x, y, 3 if quick else 5)
-                held = "ok" if measured.peak_bytes <= budget else "OVER"
-                text += f" · {mib(measured.peak_bytes)} MiB {held} · {ratio:.2f}x"
+                held = "ok" if measured.peak_bytes <= budget else "**OVER**"
+                text += (f" · {mib(plan.predicted_peak_bytes)} / {mib(measured.peak_bytes)} MiB {held} · "
+                         f"{ratio:.2f}x")
             cells.append(text)
         rows.append("| " + " | ".join(cells) + " |")
         print("  " + rows[-1], flush=True)
     header = (f"`ode_resnet(width=16, stages=3, nt={4 if quick else 6}, method='rk2')`, batch {x.shape[0]}, "
-              f"{len(chain.stages)} stages; store-all {mib(store_all)} MiB, flat-DP minimum {mib(minimum)} MiB.")
+              f"{len(chain.stages)} stages; predicted peaks: store-all {mib(store_all)} MiB, flat-DP minimum "
+              f"{mib(minimum)} MiB.")
     return header, rows
 
 
@@ -164,8 +170,10 @@ def main(argv: list[str] | None = None) -> int:
              "of store-all):", "", "| chain | stages | slowest plan | planner | target |", "|---|---|---|---|---|"]
     lines += [f"| {label} | {n} | {seconds:.2f} s | {name} | {target} |" for label, n, seconds, name, target in times]
     lines += ["", f"**The DP against the landmarks.** {header} Each cell: predicted recompute overhead; for the "
-              "landmarks and the flat DP also the measured peak of a training step (`measure_peak_memory`), whether "
-              "it held the budget, and the step time relative to plain autograd (median of paired runs).", "",
+              "landmarks and the flat DP also the predicted / measured peak of a training step (measured by "
+              "`anode_plan.measure_peak_memory`: the CPU allocator's peak, from torch.profiler's allocation events, "
+              "kernel workspaces included), whether the measured peak held the budget, and the step time relative "
+              f"to plain autograd (median of paired runs). Each step is {TRAIN_STEP_FORM}.", "",
               "| budget (MiB) | landmarks only | two-level DP (predicted) | CP-SAT (predicted) | flat DP (exact optimum) |",
               "|---|---|---|---|---|", *rows, ""]
     section = "\n".join(lines)
