@@ -13,14 +13,14 @@ the allocator peaks above the storage view in a phase is that phase's workspace,
 the cost model adds it to the phase's peak, so the simulator and every planner charge it
 at the moment it occurs.
 
-*Distinct stages* are each layer group and one time step per ODE block (a block's steps
-run the same code on the same shapes).
+*Distinct stages* are each layer group and one time step per ODE block, shared by the
+block's other steps and by the blocks built alike (:mod:`anode_plan.sharing`): the
+measurements are the cost model's, made once more, so repeated blocks add none.
 
 *Cost*: one forward of the model without a tape, to carry the batch to the measured
-stages, then per measured stage three forwards and two backwards under the profiler:
+stages, then each measurement (a stage's forwards and a backward, under the profiler):
 2.6 training steps of the demo model (566 ms against a 216 ms step, ``benchmarks/RESULTS.md``,
-"Calibration cost"), less for a network whose blocks have many steps or repeat (blocks built
-alike share one measurement). ``compile(..., calibrate=False)`` skips it (see :data:`UNCALIBRATED_MARGIN`).
+"Calibration cost"). ``compile(..., calibrate=False)`` skips it (see :data:`UNCALIBRATED_MARGIN`).
 
 *Side effects*: none. The stages run on a copy of the model's modules that shares its
 parameters and buffers; the buffers (BatchNorm statistics) are put back as they were,

@@ -71,32 +71,22 @@ def nested_ops(chain: Chain, slots: int | None, inner: object, taped_tail: int =
     """
     bounds = unit_bounds(chain)
     split = len(bounds) - 1 - taped_tail
-    tail = tuple(Run(i) for i in range(bounds[split], bounds[-1]))
-    if slots is None:
-        return tuple(op for a, b in zip(bounds[:split], bounds[1:split + 1])
-                     for op in _inner_ops(chain, a, b, inner)) + tail
-    if split < len(bounds) - 1:
-        return nested_ops(_Prefix(chain, bounds[split]), slots, inner) + tail
 
     def over(first: int, last: int, slots: int) -> tuple[Op, ...]:  # units first..last-1
         ops: list[Op] = []
         while last - first > 1:
-            split = optimal_split(last - first, slots)
-            ops.append(Region(bounds[first], bounds[first + split], over(first, first + split, slots)))
-            first += split
+            cut = optimal_split(last - first, slots)
+            ops.append(Region(bounds[first], bounds[first + cut], over(first, first + cut, slots)))
+            first += cut
             slots -= 1
         ops.extend(_inner_ops(chain, bounds[first], bounds[first + 1], inner))
         return tuple(ops)
 
-    return over(0, len(bounds) - 1, slots)
-
-
-class _Prefix:
-    """The first stages of a chain, as far as :func:`nested_ops` reads it (its stages and blocks)."""
-
-    def __init__(self, chain: Chain, stop: int) -> None:
-        self.stages = chain.stages[:stop]
-        self.blocks = tuple(block for block in chain.blocks if block.stop <= stop)
+    tail = tuple(Run(i) for i in range(bounds[split], bounds[-1]))
+    if slots is None:
+        return tuple(op for a, b in zip(bounds[:split], bounds[1:split + 1])
+                     for op in _inner_ops(chain, a, b, inner)) + tail
+    return (over(0, split, slots) if split > 0 else ()) + tail
 
 
 def inner_schedules(chain: Chain) -> list[object]:
