@@ -360,16 +360,18 @@ def _with_workspace(stage: Stage, position: int, backward: tuple[BackwardSource,
     # A re-run peaks at the larger of the first taped run and the checkpoint's re-run
     # (rerun_taped_bytes); each brings its own workspace.
     rerun_bytes = max(stage.fwd_taped_bytes + taped.nbytes, stage.rerun_taped_bytes + rerun.nbytes)
-    bwd = [(source.fake_bytes + found.excess(source.kind, source.position).nbytes,
-            found.excess(source.kind, source.position)) for source in backward]
-    bwd_bytes, bwd_excess = max(bwd, key=lambda pair: pair[0])
+    # The backward's peak is the largest of its measurements, each with its own excess (never
+    # below the fake peak it was measured as: excesses are >= 0).
+    excesses = [(source, found.excess(source.kind, source.position)) for source in backward]
+    source, bwd_excess = max(excesses, key=lambda pair: pair[0].fake_bytes + pair[1].nbytes)
+    bwd_bytes = source.fake_bytes + bwd_excess.nbytes
     rerun_kernel = rerun.kernel if stage.rerun_taped_bytes + rerun.nbytes >= rerun_bytes else taped.kernel
     return dataclasses.replace(
         stage, tape_bytes=stage.tape_bytes + taped.kept_bytes, fwd_untaped_bytes=stage.fwd_untaped_bytes + untaped.nbytes,
         fwd_taped_bytes=stage.fwd_taped_bytes + taped.nbytes, rerun_taped_bytes=rerun_bytes,
-        bwd_bytes=max(stage.bwd_bytes, bwd_bytes), fwd_untaped_workspace_bytes=untaped.nbytes,
+        bwd_bytes=bwd_bytes, fwd_untaped_workspace_bytes=untaped.nbytes,
         fwd_taped_workspace_bytes=taped.nbytes, rerun_workspace_bytes=rerun_bytes - stage.rerun_taped_bytes,
-        bwd_workspace_bytes=max(stage.bwd_bytes, bwd_bytes) - stage.bwd_bytes,
+        bwd_workspace_bytes=bwd_bytes - stage.bwd_bytes,
         workspace_kernels=(untaped.kernel, taped.kernel, rerun_kernel, bwd_excess.kernel))
 
 
