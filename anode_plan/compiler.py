@@ -134,6 +134,13 @@ class CompiledModel(nn.Module):
         for position, value in enumerate(inputs):
             if not isinstance(value, torch.Tensor):
                 raise InputMismatchError(f"input {position} is a {type(value).__name__}, not a tensor")
+        traced = self.traced
+        if traced.batch_specialised and inputs[0].dim() and inputs[0].shape[0] != traced.batch:
+            raise InputMismatchError(
+                f"{traced.model_name} was traced for batch {traced.batch} only, and is called with batch "
+                f"{inputs[0].shape[0]}: {traced.batch_specialised}. Compute sizes in forward with tensor methods "
+                "(x.view(x.size(0), -1), x.flatten(1)) rather than Python numbers (len(x), int(...)), or compile "
+                "one model per batch size (DataLoader(..., drop_last=True) keeps every batch the same).")
 
     def _runner_for(self, inputs: tuple) -> ScheduleRunner | None:
         """The runner of the plan for these inputs (planning anew if needed); ``None`` when no gradient is needed."""

@@ -24,7 +24,7 @@ the last stage's backward, so the details count:
   exists again: ``rerun_taped_bytes`` is the larger of that, measured on a checkpoint
   of the stage (:func:`~anode_plan.stagerun.backward_through_rerun`), and the first run's ``fwd_taped_bytes``.
   Plain BatchNorm layers re-run frozen in place, at no cost; other norm layers with
-  running statistics re-run on copies of them (:func:`_running_stat_copies`), which
+  running statistics re-run on copies of them (:func:`~anode_plan.stagerun.running_stat_copies`), which
   every stage's forward and tape pay for.
 * The loss value and its gradient's seed live through backward, as a value of the
   last state (``LOSS_VALUE_SCALARS``).
@@ -59,13 +59,12 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from anode_plan.calibrate import Workspaces, measure_workspaces
-from anode_plan.errors import UntraceableModelError
+from anode_plan.errors import InPlaceModificationError, UntraceableModelError
 from anode_plan.memory import LiveStorageTracker, allocated_bytes, allocation_bytes
-from anode_plan.runtime import copied_on_rerun
 from anode_plan.sharing import BlockMatch, block_key, match_blocks
 from anode_plan.stagerun import (backward_accumulating, backward_after, backward_through_rerun, fresh_inputs,
-                                 needing_grad, run_untaped)
-from anode_plan.trace import StageSpec, TracedModel, stage_function
+                                 needing_grad, run_untaped, running_stat_copies)
+from anode_plan.trace import StageSpec, TracedModel, stage_function, user_line
 from planners import Block, Chain, Stage
 from planners.progress import Progress
 
@@ -110,9 +109,11 @@ class _StageProfile:
         self.uses_rng = tracker.random_ops > random_before
 
         saved: list[weakref.ref] = []  # weak: a strong list would keep the tape alive through backward
+        versions: list[int] = []
 
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             saved.append(weakref.ref(tensor))
+            versions.append(tensor._version)
             return tensor
 
         base = tracker.reset_peak()
@@ -120,6 +121,10 @@ class _StageProfile:
             outputs = fn(inputs)
         self.fwd_taped_bytes = tracker.peak_bytes - base
         fwd_flops = flops.get_total_flops()
+        for ref, version in zip(saved, versions):
+            tensor = ref()
+            if tensor is not None and tensor._version != version and _storage_key(tensor) not in fixed_storages:
+                raise _SavedTensorOverwritten(tensor)
         self.outputs = outputs
         output_keys = set(_storages(outputs))
         saved_storages = _storages([ref() for ref in saved])
@@ -155,7 +160,7 @@ class _StageProfile:
             self.rerun_taped_bytes = max(self.fwd_taped_bytes,
                                          backward_through_rerun(fn, inputs, params, _TrackerProbe(tracker)))
         # Re-run in backward, norm layers other than plain BatchNorm run on copies of their
-        # running statistics (see _running_stat_copies): all live while it runs, and its
+        # running statistics (see running_stat_copies): all live while it runs, and its
         # tape saves copies. Charged to every run, an upper bound.
         self.fwd_untaped_bytes += sum(stat_copies.values())
         self.fwd_taped_bytes += sum(stat_copies.values())
@@ -207,30 +212,32 @@ class _TrackerProbe:
         return self.tracker.peak_bytes - self.base
 
 
-def _running_stat_copies(model: nn.Module) -> dict[int, int]:
-    """The buffers a re-run in backward copies: storage key -> bytes of the copy.
-
-    A checkpoint region is re-run under :class:`anode_plan.runtime.RestoreRunningStats`.
-    Plain BatchNorm layers are frozen in place there and cost nothing; the other norm
-    layers with running statistics (:func:`anode_plan.runtime.copied_on_rerun`: e.g.
-    ``SyncBatchNorm``, ``InstanceNorm``) get fresh copies of them. The copies are
-    allocated when a re-run starts and live until it ends, or, where a layer saved them for
-    backward (BatchNorm does), until that backward. The original forward uses the buffers
-    themselves; charging every stage is an upper bound.
-    """
-    copies = {}
-    for module in copied_on_rerun(model):
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            buffer = module._buffers.get(name)
-            if buffer is not None:
-                copies[_storage_key(buffer)] = allocated_bytes(buffer)
-    return copies
+def _writes_in_place(node: Any) -> bool:
+    name = str(getattr(node.target, "__name__", node.target))
+    return node.op in ("call_function", "call_method") and (name.endswith("_") and not name.endswith("__")
+                                                            or name in ("iadd", "isub", "imul", "itruediv"))
 
 
-def _measure(spec: StageSpec, *args: Any) -> _StageProfile:
+class _SavedTensorOverwritten(Exception):
+    def __init__(self, tensor: torch.Tensor) -> None:
+        super().__init__()
+        self.shape, self.dtype = tuple(tensor.shape), tensor.dtype
+
+
+def _measure(spec: StageSpec, traced: TracedModel, *args: Any) -> _StageProfile:
     """Profile one stage; a layer that needs tensor values, which fake tensors lack, gets a clear error."""
     try:
         return _StageProfile(*args)
+    except _SavedTensorOverwritten as error:
+        writes = [traced.nodes[name] for name in spec.nodes if _writes_in_place(traced.nodes[name])]
+        lines = "; ".join(f"{node.name} at {user_line(node) or '?'}" for node in writes)
+        raise InPlaceModificationError(
+            f"stage {spec.name!r} writes in place into a tensor that autograd saved for its backward (a "
+            f"{error.dtype} tensor of shape {list(error.shape)}), for example out += y after out = F.relu(...)"
+            + (f"; its in-place operations: {lines}" if lines else "") + ". "
+            "Plain autograd refuses this model in backward ('one of the variables needed for gradient computation "
+            "has been modified by an inplace operation'); a checkpointed re-run would hide the error and give "
+            "wrong gradients. Write it out of place (out = out + y).") from None
     except (DataDependentOutputException, DynamicOutputShapeException) as error:
         where = "; ".join(getattr(error, "__notes__", ())) or f"stage {spec.name}"
         raise UntraceableModelError(
@@ -412,7 +419,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             module.momentum = 0.1
     params = [p for p in fake_model.parameters() if p.requires_grad]
     fixed = {_storage_key(t) for t in list(fake_model.parameters()) + list(fake_model.buffers())}
-    stat_copies = _running_stat_copies(fake_model)
+    stat_copies = running_stat_copies(fake_model)
     values: dict[str, Any] = {}
     with fake_mode:
         for name, example in zip(traced.input_names, example_inputs):
@@ -432,7 +439,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             spec = traced.stages[index]
             inputs = tuple(values[n] for n in spec.in_names)
             if spec.block is None:
-                profile = _measure(spec, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
+                profile = _measure(spec, traced, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
                                    stat_copies)
                 values.update(zip(spec.out_names, profile.outputs))
                 measured.append(_Measured(profile, spec, spec, BlockMatch.identity()))
@@ -449,7 +456,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
                 if match.param_ids(profile.param_ids) is None:  # it uses parameters from outside the block
                     profile, rep_spec, match, key = None, spec, BlockMatch.identity(), ("block", spec.block)
             if profile is None:
-                profile = _measure(spec, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
+                profile = _measure(spec, traced, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
                                    stat_copies)
                 if key is not None:
                     shared.setdefault(key, (profile, spec, module))

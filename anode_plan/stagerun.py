@@ -15,8 +15,12 @@ import contextlib
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
+from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
+
+from anode_plan.memory import allocated_bytes
+from anode_plan.runtime import copied_on_rerun
 
 StageFn = Callable[[tuple], tuple]
 
@@ -188,3 +192,23 @@ def backward_through_rerun(fn: StageFn, inputs: tuple, params: list[torch.Tensor
     grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
     del grads
     return ended[0] if ended else 0
+
+
+def running_stat_copies(model: nn.Module) -> dict[int, int]:
+    """The buffers a re-run in backward copies: storage key -> bytes of the copy.
+
+    A checkpoint region is re-run under :class:`anode_plan.runtime.RestoreRunningStats`.
+    Plain BatchNorm layers are frozen in place there and cost nothing; the other norm
+    layers with running statistics (:func:`anode_plan.runtime.copied_on_rerun`: e.g.
+    ``SyncBatchNorm``, ``InstanceNorm``) get fresh copies of them. The copies are
+    allocated when a re-run starts and live until it ends, or, where a layer saved them for
+    backward (BatchNorm does), until that backward. The original forward uses the buffers
+    themselves; charging every stage is an upper bound.
+    """
+    copies = {}
+    for module in copied_on_rerun(model):
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            buffer = module._buffers.get(name)
+            if buffer is not None:
+                copies[buffer.untyped_storage()._cdata] = allocated_bytes(buffer)
+    return copies

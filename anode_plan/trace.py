@@ -23,6 +23,7 @@ from torch import fx, nn
 
 from anode_plan.errors import (CompiledModuleError, ExampleInputsError, InPlaceModificationError,
                                UntraceableModelError)
+from anode_plan.capture import ShapeTracer, graph_signature
 from anode_plan.ode import ODEBlock
 
 
@@ -67,23 +68,16 @@ class BlockSpec:
     method: str
 
 
-class _Tracer(fx.Tracer):
-    def __init__(self, leaf_types: tuple[type, ...]) -> None:
-        super().__init__()
-        self.leaf_types = leaf_types
-
-    def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
-        if isinstance(module, (ODEBlock, *self.leaf_types)):
-            return True
-        return super().is_leaf_module(module, qualname)
-
-
 class TracedModel:
     """A traced model cut into stages. Built by :func:`trace_model`; read by the cost model and runtime."""
 
     def __init__(self, graph: fx.Graph, stages: list[StageSpec], blocks: list[BlockSpec],
-                 input_names: tuple[str, ...], model_name: str) -> None:
+                 input_names: tuple[str, ...], model_name: str, *, batch_specialised: str | None = None,
+                 batch: int | None = None) -> None:
         self.graph = graph
+        #: Why the graph holds for the traced batch size alone (``None``: it holds for any).
+        self.batch_specialised = batch_specialised
+        self.batch = batch
         self.stages = stages
         self.blocks = blocks
         self.input_names = input_names
@@ -161,7 +155,7 @@ def trace_model(model: nn.Module, example_inputs: Sequence[Any], *,
     name = type(model).__name__
     _check_not_compiled(model)
     _check_inputs(model, example_inputs)
-    tracer = _Tracer(tuple(leaf_modules))
+    tracer = ShapeTracer(example_inputs, tuple(leaf_modules))
     try:
         graph = tracer.trace(model)
     except Exception as error:
@@ -184,7 +178,64 @@ def trace_model(model: nn.Module, example_inputs: Sequence[Any], *,
                                  f"{len(example_inputs)}")
     placeholders = placeholders[:len(example_inputs)]
     stages, blocks = _cut(model, graph, placeholders)
-    return TracedModel(graph, stages, blocks, tuple(p.name for p in placeholders), name)
+    batch = _batch_size(example_inputs)
+    specialised = _batch_dependence(model, graph, example_inputs, leaf_modules) if tracer.read_shape else None
+    return TracedModel(graph, stages, blocks, tuple(p.name for p in placeholders), name,
+                       batch_specialised=specialised, batch=batch)
+
+
+def user_line(node: fx.Node) -> str | None:
+    """Where the user's code made ``node``: ``file:line (code)`` of the innermost frame outside torch and anode-plan."""
+    lines = (node.stack_trace or "").splitlines()
+    found = None
+    for index, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("File ") and "/torch/" not in text and "/anode_plan/" not in text:
+            path, _, rest = text[len("File "):].partition(", line ")
+            number = rest.split(",")[0]
+            code = lines[index + 1].strip() if index + 1 < len(lines) else ""
+            found = f"{path.strip(chr(34))}:{number} ({code})"
+    return found
+
+
+def _batch_size(inputs: Sequence[torch.Tensor]) -> int | None:
+    return inputs[0].shape[0] if inputs and inputs[0].dim() else None
+
+
+def _batch_dependence(model: nn.Module, graph: fx.Graph, example_inputs: Sequence[torch.Tensor],
+                      leaf_modules: Sequence[type]) -> str | None:
+    """Why ``graph``, traced reading shapes, holds for its batch size only; ``None`` if it holds for another.
+
+    Python that reads a size specialises the graph to it (:mod:`anode_plan.capture`).
+    The model is traced once more at another batch size (dimension 0 of every input,
+    on fake tensors); where the two graphs differ, the first node that differs is
+    named, with the line of ``forward`` that made it.
+    """
+    batch = _batch_size(example_inputs)
+    if batch is None:
+        return None
+    other = 2 * batch + 1
+    tracer = ShapeTracer(example_inputs, tuple(leaf_modules))
+    with tracer.fake_mode:
+        tracer.example_inputs = [x.new_empty((other, *x.shape[1:])) if x.dim() else x for x in tracer.example_inputs]
+    before = set(vars(model))
+    try:
+        second = tracer.trace(model)
+    except Exception as error:
+        return (f"{type(model).__name__}.forward cannot be traced at batch {other} ({type(error).__name__}: {error}), "
+                f"so its graph holds for batch {batch} only")
+    finally:
+        for added in set(vars(model)) - before:  # the second trace's tensor constants
+            delattr(model, added)
+    for mine, theirs in zip(graph_signature(graph, model), graph_signature(second, model), strict=False):
+        if mine != theirs:
+            node = next(n for n in graph.nodes if n.name == mine[2])
+            line = user_line(node)
+            where = f", made at {line}" if line else ""
+            return (f"fx node {node.format_node()} holds a number computed from the batch size by Python{where}")
+    if len(graph.nodes) != len(second.nodes):
+        return f"the graph has {len(graph.nodes)} nodes at batch {batch} and {len(second.nodes)} at batch {other}"
+    return None
 
 
 def _check_not_compiled(model: nn.Module) -> None:

@@ -116,7 +116,7 @@ def test_model_without_ode_blocks_is_planned_as_a_plain_graph(kind):
 # --- models fx cannot trace ----------------------------------------------------------------------------------------
 
 class Chunked(nn.Module):
-    """A loop bounded by a tensor's shape: fx cannot trace it, but it runs on tensors without values."""
+    """A loop bounded by a tensor's shape: plain fx cannot trace it; the shape-aware tracer can."""
 
     def forward(self, x):
         return torch.cat([torch.sin(chunk) for chunk in x.split(2, dim=1)[: x.shape[1] // 2]], dim=1)
@@ -131,7 +131,19 @@ class Gate(nn.Module):
         return -x
 
 
-@pytest.mark.parametrize("culprit", [Chunked, Gate], ids=lambda c: c.__name__)
+def test_a_loop_over_a_shape_traces_and_gives_plain_gradients():
+    model = _Net(middle=Chunked()).double()
+    reference = copy.deepcopy(model)
+    compiled = anode_plan.compile(model, 10**9, (_x(),), planner=planners.Anode())
+    assert compiled.traced.batch_specialised is None
+    x = _x()
+    compiled(x).sum().backward()
+    reference(x).sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("culprit", [Gate], ids=lambda c: c.__name__)
 def test_untraceable_submodule_is_named_with_the_leaf_modules_fix(culprit):
     model = _Net(middle=culprit()).double()
     with pytest.raises(anode_plan.UntraceableModelError) as info:
