@@ -206,8 +206,10 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
     """Plan ``model``'s training step to fit ``memory_budget`` and return the compiled model.
 
     Args:
-        model: any ``nn.Module`` that torch.fx can trace, with its ODE blocks built from
-            :class:`anode_plan.ODEBlock`. Put it in the mode (train/eval), dtype and
+        model: an ``nn.Module`` with its ODE blocks built from :class:`anode_plan.ODEBlock`,
+            as written: it is traced with torch.fx on fake tensors of the example's shapes,
+            so Python that reads shapes traces (:mod:`anode_plan.capture`); only control
+            flow on a tensor's value cannot. Put it in the mode (train/eval), dtype and
             device you will train in.
         memory_budget: ``"4GB"`` (SI), ``"512MiB"`` (IEC) or an int of bytes: the peak a
             training step may allocate on top of what is allocated when forward starts
@@ -221,7 +223,8 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
             chains, CP-SAT and the landmark schedules for graphs with skip connections),
             another name from :data:`PLANNER_NAMES`, or a planner object with
             ``plan(chain, *, budget_bytes)``.
-        leaf_modules: module classes fx should not trace into.
+        leaf_modules: module classes fx should not trace into (each runs as one opaque
+            layer, on fake tensors in the cost model).
         plan: a saved plan (a path written by :func:`anode_plan.save_plan`, or a
             :class:`Plan`) to reuse instead of planning. The model is traced and measured
             again; the plan must match its structure and ``example_inputs`` (by default

@@ -1,7 +1,8 @@
 """Trace a model with torch.fx and cut it into the stages of a chain.
 
 ``trace_model`` traces ``model.forward`` with every :class:`~anode_plan.ODEBlock` kept
-as a leaf node, then cuts the graph into stages: each time step of each ODE block is
+as a leaf node (with :class:`anode_plan.capture.ShapeTracer`, which knows the example's
+shapes; ``docs/capture.md`` says why not ``torch.export``), then cuts the graph into stages: each time step of each ODE block is
 one *step* stage, and the other operations form *layer-group* stages, one per layer
 unit (the first two parts of a module path: ``conv1``, ``layer1.0``, ``stem.2``).
 Between two stages, the *state* is the tuple of values computed so far and still used
