@@ -31,14 +31,25 @@ _KINDS = (
 
 @dataclass(frozen=True)
 class BlockSummary:
-    """What the plan does with one ODE block.
+    """What the plan does with one ODE block's steps.
+
+    Every step is either *taped* (run once with its tape kept until its backward) or
+    inside a checkpoint region (run without a tape, then recomputed in backward).
 
     Attributes:
         name: the block's module name.
         nt: its time steps; ``method`` its solver.
-        strategy: ``"store tapes"``, ``"ANODE"``, ``"ANODE+revolve"`` or ``"checkpointed"``.
-        snapshot_steps: the steps whose input state is kept through the forward pass.
+        strategy: ``"store tapes"`` (every step taped), ``"ANODE"`` (one region over
+            exactly the block, its steps taped when recomputed), ``"ANODE+revolve"`` (that
+            region with checkpoints nested inside), ``"checkpointed"`` (regions within the
+            block), ``"checkpointed + tapes"`` (some steps taped, some in regions) or
+            ``"inside a region"`` (a region that starts before the block or ends after it
+            holds some of its steps: they are recomputed from a state outside the block).
+        taped_steps: the steps whose tape the forward pass keeps.
+        snapshot_steps: the steps whose input state is kept through the forward pass
+            (where a region starts).
         recomputed_steps: forward step evaluations beyond the first, over the whole step.
+        region: for ``"inside a region"``, the stages of that region, ``"first..last"``.
         peak_bytes: the predicted peak while this block's stages run or are differentiated.
     """
 
@@ -49,6 +60,8 @@ class BlockSummary:
     snapshot_steps: tuple[int, ...]
     recomputed_steps: int
     peak_bytes: int
+    taped_steps: tuple[int, ...] = ()
+    region: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,8 +77,10 @@ class BudgetLandmarks:
     minimum_bytes: int
 
 
-def _top_level_ops(ops: tuple[Op, ...], start: int, stop: int) -> list[Op]:
-    return [op for op in ops if (op.stage if isinstance(op, Run) else op.start) in range(start, stop)]
+def _overlapping(ops: tuple[Op, ...], start: int, stop: int) -> list[Op]:
+    """The top-level operations that run some of the stages ``[start, stop)``."""
+    return [op for op in ops if (op.stage in range(start, stop) if isinstance(op, Run)
+                                 else op.start < stop and start < op.stop)]
 
 
 def summarize_blocks(plan) -> list[BlockSummary]:
@@ -73,20 +88,41 @@ def summarize_blocks(plan) -> list[BlockSummary]:
     chain, sim = plan.chain, plan.simulation
     summaries = []
     for block in chain.blocks:
-        ops = _top_level_ops(plan.schedule.ops, block.start, block.stop)
-        if all(isinstance(op, Run) for op in ops):
-            strategy, kept = "store tapes", ()
-        elif len(ops) == 1 and isinstance(ops[0], Region) and (ops[0].start, ops[0].stop) == (block.start, block.stop):
-            strategy = "ANODE" if nesting_depth(ops[0].body) == 0 else "ANODE+revolve"
-            kept = (0,)
+        ops = _overlapping(plan.schedule.ops, block.start, block.stop)
+        regions = [op for op in ops if isinstance(op, Region)]
+        taped = tuple(op.stage - block.start for op in ops if isinstance(op, Run))
+        kept = tuple(op.start - block.start for op in regions if op.start >= block.start)
+        outer = next((op for op in regions if op.start < block.start or op.stop > block.stop), None)
+        region = None
+        if outer is not None:
+            strategy = "inside a region"
+            region = f"{chain.stages[outer.start].name}..{chain.stages[outer.stop - 1].name}"
+        elif not regions:
+            strategy = "store tapes"
+        elif len(regions) == 1 and not taped and (regions[0].start, regions[0].stop) == (block.start, block.stop):
+            strategy = "ANODE" if nesting_depth(regions[0].body) == 0 else "ANODE+revolve"
         else:
-            strategy = "checkpointed"
-            kept = tuple(op.start - block.start for op in ops if isinstance(op, Region))
+            strategy = "checkpointed + tapes" if taped else "checkpointed"
         counts = sim.forward_counts[block.start:block.stop]
         peaks = [event.peak_bytes for event in sim.timeline if block.start <= event.stage < block.stop]
-        summaries.append(BlockSummary(block.name, block.nt, block.method, strategy, kept,
-                                      sum(counts) - block.nt, max(peaks, default=0)))
+        summaries.append(BlockSummary(block.name, block.nt, block.method, strategy, kept, sum(counts) - block.nt,
+                                      max(peaks, default=0), taped_steps=taped, region=region))
     return summaries
+
+
+def _steps(steps: Sequence[int]) -> str:
+    """``0-3,5``: step numbers as ranges."""
+    if not steps:
+        return "-"
+    parts, first, last = [], steps[0], steps[0]
+    for step in (*steps[1:], None):
+        if step is not None and step == last + 1:
+            last = step
+            continue
+        parts.append(str(first) if first == last else f"{first}-{last}")
+        if step is not None:
+            first = last = step
+    return ",".join(parts)
 
 
 def find_landmarks(chain: Chain, planner=None) -> BudgetLandmarks:
@@ -230,9 +266,11 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
     summaries = summarize_blocks(plan)
     lines.append("")
     if summaries:
-        header = ("block", "nt", "method", "strategy", "kept states (steps)", "recomputed steps", "peak")
-        rows = [(s.name, str(s.nt), s.method, s.strategy, ",".join(map(str, s.snapshot_steps)) or "-",
-                 str(s.recomputed_steps), format_bytes(s.peak_bytes)) for s in summaries]
+        header = ("block", "nt", "method", "strategy", "taped steps", "kept states (steps)", "recomputed steps",
+                  "peak")
+        rows = [(s.name, str(s.nt), s.method, s.strategy + (f" {s.region}" if s.region else ""),
+                 _steps(s.taped_steps), _steps(s.snapshot_steps), str(s.recomputed_steps), format_bytes(s.peak_bytes))
+                for s in summaries]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

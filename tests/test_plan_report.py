@@ -193,3 +193,54 @@ def test_plots_need_matplotlib_and_say_how_to_get_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
     with pytest.raises(anode_plan.PlotUnavailableError, match=r'pip install "anode-plan\[plot\]"'):
         anode_plan.plot_timeline(plan)
+
+
+# --- block labels, checked against the schedule ------------------------------------------------------------------------
+
+def _first_forward(ops, where=None):
+    """Per stage: ``"taped"`` for a top-level Run, else the top-level Region it first runs in."""
+    found = {}
+    for op in ops:
+        if isinstance(op, planners.Run):
+            found[op.stage] = "taped"
+        else:
+            for stage in range(op.start, op.stop):
+                found[stage] = op
+    return found
+
+
+@pytest.fixture(scope="module")
+def small_chain():
+    model = ode_resnet(width=4, stages=3, nt=4, method="rk2")
+    x = torch.randn(4, 3, 16, 16)
+    traced = anode_plan.trace_model(model, (x,))
+    return traced, anode_plan.lower_to_chain(model, traced, (x,), calibrate=False), x
+
+
+@pytest.mark.parametrize("planner,fraction", [("store-all", 1.0), ("anode", 1.0), ("revolve", 0.5),
+                                              ("chain-dp", 0.35), ("chain-dp", 0.6), ("chain-dp", 0.85),
+                                              ("nested", 0.5), ("auto", 0.0)])
+def test_block_labels_say_what_the_schedule_does_to_each_step(small_chain, planner, fraction):
+    traced, chain, x = small_chain
+    landmarks = anode_plan.find_landmarks(chain)
+    budget = int(landmarks.minimum_bytes + fraction * (landmarks.store_all_bytes - landmarks.minimum_bytes))
+    plan = anode_plan.plan_for_budget(chain, traced, (x,), budget, planner)
+    where = _first_forward(plan.schedule.ops)
+    for summary, block in zip(anode_plan.summarize_blocks(plan), chain.blocks):
+        steps = range(block.nt)
+        taped = tuple(s for s in steps if where[block.start + s] == "taped")
+        regions = {id(where[block.start + s]): where[block.start + s] for s in steps if s not in taped}
+        assert summary.taped_steps == taped
+        assert summary.snapshot_steps == tuple(sorted(r.start - block.start for r in regions.values()
+                                                      if r.start >= block.start))
+        outer = [r for r in regions.values() if r.start < block.start or r.stop > block.stop]
+        expected = ("inside a region" if outer else "store tapes" if not regions else
+                    "checkpointed + tapes" if taped else
+                    ("ANODE", "ANODE+revolve") if [(r.start, r.stop) for r in regions.values()] ==
+                    [(block.start, block.stop)] else "checkpointed")
+        assert summary.strategy in (expected if isinstance(expected, tuple) else (expected,)), (summary, plan)
+        assert (summary.region is not None) == bool(outer)
+        assert (summary.recomputed_steps == 0) == (not regions)  # a step in a region is run again in backward
+        if outer:
+            names = summary.region.split("..")
+            assert names[0] == chain.stages[outer[0].start].name
