@@ -124,3 +124,31 @@ def plot_timeline(plan: Any, *, title: str = "") -> Any:
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8.5, ncols=3, framealpha=0.95)
     return figure
+
+
+def plot_batch_curve(points: Sequence[Any], *, batch: int, budget_bytes: int, title: str = "") -> Any:
+    """Predicted recompute overhead and peak against the batch size, under one budget.
+
+    ``points`` are :class:`anode_plan.BatchPoint` (from :func:`anode_plan.batch_curve`);
+    ``batch`` is the largest batch that fits (:func:`anode_plan.max_batch_size`), marked
+    with a line, and batches that do not fit are shaded.
+    """
+    figure = _new_figure(8.0, 4.5)
+    ax = figure.subplots()
+    feasible = sorted((p for p in points if p.overhead is not None), key=lambda p: p.batch)
+    ax.plot([p.batch for p in feasible], [100.0 * p.overhead for p in feasible], "o-", color="#DD8452",
+            markersize=3.5, linewidth=2, label="predicted recompute overhead")
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("recompute overhead (% of a step without recompute)")
+    right = max([p.batch for p in points] + [batch + 1])
+    ax.axvspan(batch + 0.5, right + 0.5, color="#DDDDDD", zorder=0, label="does not fit the budget")
+    ax.axvline(batch, color="#C44E52", linestyle="--", label=f"largest batch: {batch}")
+    twin = ax.twinx()
+    twin.plot([p.batch for p in feasible], [p.peak_bytes / _MIB for p in feasible], ":", color="#4C72B0",
+              label="predicted peak (MiB)")
+    twin.axhline(budget_bytes / _MIB, color="#4C72B0", linewidth=0.8, alpha=0.6)
+    twin.set_ylabel(f"predicted peak, MiB (budget {format_bytes(budget_bytes)})")
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper left", fontsize=8)
+    ax.set_title(title or f"the largest batch under {format_bytes(budget_bytes)}")
+    return figure

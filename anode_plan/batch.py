@@ -1,0 +1,264 @@
+"""The largest batch that trains under a memory budget, and what it costs in recompute.
+
+Use :func:`max_batch_size` to answer "what is the largest batch I can train in 16 GB,
+and how much slower is it?" without bisecting :func:`anode_plan.compile` by hand.
+
+Searching by compiling at every candidate would measure the model a dozen times. The
+memory of a stage grows with the batch as ``a + b·batch`` (activations and tapes are
+per sample; parameters and their gradients are not), so the search measures the chain
+at two batch sizes, predicts the chain at any other batch from those two
+(:func:`interpolate_chain`), and bisects on the predictions with the planners alone,
+which are pure and fast. Kernel workspaces need not be linear (cuDNN may pick another
+algorithm at another batch), so the answer is then *confirmed* by measuring the chain
+for real at it and at one more: the search ends only when the measured chain at the
+answer fits and the measured chain one batch above does not. Each confirmation that
+fails becomes a measured point for the next prediction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+from anode_plan.budget import parse_memory_budget
+from anode_plan.calibrate import UNCALIBRATED_MARGIN
+from anode_plan.compiler import Plan, plan_for_budget
+from anode_plan.costmodel import lower_to_chain
+from anode_plan.errors import ExampleInputsError, InfeasibleBudgetError
+from anode_plan.trace import TracedModel, trace_model
+from planners import Chain, Stage
+from planners.chain import WORKSPACE_FIELDS
+
+_log = logging.getLogger("anode_plan.batch")
+
+_SCALED = ("tape_bytes", "fwd_taped_bytes", "fwd_untaped_bytes", "bwd_bytes", "rerun_taped_bytes", "fwd_cost",
+           "bwd_cost", *WORKSPACE_FIELDS)
+_STRUCTURE = ("name", "saves_input", "saves_output", "param_ids", "block", "step", "saved_values", "uses_rng")
+
+
+@dataclass(frozen=True)
+class BatchPoint:
+    """The plan at one batch size: ``fits`` the budget (and ``max_overhead``) or not.
+
+    ``measured``: the chain was measured at this batch (else predicted from two that were).
+    ``peak_bytes`` / ``overhead``: the plan's predicted peak and recompute overhead, or
+    for a batch that does not fit, the smallest budget it needs (``min_budget_bytes``).
+    """
+
+    batch: int
+    fits: bool
+    measured: bool
+    peak_bytes: int | None = None
+    overhead: float | None = None
+    min_budget_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class BatchSearch:
+    """What :func:`search_batch_size` found.
+
+    ``batch`` is the answer (0: not one sample fits) and ``plan`` the plan measured at it;
+    ``points`` every batch evaluated, predicted or measured; ``measured_chains`` the chains
+    measured (at ``measured_batches``), from which :func:`batch_curve` predicts others.
+    """
+
+    batch: int
+    plan: Plan | None
+    points: tuple[BatchPoint, ...]
+    traced: TracedModel
+    measured_batches: tuple[int, ...]
+    measured_chains: tuple[tuple[int, Chain], ...]
+    budget_bytes: int
+    max_overhead: float | None
+    workspace_margin: float
+    example_inputs: tuple[torch.Tensor, ...]  # meta tensors: the inputs' shapes and dtypes
+
+
+def chain_at(measured: dict[int, Chain], batch: int) -> Chain:
+    """The chain measured at ``batch``, or the one on the line through the two nearest measured batches."""
+    if batch in measured:
+        return measured[batch]
+    nearest = sorted(measured, key=lambda b: (abs(b - batch), b))[:2]
+    return interpolate_chain(measured[nearest[0]], nearest[0], measured[nearest[1]], nearest[1], batch)
+
+
+def _evaluate(chain: Chain, traced: TracedModel, example_inputs: Sequence[torch.Tensor], batch: int, budget: int,
+              planner: Any, margin: float, max_overhead: float | None, measured: bool) -> tuple[BatchPoint, Plan | None]:
+    """The point at ``batch`` of ``chain``, and its plan when one fits the budget."""
+    try:
+        plan = plan_for_budget(chain, traced, _shaped(example_inputs, batch), budget, planner, workspace_margin=margin)
+    except InfeasibleBudgetError as error:
+        return BatchPoint(batch, False, measured, min_budget_bytes=error.min_budget_bytes), None
+    fits = max_overhead is None or plan.recompute_overhead <= max_overhead + 1e-12
+    return BatchPoint(batch, fits, measured, plan.predicted_peak_bytes, plan.recompute_overhead), plan
+
+
+def batch_curve(search: "BatchSearch", batches: Sequence[int], planner: Any = None) -> list[BatchPoint]:
+    """Predicted points at ``batches`` from the chains ``search`` measured (for a batch/overhead plot)."""
+    measured = dict(search.measured_chains)
+    return [_evaluate(chain_at(measured, batch), search.traced, search.example_inputs, batch, search.budget_bytes, planner, search.workspace_margin, search.max_overhead, batch in measured)[0]
+            for batch in batches]
+
+
+def interpolate_chain(first: Chain, first_batch: int, second: Chain, second_batch: int, batch: int) -> Chain:
+    """The chain at ``batch``, each byte count and cost on the line through its values at two batch sizes.
+
+    The two chains must have the same structure (stages, blocks, saved values), as the
+    same traced model lowered at two batch sizes has. Bytes round up; a workspace never
+    exceeds the peak it is part of.
+    """
+    if len(first.stages) != len(second.stages) or first.state_values != second.state_values:
+        raise ValueError(f"the chains at batch {first_batch} and {second_batch} differ in structure")
+    share = (batch - first_batch) / (second_batch - first_batch)
+
+    def line(a: float, b: float, integer: bool = True) -> Any:
+        value = a + (b - a) * share
+        return max(0, math.ceil(value - 1e-9)) if integer else max(0.0, value)
+
+    values = tuple(line(a, b) for a, b in zip(first.value_bytes, second.value_bytes))
+    state_bytes = [sum(values[v] for v in state) for state in first.state_values]
+    stages = []
+    for index, (a, b) in enumerate(zip(first.stages, second.stages)):
+        for name in _STRUCTURE:
+            if getattr(a, name) != getattr(b, name):
+                raise ValueError(f"stage {index} differs in {name} at batch {first_batch} and {second_batch}")
+        fields = {name: line(getattr(a, name), getattr(b, name), isinstance(getattr(a, name), int))
+                  for name in _SCALED}
+        for workspace, peak in zip(WORKSPACE_FIELDS, ("fwd_untaped_bytes", "fwd_taped_bytes", "rerun_taped_bytes",
+                                                      "bwd_bytes")):
+            fields[workspace] = min(fields[workspace], fields[peak])
+        stages.append(dataclasses.replace(a, input_bytes=state_bytes[index], output_bytes=state_bytes[index + 1],
+                                          **fields))
+    head = line(first.head_bytes, second.head_bytes)
+    name = first.name.replace(f"(batch {first_batch})", f"(batch {batch})")
+    return dataclasses.replace(first, stages=tuple(stages), value_bytes=values, head_bytes=head, name=name)
+
+
+def batch_inputs(example_inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """``example_inputs`` at another batch size: their rows repeated in turn (so integer labels stay valid)."""
+    rows = torch.arange(batch, device=example_inputs[0].device) % example_inputs[0].shape[0]
+    out = []
+    for x in example_inputs:
+        resized = x.detach()[rows]
+        out.append(resized.requires_grad_(x.requires_grad))
+    return tuple(out)
+
+
+def search_batch_size(model: nn.Module, memory_budget: int | str, example_inputs: Sequence[torch.Tensor], *,
+                      max_overhead: float | None = None, planner: Any = None, leaf_modules: Sequence[type] = (),
+                      calibrate: bool = True, max_batch: int = 1 << 20) -> BatchSearch:
+    """:func:`max_batch_size`, with the plan at the answer and every batch evaluated on the way."""
+    budget = parse_memory_budget(memory_budget)
+    if max_overhead is not None and not max_overhead >= 0:
+        raise ValueError(f"max_overhead={max_overhead!r} must be a fraction >= 0 (0.3 allows 30% recompute) or None")
+    _check_batched(example_inputs)
+    margin = 0.0 if calibrate else UNCALIBRATED_MARGIN
+    traced_at: dict[int, TracedModel] = {}
+    first_trace = trace_model(model, example_inputs, leaf_modules=leaf_modules)
+
+    def traced_for(batch: int) -> TracedModel:
+        if first_trace.batch_specialised is None:
+            return first_trace
+        if batch not in traced_at:
+            traced_at[batch] = trace_model(model, batch_inputs(example_inputs, batch), leaf_modules=leaf_modules)
+        return traced_at[batch]
+
+    measured: dict[int, Chain] = {}
+    points: dict[tuple[int, bool], BatchPoint] = {}
+    plans: dict[int, Plan] = {}
+
+    def measure(batch: int) -> Chain:
+        if batch not in measured:
+            _log.info("measuring the chain at batch %d", batch)
+            measured[batch] = lower_to_chain(model, traced_for(batch), batch_inputs(example_inputs, batch),
+                                             calibrate=calibrate)
+        return measured[batch]
+
+    def predicted(batch: int) -> BatchPoint:
+        """The point at ``batch``: measured there, or on the line through the two nearest measured batches."""
+        real = batch in measured
+        if (batch, real) not in points:
+            point, plan = _evaluate(chain_at(measured, batch), traced_for(batch) if real else first_trace,
+                                    example_inputs, batch, budget, planner, margin, max_overhead, real)
+            points[(batch, real)] = point
+            if plan is not None and real and point.fits:
+                plans[batch] = plan
+        return points[(batch, real)]
+
+    def confirmed(batch: int) -> bool:
+        measure(batch)
+        return predicted(batch).fits
+
+    base = example_inputs[0].shape[0]
+    measure(base)
+    measure(base + max(1, base // 2))
+    # Every round predicts the boundary between the largest batch measured to fit and the
+    # smallest measured not to, then measures there: the bracket narrows until they are
+    # neighbours, and the predictions sharpen as measured points come closer.
+    fit, fail = 0, max_batch + 1
+    while fail - fit > 1:
+        high = max(fit, 1)
+        while high < fail and predicted(high).fits:
+            high = min(2 * high, fail)
+        candidate, _ = _bisect(fit, high, lambda b: predicted(b).fits) if high < fail else (fail - 1, fail)
+        candidate = max(candidate, fit + 1) if candidate == fit else candidate
+        if confirmed(candidate):
+            fit = candidate
+        else:
+            fail = candidate
+    low = fit
+    ordered = tuple(sorted(points.values(), key=lambda p: (p.batch, p.measured)))
+    _log.info("largest batch under %d bytes: %d (%d chains measured, %d points)", budget, low, len(measured),
+              len(ordered))
+    return BatchSearch(low, plans.get(low), ordered, traced_for(low) if low else first_trace, tuple(sorted(measured)),
+                       tuple(sorted(measured.items())), budget, max_overhead, margin, _shaped(example_inputs, 1))
+
+
+def _bisect(low: int, high: int, fits: Callable[[int], bool]) -> tuple[int, int]:
+    """The last batch in ``[low, high)`` that fits, given ``low`` fits (or is 0) and ``high`` does not."""
+    while high - low > 1:
+        middle = (low + high) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle
+    return low, high
+
+
+def _shaped(example_inputs: Sequence[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of the batch's shapes for a plan's record, without memory (meta tensors)."""
+    return tuple(torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta").requires_grad_(x.requires_grad)
+                 for x in example_inputs)
+
+
+def _check_batched(example_inputs: Sequence[torch.Tensor]) -> None:
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs or \
+            not all(isinstance(x, torch.Tensor) for x in example_inputs):
+        raise ExampleInputsError("example_inputs must be a non-empty tuple of tensors, e.g. example_inputs=(x,)")
+    batches = {x.shape[0] if x.dim() else None for x in example_inputs}
+    if len(batches) != 1 or None in batches:
+        shapes = [tuple(x.shape) for x in example_inputs]
+        raise ExampleInputsError(f"the batch is dimension 0 of every input, and these inputs disagree on it (shapes "
+                                 f"{shapes}); max_batch_size needs inputs of one batch size")
+
+
+def max_batch_size(model: nn.Module, memory_budget: int | str, example_inputs: Sequence[torch.Tensor], *,
+                   max_overhead: float | None = None, planner: Any = None, leaf_modules: Sequence[type] = (),
+                   calibrate: bool = True) -> int:
+    """The largest batch (dimension 0 of every input) whose training step fits ``memory_budget``.
+
+    ``max_overhead`` (e.g. ``0.3``) also asks that the plan at that batch recompute at
+    most that share of a step's compute (predicted, as :attr:`Plan.recompute_overhead`).
+    The answer is confirmed on measured chains: ``compile`` at it fits, and one batch
+    more does not. 0 means not even one sample fits. The other arguments are
+    :func:`anode_plan.compile`'s; :func:`search_batch_size` also returns the plan and the
+    batch/overhead points it evaluated (``tools/plan_report.py --max-batch`` prints them).
+    """
+    return search_batch_size(model, memory_budget, example_inputs, max_overhead=max_overhead, planner=planner,
+                             leaf_modules=leaf_modules, calibrate=calibrate).batch
