@@ -49,7 +49,7 @@ class BlockSummary:
         snapshot_steps: the steps whose input state is kept through the forward pass
             (where a region starts).
         recomputed_steps: forward step evaluations beyond the first, over the whole step.
-        region: for ``"inside a region"``, the stages of that region, ``"first..last"``.
+        region: for ``"inside a region"``, the first and last stage of that region.
         peak_bytes: the predicted peak while this block's stages run or are differentiated.
     """
 
@@ -61,7 +61,7 @@ class BlockSummary:
     recomputed_steps: int
     peak_bytes: int
     taped_steps: tuple[int, ...] = ()
-    region: str | None = None
+    region: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def summarize_blocks(plan) -> list[BlockSummary]:
         region = None
         if outer is not None:
             strategy = "inside a region"
-            region = f"{chain.stages[outer.start].name}..{chain.stages[outer.stop - 1].name}"
+            region = (chain.stages[outer.start].name, chain.stages[outer.stop - 1].name)
         elif not regions:
             strategy = "store tapes"
         elif len(regions) == 1 and not taped and (regions[0].start, regions[0].stop) == (block.start, block.stop):
@@ -268,7 +268,7 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
     if summaries:
         header = ("block", "nt", "method", "strategy", "taped steps", "kept states (steps)", "recomputed steps",
                   "peak")
-        rows = [(s.name, str(s.nt), s.method, s.strategy + (f" {s.region}" if s.region else ""),
+        rows = [(s.name, str(s.nt), s.method, s.strategy + (f" from {s.region[0]} to {s.region[1]}" if s.region else ""),
                  _steps(s.taped_steps), _steps(s.snapshot_steps), str(s.recomputed_steps), format_bytes(s.peak_bytes))
                 for s in summaries]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]

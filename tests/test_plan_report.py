@@ -242,5 +242,31 @@ def test_block_labels_say_what_the_schedule_does_to_each_step(small_chain, plann
         assert (summary.region is not None) == bool(outer)
         assert (summary.recomputed_steps == 0) == (not regions)  # a step in a region is run again in backward
         if outer:
-            names = summary.region.split("..")
-            assert names[0] == chain.stages[outer[0].start].name
+            assert summary.region == (chain.stages[outer[0].start].name, chain.stages[outer[0].stop - 1].name)
+
+
+def test_max_batch_prints_the_search_the_curve_and_the_plan_at_the_answer(tool, capsys, tmp_path):
+    budget = 600_000
+    args = ["--kwargs", "width=4", "stages=2", "nt=2", "--batch", "4", "--input-shape", "3,16,16"]
+    assert tool.main([*args, "--budget", str(budget), "--max-batch", "--max-overhead", "0.5",
+                      "--plot", str(tmp_path / "b.png")]) == 0
+    out = capsys.readouterr().out
+    found = int(re.search(r"largest batch under [\d.]+ \w+ \(600000 bytes\) within 50% recompute overhead: (\d+)",
+                          out).group(1))
+    torch.manual_seed(0)
+    model = ode_resnet(width=4, stages=2, nt=2)
+    assert found == anode_plan.max_batch_size(model, budget, (torch.randn(4, 3, 16, 16),), max_overhead=0.5)
+    assert f"batch {found} fits, batch {found + 1} does not" in out
+    assert re.search(rf"^\s+{found}\s+[\d.]+ \w+\s+\+[\d.]+%\s+yes \(measured\)", out, re.MULTILINE)
+    assert re.search(rf"^\s+{found + 1}\s+(needs [\d.]+ \w+\s+-|[\d.]+ \w+\s+\+[\d.]+%)\s+no \(measured\)", out,
+                     re.MULTILINE)
+    assert f"ODEResNet (batch {found})" in out  # the report of the plan at the answer
+    assert (tmp_path / "b-batch.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_max_batch_needs_one_budget(tool, capsys):
+    with pytest.raises(SystemExit):
+        tool.main([*TINY, "--budget", "1MB", "2MB", "--max-batch"])
+    with pytest.raises(SystemExit):
+        tool.main([*TINY, "--budget", "1MB", "--max-overhead", "0.2"])
+    assert "exactly one --budget" in capsys.readouterr().err

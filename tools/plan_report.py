@@ -9,13 +9,18 @@
     python tools/plan_report.py --budget 30MB --save plan.yaml --plot out.png
     python tools/plan_report.py --plan plan.yaml                  # report on a saved plan
     python tools/plan_report.py --plan plan.yaml --model ode_resnet --measure   # check it on the model and run it
+    python tools/plan_report.py --budget 16GB --max-batch         # the largest batch that fits, and its plan
+    python tools/plan_report.py --budget 60MB --max-batch --max-overhead 0.3 --plot batch.png
 
 For one budget it prints the schedule, the memory at the predicted peak (fixed costs,
 states, tapes, gradients, transients), the recompute overhead, the landmarks (store-all,
 ANODE and minimum budgets) and a table per ODE block. For several budgets it prints the
 trade-off curve (budget against predicted step cost) and the report of the median
 budget (all of them with --details). --plot out.png writes out-tradeoff.png and
-out-timeline.png (needs matplotlib).
+out-timeline.png (needs matplotlib). With --max-batch (one budget), --batch is where the
+search starts: it prints the largest batch that fits (with --max-overhead, within that
+recompute overhead), the batches it measured, the batch/overhead curve and the report of
+the plan at that batch; --plot out.png then writes out-batch.png and out-timeline.png.
 """
 
 from __future__ import annotations
@@ -66,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save", metavar="PLAN.yaml", help="save the plan (the reported budget's) as YAML")
     parser.add_argument("--dump", action="store_true", help="print the plan file of the reported plan")
     parser.add_argument("--details", action="store_true", help="for a sweep, print the full report of every budget")
+    parser.add_argument("--max-batch", action="store_true",
+                        help="find the largest batch that fits the (one) budget, and report its plan")
+    parser.add_argument("--max-overhead", type=float, metavar="F",
+                        help="with --max-batch: the largest predicted recompute overhead allowed, e.g. 0.3")
     return parser
 
 
@@ -97,10 +106,16 @@ def _main(argv: list[str] | None) -> int:
         parser.error("--plan reports on the saved plan at its own budget; leave out --budget")
     if args.plan and args.measure and not args.model:
         parser.error("--measure runs the saved plan on a model: give --model (and --kwargs) as well")
+    if args.max_overhead is not None and not args.max_batch:
+        parser.error("--max-overhead limits the --max-batch search; add --max-batch")
+    if args.max_batch and (len(budgets) != 1 or args.plan):
+        parser.error("--max-batch finds the largest batch for one budget: give exactly one --budget, and no --plan")
     planner = PLANNERS[args.planner]()
     try:
         if args.plan:
             return _report_saved(args, planner)
+        if args.max_batch:
+            return _report_max_batch(args, planner, budgets[0])
         return _report_budgets(args, planner, budgets)
     except anode_plan.AnodePlanError as error:
         print(f"{type(error).__name__}: {error}")
@@ -168,6 +183,53 @@ def _report_budgets(args: argparse.Namespace, planner, budgets: list[int]) -> in
         if plain is not None and point is not None:
             print(_format_measured(plan, point, plain))
     _outputs(args, chosen, chain, marks, planner, budgets)
+    return 0
+
+
+# ------------------------------------------------------------------------------- the largest batch
+
+
+def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
+    args.dtype = args.dtype or "float32"
+    model, label, kwargs = _build(args)
+    torch.manual_seed(0)
+    shape = input_shape(args.model or DEFAULT_MODEL, args.batch or DEFAULT_BATCH, args.input_shape, kwargs)
+    x = torch.randn(shape, dtype=getattr(torch, args.dtype))
+    found = anode_plan.search_batch_size(model, budget, (x,), max_overhead=args.max_overhead, planner=planner)
+    limit = "" if args.max_overhead is None else f" within {args.max_overhead:.0%} recompute overhead"
+    print(f"model {label}{' ' + str(kwargs) if kwargs else ''}, input {tuple(x.shape[1:])} per sample, "
+          f"{args.dtype}, planner {args.planner}")
+    print(f"\nlargest batch under {format_bytes(budget)} ({budget} bytes){limit}: {found.batch}")
+    measured = {p.batch: p for p in found.points if p.measured}
+    fits = f"batch {found.batch} fits, batch {found.batch + 1} does not" if found.batch else "batch 1 does not fit"
+    print(f"  confirmed on measured chains: {fits} (chains measured at batches "
+          f"{', '.join(map(str, found.measured_batches))})")
+    batches = sorted({max(1, round(found.batch * k / 8)) for k in range(1, 11)} | {found.batch, found.batch + 1})
+    curve = anode_plan.batch_curve(found, batches, planner)
+    print("\n  batch  predicted peak  recompute overhead  fits")
+    for point in curve:
+        point = measured.get(point.batch, point)
+        peak = format_bytes(point.peak_bytes) if point.peak_bytes is not None else \
+            f"needs {format_bytes(point.min_budget_bytes)}"
+        overhead = f"{point.overhead:+.1%}" if point.overhead is not None else "-"
+        mark = ("yes" if point.fits else "no") + (" (measured)" if point.measured else "")
+        print(f"  {point.batch:>5}  {peak:>14}  {overhead:>18}  {mark}")
+    if found.plan is None:
+        print(f"\nnot one sample fits {format_bytes(budget)}: give a larger budget")
+        return 1
+    print()
+    print(anode_plan.format_report(found.plan))
+    if args.plot:
+        stem, suffix = os.path.splitext(args.plot)
+        batch_path, timeline_path = f"{stem}-batch{suffix or '.png'}", f"{stem}-timeline{suffix or '.png'}"
+        anode_plan.plot_batch_curve(curve, batch=found.batch, budget_bytes=budget,
+                                    title=f"{label}: the largest batch under {format_bytes(budget)}{limit}"
+                                    ).savefig(batch_path)
+        anode_plan.plot_timeline(found.plan).savefig(timeline_path)
+        print(f"\ndrew {batch_path} and {timeline_path}")
+    if args.save:
+        anode_plan.save_plan(found.plan, args.save)
+        print(f"\nsaved the plan for batch {found.batch} to {args.save}")
     return 0
 
 
