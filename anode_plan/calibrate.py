@@ -31,6 +31,8 @@ is written and Python-side counters in the model (``self.nfe += 1``) do not move
 picks algorithms with other workspaces, so with it on each stage runs once before it is
 measured (autotuning's trials are not the steady state), and a compiled model plans
 again when those settings change (:mod:`anode_plan.plan_cache`).
+
+Background, papers and test values: ``docs/algorithms.md`` §7.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ allocator (malloc inside a third-party library) is not counted either, on any de
 see inside a kernel: it is the cost model's tool on fake tensors, where no kernel runs,
 and never the measure of a real step. On fake CUDA tensors it counts each storage in
 the CUDA allocator's 512-byte blocks (:func:`allocated_bytes`).
+
+Background, papers and test values: ``docs/algorithms.md`` §7.
 """
 
 from __future__ import annotations

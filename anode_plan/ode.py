@@ -10,6 +10,8 @@ as ``nt`` stages and runs them one at a time through :meth:`ODEBlock.step`.
 The state may be one tensor or a tuple of tensors (an augmented state, as in
 torchdiffeq), and the block may take extra tensors that stay constant over the solve
 (``block(z, context)`` calls ``func(t, z, context)``).
+
+Background, papers and test values: ``docs/algorithms.md`` §1.
 """
 
 from __future__ import annotations

@@ -24,6 +24,8 @@ schedule runs as written, with PyTorch's own machinery doing the bookkeeping, an
 Region inputs are flattened to a list of tensors before they enter ``checkpoint``, so a
 tuple-valued state (an ODE block with a tuple state) is saved, version-checked and used
 to pick the RNG device like any tensor.
+
+Background, papers and test values: ``docs/algorithms.md`` §6.
 """
 
 from __future__ import annotations

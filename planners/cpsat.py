@@ -50,6 +50,8 @@ space: top-level paths with the table's bodies, each body frontier thinned to at
 ``body_points`` points); FEASIBLE a plan marked not proven optimal; INFEASIBLE raises
 :class:`InfeasibleBudgetError` with the smallest budget the model reaches; UNKNOWN (no
 solution within ``time_limit_s``) raises :class:`PlanningTimeoutError`.
+
+Background, papers and test values: ``docs/algorithms.md`` §4.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@
   variant.
 * :class:`Landmarks` — the cheapest of the above and of :class:`~planners.Revolve`
   that fits the budget.
+
+Background, papers and test values: ``docs/algorithms.md`` §1 and §2.
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ When to use it: through :class:`~planners.Auto`, which runs it where the chain D
 would take too long (more than :data:`DP_UNIT_LIMIT` units). It is not proven optimal;
 ``tests/test_nested.py`` and ``benchmarks/planner_sweep.py`` measure its gap to the
 DP wherever both run.
+
+Background, papers and test values: ``docs/algorithms.md`` §2 and §3.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ The schedule is the binary recursion t(n, s) = k + t(n−k, s−1) + t(k, s), wi
 optimal split ``k`` read off the binomial numbers in O(1), written as nested
 :class:`~planners.schedule.Region` operations: store ``x_k``, reverse the last
 ``n−k`` steps with ``s−1`` slots, then the first ``k`` steps with ``s``.
+
+Background, papers and test values: ``docs/algorithms.md`` §2.
 """
 
 from __future__ import annotations

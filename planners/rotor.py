@@ -4,7 +4,7 @@
 Shilova, "Optimal checkpointing for heterogeneous chains: how to train deep neural
 networks with limited memory" (arXiv 1911.13214, 2019; "rotor"), of which Griewank and
 Walther's binomial checkpointing ("Algorithm 799: revolve", ACM TOMS 26(1), 2000) is the
-uniform special case. See shared/REFERENCE.md §2 and §3.
+uniform special case. See docs/algorithms.md §2 and §3.
 
 The recurrence, over the lists of operations of :mod:`planners.schedule` (a list over
 stages ``[a, b)`` heads with one operation, then continues as a list over the rest)::

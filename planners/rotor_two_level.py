@@ -1,9 +1,9 @@
-"""The two-level chain DP for ODE networks (shared/REFERENCE.md §3, "Two levels").
+"""The two-level chain DP for ODE networks (docs/algorithms.md §3, "Two levels").
 
 The flat DP over all ``Σ Nt`` time steps costs O(n³) frontier merges: a second at
 n ≈ 30, hours at n = 10,000. The two-level DP runs the same recurrence over
 *macro-stages*: every stage outside the ODE blocks, and the units of every block (the
-whole block with ``block_chunks = 1``, the REFERENCE's form; else its last step alone
+whole block with ``block_chunks = 1``, the form of docs/algorithms.md §3; else its last step alone
 and near-equal chunks of the rest, so that regions may also start inside a block).
 Regions start and end only between units. A unit of block steps offers, besides the
 recurrence's two options (keep all its tapes: option 2 over each step; a region around

@@ -27,6 +27,8 @@ by every state that carries it.
 
 The peak is the budget the schedule needs: the most memory a training step allocates
 on top of what was allocated when its forward started.
+
+Background, papers and test values: ``docs/algorithms.md`` §3 and §6.
 """
 
 from __future__ import annotations

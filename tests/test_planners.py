@@ -1,6 +1,6 @@
 """The planners: revolve's closed form, its schedules, and every planner against the simulator.
 
-Revolve numbers are pinned to the table of shared/REFERENCE.md §2 and to an independent
+Revolve numbers are pinned to the table of docs/algorithms.md §2 and to an independent
 brute-force recurrence. Every planner is run on random ODE-network chains and random
 budgets and judged by :func:`planners.simulate_plan`, the independent checker.
 """
@@ -22,7 +22,7 @@ from planners import (Anode, Block, Chain, InfeasibleBudgetError, Landmarks, Reg
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# (n, s, r, t) from shared/REFERENCE.md §2.
+# (n, s, r, t) from docs/algorithms.md §2.
 REFERENCE_TABLE = [
     (10, 1, 9, 45),
     (10, 2, 3, 20),
@@ -36,7 +36,7 @@ REFERENCE_TABLE = [
 
 @lru_cache(maxsize=None)
 def brute_force_advances(n: int, s: int) -> int:
-    """t(n, s) from the recurrence alone (REFERENCE.md §2), independent of the closed form."""
+    """t(n, s) from the recurrence alone (docs/algorithms.md §2), independent of the closed form."""
     if n == 1:
         return 0
     if s == 1:
@@ -324,7 +324,7 @@ def test_anode_on_one_uniform_block():
     assert schedule.ops == (Region(0, n, tuple(Run(i) for i in range(n))),)
     sim = simulate_plan(chain, schedule)
     assert sim.forward_counts == (2,) * n
-    assert sim.compute_cost == 2 * n + n  # REFERENCE.md §1: 2·Nt·f + Nt·g with f = g = 1
+    assert sim.compute_cost == 2 * n + n  # docs/algorithms.md §1: 2·Nt·f + Nt·g with f = g = 1
 
 
 @pytest.mark.parametrize("n, s", [(10, 1), (10, 2), (20, 3), (12, 11), (12, 40)])

@@ -5,7 +5,7 @@
   infeasible exactly below the smallest peak of them all.
 * Its event model (planners/rotor_events.py) predicts simulate_plan's peak and cost of
   every one of those schedules, to the byte.
-* Uniform chains: the DP's recompute counts are revolve's t(n, s) (shared/REFERENCE.md §2).
+* Uniform chains: the DP's recompute counts are revolve's t(n, s) (docs/algorithms.md §2).
 * The two-level DP is feasible, never cheaper than the flat optimum, and within a
   measured gap of it.
 """
@@ -234,7 +234,7 @@ def test_flat_dp_recomputes_like_revolve_on_uniform_chains(n):
         assert simulate_plan(chain, revolve_ops(0, n, s)).peak_bytes == slots_budget(s)
         simulation = simulate_plan(chain, FLAT.plan(chain, budget_bytes=slots_budget(s)))
         assert simulation.recomputed_forwards == optimal_advances(n, s), s
-        assert simulation.compute_cost == optimal_advances(n, s) + 2 * n  # REFERENCE.md §3's check
+        assert simulation.compute_cost == optimal_advances(n, s) + 2 * n  # docs/algorithms.md §3's check
     with pytest.raises(InfeasibleBudgetError) as info:
         FLAT.plan(chain, budget_bytes=slots_budget(1) - 1)
     assert info.value.min_budget_bytes == slots_budget(1)
@@ -335,7 +335,7 @@ def test_room_for_everything_means_no_recompute(chain):
 # Relative cost gap of the two-level DP over the flat optimum, per block_chunks, measured on
 # 4,000 examples of the test below (hypothesis, 4 seeds; budgets between the flat DP's
 # smallest peak and store-all, with hypothesis's bias to the ends of that range):
-#   block_chunks=1 (each block one unit, REFERENCE.md §3): worst 52.0%, p90 15.8%, mean 5.9%
+#   block_chunks=1 (whole blocks, docs/algorithms.md §3):  worst 52.0%, p90 15.8%, mean 5.9%
 #   block_chunks=2:                                        worst 38.8%, p90 11.5%, mean 3.2%
 #   block_chunks=4 (about what the default gives on 4 blocks x 100 steps):
 #                                                          worst 12.3%, p90 1.5%,  mean 0.4%

@@ -170,7 +170,7 @@ def test_anode_on_one_block_recomputes_every_step_once():
     sim = simulate_plan(chain, ops)
     assert sim.forward_counts == (2,) * n
     assert sim.recomputed_forwards == n
-    # ANODE's cost, REFERENCE.md §1: 2·Nt·f + Nt·g.
+    # ANODE's cost, docs/algorithms.md §1: 2·Nt·f + Nt·g.
     assert sim.compute_cost == 2 * n * 1.0 + n * 1.0
 
 
