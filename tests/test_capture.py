@@ -211,3 +211,15 @@ def test_anode_squeezenext_as_published_is_refused_as_plain_autograd_refuses_it(
     with pytest.raises(anode_plan.InPlaceModificationError) as info:
         anode_plan.compile(model, 10**10, (x,))
     assert "published.py" in str(info.value) and "output += F.relu(self.shortcut(input))" in str(info.value)
+
+
+@pytest.mark.parametrize("how", ["size", "arithmetic", "loop"])
+def test_sizes_read_in_python_keep_the_allocator_budget(how):
+    model = _net(how).float()
+    x, y = torch.randn(8, 2, 4, 4), torch.randint(0, 3, (8,))
+    budget = int(_min_budget(model, x) * 1.05)
+    compiled = anode_plan.compile(model, budget, (x,))
+    compiled(x)
+    model.zero_grad(set_to_none=True)
+    measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(compiled(x), y).backward())
+    assert_budget_promise(measured.peak_bytes, compiled.plan.predicted_peak_bytes, budget, (how, measured.kernel))
