@@ -40,17 +40,19 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from anode_plan.memory import AllocatorMeter, LiveStorageTracker
 from anode_plan.ode import ODEBlock
+from anode_plan.reconstruct import inverse_state, measure_walk_step
 from anode_plan.stagerun import (backward_accumulating, backward_after, backward_alone, backward_through_rerun,
                                  fresh_inputs)
-from anode_plan.trace import TracedModel, stage_function
+from anode_plan.trace import TracedModel, run_stage, stage_function
 
 UNCALIBRATED_MARGIN = 0.25
 """With ``calibrate=False`` the planner keeps this share of the budget free for the kernel
@@ -83,14 +85,18 @@ class Workspaces:
     """The calibration's findings: an :class:`Excess` per (phase label, stage position).
 
     Labels are those of :mod:`anode_plan.stagerun`'s measurements: ``"fwd_untaped"``,
-    ``"fwd_taped"``, ``"rerun"``, ``"after"``, ``"alone"``, ``"accumulating"``.
+    ``"fwd_taped"``, ``"rerun"``, ``"after"``, ``"alone"``, ``"accumulating"``, and
+    ``"reconstruct"`` (a walk step of :mod:`anode_plan.reconstruct`).
     ``random_positions``: the stages whose real forward moved a random generator (a
     check on the cost model's count of random operators, which cannot see a kernel
-    that draws from the generator without declaring it).
+    that draws from the generator without declaring it). ``drift``: per reversible
+    block, the relative round-off of a state rebuilt by inverse steps, per step
+    inverted (:func:`reconstruction_drift`).
     """
 
     found: Mapping[tuple[str, int], Excess]
     random_positions: frozenset[int] = frozenset()
+    drift: Mapping[int, float] = field(default_factory=dict)
 
     def excess(self, label: str, position: int) -> Excess:
         return self.found.get((label, position), Excess())
@@ -150,6 +156,12 @@ def _measure_runs(kinds: set[str], position: int, traced: TracedModel, twin: nn.
             backward_alone(fn, inputs, params, probe)
         if "accumulating" in kinds:
             backward_accumulating(fn, inputs, params, probe)
+        if "reconstruct" in kinds:  # one step of a Reconstruct's walk back, from the step's output
+            with torch.no_grad():
+                outputs = fn(inputs)
+            block = twin.get_submodule(spec.block_target)
+            measure_walk_step(twin, traced, spec, outputs, [p for p in block.parameters() if p.requires_grad], probe)
+            del outputs
     return probe.excesses()
 
 
@@ -198,6 +210,8 @@ def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Se
         wanted.setdefault(position, set()).add(kind)
     found: dict[tuple[str, int], Excess] = {}
     random: set[int] = set()
+    drift: dict[int, float] = {}
+    block_start: dict[int, tuple] = {}
     with _model_unchanged(model, device) as twin:
         values: dict[str, Any] = dict(zip(traced.input_names, example_inputs))
         for at, spec in enumerate(traced.stages):
@@ -208,12 +222,49 @@ def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Se
             before = _generator_states(device)
             with torch.no_grad():
                 values.update(zip(spec.out_names, stage_function(twin, traced, spec)(inputs)))
+                if spec.block is not None and twin.get_submodule(spec.block_target).reversible:
+                    if spec.step == 0:
+                        block_start[spec.block] = inputs
+                    if spec.step == traced.blocks[spec.block].nt - 1:
+                        drift[spec.block] = reconstruction_drift(
+                            twin, traced, spec.block, block_start.pop(spec.block),
+                            tuple(values[name] for name in spec.out_names))
             if any(not torch.equal(a, b) for a, b in zip(before, _generator_states(device))):
                 random.add(at)
             for name in spec.in_names:
                 if last_read[name] == at and name not in spec.out_names:
                     del values[name]
-    return Workspaces(found, frozenset(random))
+    return Workspaces(found, frozenset(random), drift)
+
+
+def reconstruction_drift(root: nn.Module, traced: TracedModel, block: int, first: tuple, last: tuple) -> float:
+    """The relative error of states rebuilt by inverse steps, per step inverted, on real values.
+
+    ``first`` is the state entering the block's first step, ``last`` the one leaving its
+    last step. The block is inverted all the way back from ``last``; the error after
+    ``j`` inversions is ``max |rebuilt - true| / max |true|`` over the carried tensors,
+    compared at one step (against the state before the last step) and at all ``nt`` (against
+    ``first``). Returns the larger of the two, per step: ``err_1`` and ``err_nt / nt``.
+    """
+    spec = traced.blocks[block]
+    stages = traced.stages[spec.start:spec.stop]
+
+    def relative(a: tuple, b: tuple) -> float:
+        pairs = [(x, y) for x, y in zip(tree_flatten(a)[0], tree_flatten(b)[0])
+                 if isinstance(x, torch.Tensor) and x.is_floating_point()]
+        scale = max(float(y.abs().max()) for _, y in pairs) or 1.0
+        return max(float((x - y).abs().max()) for x, y in pairs) / scale
+
+    state = last
+    one_step = 0.0
+    for index, step in enumerate(reversed(stages)):
+        state = inverse_state(root, step, state)
+        if index == 0 and len(stages) > 1:
+            forward = first
+            for earlier in stages[:-1]:
+                forward = run_stage(root, traced, earlier, forward)
+            one_step = relative(state, forward)
+    return max(one_step, relative(state, first) / len(stages))
 
 
 def _generator_states(device: torch.device) -> list[torch.Tensor]:

@@ -263,6 +263,7 @@ PLANNER_NAMES = {
     "anode": planners.Anode,
     "revolve": planners.Revolve,
     "nested": planners.Nested,
+    "reconstruct": planners.Reconstructed,
 }
 
 

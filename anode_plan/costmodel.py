@@ -61,11 +61,12 @@ from torch.utils.flop_counter import FlopCounterMode
 from anode_plan.calibrate import Workspaces, measure_workspaces
 from anode_plan.errors import InPlaceModificationError, UntraceableModelError
 from anode_plan.memory import LiveStorageTracker, allocated_bytes, allocation_bytes
+from anode_plan.reconstruct import inverse_state, measure_walk_step
 from anode_plan.sharing import BlockMatch, block_key, match_blocks
 from anode_plan.stagerun import (backward_accumulating, backward_after, backward_through_rerun, fresh_inputs,
                                  needing_grad, run_untaped, running_stat_copies)
 from anode_plan.trace import StageSpec, TracedModel, stage_function, user_line
-from planners import Block, Chain, Stage
+from planners import Block, Chain, Reconstruction, Stage
 from planners.progress import Progress
 
 # The loss after the network is the user's: it is allowed LOSS_OUTPUTS tensors the size
@@ -382,6 +383,33 @@ def _with_workspace(stage: Stage, position: int, backward: tuple[BackwardSource,
         workspace_kernels=(untaped.kernel, taped.kernel, rerun_kernel, bwd_excess.kernel))
 
 
+def _inverse_offer(fake_model: nn.Module, traced: TracedModel, spec: StageSpec, outputs: tuple,
+                   tracker: LiveStorageTracker) -> Reconstruction:
+    """What rebuilding a reversible step costs, measured on fake tensors from the step's output state:
+    the peak of one step of the walk back (:func:`anode_plan.reconstruct.measure_walk_step`, the code
+    backward runs) and the inverse's cost."""
+    block = fake_model.get_submodule(spec.block_target)
+    params = [p for p in block.parameters() if p.requires_grad]
+    step_bytes = measure_walk_step(fake_model, traced, spec, outputs, params, _TrackerProbe(tracker))
+    base = tracker.reset_peak()
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        rebuilt = inverse_state(fake_model, spec, outputs)
+    inverse_bytes = tracker.peak_bytes - base
+    del rebuilt
+    solution = dict(zip(spec.out_names, outputs))[spec.z_out][0]
+    return Reconstruction(step_bytes, flops.get_total_flops() / FLOPS_PER_MS + inverse_bytes / BYTES_PER_MS,
+                          solution_bytes=allocated_bytes(solution))
+
+
+def _with_offer(stage: Stage, offer: Reconstruction | None, error_per_step: float, workspace: int) -> Stage:
+    """``stage`` offering its reconstruction, with what calibration found: the walk step's kernel
+    workspace and the drift of rebuilt states per step."""
+    if offer is None:
+        return stage
+    return dataclasses.replace(stage, reconstruct=dataclasses.replace(offer, step_bytes=offer.step_bytes + workspace,
+                                                                      error_per_step=error_per_step))
+
+
 def _with_rng_restore(stages: list[Stage], device: torch.device) -> list[Stage]:
     """Charge the RNG replay of re-runs, when some stage draws random numbers.
 
@@ -431,6 +459,8 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
     shared: dict[Hashable, tuple[_StageProfile, StageSpec, nn.Module]] = {}  # block key -> its representative
     param_index = {id(p): i for i, p in enumerate(params)}
     tracker = LiveStorageTracker()
+    offers: dict[int, Reconstruction] = {}  # per profile of a reversible block's step: its inverse
+    offer_at: dict[int, Reconstruction] = {}  # per stage position
     progress = Progress(_log, f"measuring {traced.model_name}")
     with fake_mode, tracker:
         index = 0
@@ -448,6 +478,16 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
                 continue
             block = traced.blocks[spec.block]
             module = fake_model.get_submodule(spec.block_target)
+            first = None
+            if module.reversible and block.nt > 1:
+                # A reversible block's first step takes z and makes the carried state (one more
+                # evaluation of f), the others carry it: the first is measured on its own.
+                first = _measure(spec, traced, stage_function(fake_model, traced, spec), inputs, params, fixed,
+                                 tracker, stat_copies)
+                values.update(zip(spec.out_names, first.outputs))
+                offers[id(first)] = _inverse_offer(fake_model, traced, spec, first.outputs, tracker)
+                spec = traced.stages[index + 1]
+                inputs = tuple(values[n] for n in spec.in_names)
             key = block_key(module, spec, traced.stages[block.stop - 1].out_names, values) if share else None
             profile, rep_spec, match = None, spec, BlockMatch.identity()
             if key in shared:
@@ -461,8 +501,17 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
                 if key is not None:
                     shared.setdefault(key, (profile, spec, module))
             key = ("block", spec.block) if key is None else key
+            if module.reversible and id(profile) not in offers:
+                offers[id(profile)] = _inverse_offer(fake_model, traced, rep_spec, profile.outputs, tracker)
             z_next = dict(zip(rep_spec.out_names, profile.outputs))[rep_spec.z_out]
             for step_spec in traced.stages[block.start:block.stop]:
+                if first is not None and step_spec.step == 0:
+                    offer_at[len(measured)] = offers[id(first)]
+                    measured.append(_Measured(first, step_spec, step_spec, BlockMatch.identity()))
+                    kinds.append(("stage", block.start))
+                    continue
+                if module.reversible:
+                    offer_at[len(measured)] = offers[id(profile)]
                 values[step_spec.z_out] = z_next
                 measured.append(_Measured(profile, step_spec, rep_spec, match))
                 kinds.append((key, step_spec.step == 0, step_spec.step == block.nt - 1))
@@ -473,12 +522,17 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
         positions = {id(spec): at for at, spec in enumerate(traced.stages)}
         forward = [positions[id(m.measured_spec)] for m in measured]
         runs = {("rerun", at) for at in forward} | {(s.kind, s.position) for found in backward for s in found}
+        runs |= {("reconstruct", forward[at]) for at in offer_at}
         progress.step(f"calibrating {len(runs)} measurements on {example_inputs[0].device}")
         found = measure_workspaces(model, traced, example_inputs, runs, values)
         stages = [_with_workspace(stage, at, sources, found) for stage, at, sources in zip(stages, forward, backward)]
         stages = [dataclasses.replace(stage, uses_rng=True) if at in found.random_positions else stage
                   for at, stage in enumerate(stages)]
     del measured
+    drift = found.drift if calibrate else {}
+    stages = [_with_offer(stage, offer_at.get(at), drift.get(stage.block, 0.0),
+                          found.excess("reconstruct", forward[at]).nbytes if calibrate else 0)
+              for at, stage in enumerate(stages)]
     stages = _with_rng_restore(stages, example_inputs[0].device)
     progress.done(f"{len(stages)} stages, {len(traced.blocks) - blocks_alike} of {len(traced.blocks)} ODE blocks "
                   f"measured ({blocks_alike} share a block built alike)" + (", calibrated" if calibrate else ""))

@@ -24,7 +24,12 @@ from torch._subclasses.fake_tensor import is_fake_tensor
 
 from anode_plan.errors import NonFiniteStateError, ODEBlockConfigError, ODEFunctionError
 
-METHODS = {"euler": 1, "rk2": 2, "rk4": 4}
+METHODS = {"euler": 1, "rk2": 2, "rk4": 4, "reversible_heun": 1, "alf": 1}
+#: Methods whose steps can be inverted: the state before a step is computed from the state
+#: after it (to rounding), so backward may rebuild states instead of keeping them.
+REVERSIBLE = frozenset({"reversible_heun", "alf"})
+#: What a reversible method carries from step to step, in order (the first is the solution).
+CARRIED = {"reversible_heun": ("y", "z_hat", "f"), "alf": ("y", "v")}
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -73,7 +78,10 @@ class ODEBlock(nn.Module):
             return dz/dt: a tensor of ``z``'s shape, or for a tuple state a tuple of the
             components' shapes. It must not write into ``z`` in place.
         nt: the number of time steps, a positive int.
-        method: ``"euler"``, ``"rk2"`` (explicit midpoint) or ``"rk4"`` (classical).
+        method: ``"euler"``, ``"rk2"`` (explicit midpoint), ``"rk4"`` (classical), or
+            one of the reversible methods ``"reversible_heun"`` and ``"alf"`` (see the
+            module docstring: they carry more than ``z``, and the compiler may rebuild
+            their states backwards instead of keeping them).
         t_span: the integration interval ``(t0, t1)``; the step is ``(t1 - t0) / nt``.
         check_finite: after every step, check that the state has no NaN or infinity and
             raise :class:`~anode_plan.NonFiniteStateError` naming the step if it does.
@@ -93,7 +101,7 @@ class ODEBlock(nn.Module):
                                       "a positive int, e.g. nt=8")
         if method not in METHODS:
             raise ODEBlockConfigError(f"ODEBlock(method={method!r}) is not a known method; use one of "
-                                      f"{sorted(METHODS)}")
+                                      f"{list(METHODS)} (fixed steps; the last two are reversible)")
         t0, t1 = (float(t) for t in t_span)
         if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
             raise ODEBlockConfigError(f"ODEBlock(t_span={t_span!r}) must be two different finite times")
@@ -106,6 +114,11 @@ class ODEBlock(nn.Module):
     @property
     def dt(self) -> float:
         return (self.t_span[1] - self.t_span[0]) / self.nt
+
+    @property
+    def reversible(self) -> bool:
+        """Whether a step can be inverted (:meth:`inverse_step`)."""
+        return self.method in REVERSIBLE
 
     @property
     def stages_per_step(self) -> int:
@@ -131,12 +144,37 @@ class ODEBlock(nn.Module):
                 "state (check strides, padding and channel counts)")
         return out
 
+    def initial_state(self, z: State, *context: torch.Tensor) -> State:
+        """What the steps carry at ``t0``: ``z`` itself, or for a reversible method ``(z, z, f0)`` / ``(z, f0)``."""
+        if not self.reversible:
+            return z
+        if not isinstance(z, torch.Tensor):
+            raise ODEFunctionError(f"ODEBlock(method={self.method!r}) integrates a tensor state; got a tuple of "
+                                   f"{len(z)}. Use method='euler', 'rk2' or 'rk4' for a tuple state, or concatenate it.")
+        f0 = self.initial_derivative(z, *context)
+        return (z, z, f0) if self.method == "reversible_heun" else (z, f0)
+
+    def initial_derivative(self, z: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        """``func(t0, z)``: what a reversible method's carried state adds to ``z`` at the start."""
+        return self._f(self.t_span[0], z, context)
+
+    def readout(self, state: State) -> State:
+        """The solution in what the steps carry: ``state`` itself, or a reversible method's ``y``."""
+        return state[0] if self.reversible else state
+
     def step(self, step_idx: int, z: State, *context: torch.Tensor) -> State:
-        """Advance ``z`` by time step ``step_idx`` (0-based): one stage of the compiled chain."""
+        """Advance ``z`` by time step ``step_idx`` (0-based): one stage of the compiled chain.
+
+        For a reversible method ``z`` is the carried state (:meth:`initial_state`), or at the
+        first step the tensor itself, whose carried state the step makes first.
+        """
         if not 0 <= step_idx < self.nt:
             raise IndexError(f"step_idx {step_idx} is outside [0, {self.nt}) for this ODEBlock")
         t, dt = self.time(step_idx), self.dt
-        if isinstance(z, torch.Tensor):
+        if self.reversible:
+            carried = self.initial_state(z, *context) if isinstance(z, torch.Tensor) else z
+            out = self._reversible_step(t, dt, self._carried(carried), context)
+        elif isinstance(z, torch.Tensor):
             out = self._tensor_step(t, dt, z, context)
         elif self.method == "euler":
             out = _map(lambda z, k: torch.add(z, k, alpha=dt), z, self._f(t, z, context))
@@ -173,6 +211,49 @@ class ODEBlock(nn.Module):
         k4 = self._f(t + dt, torch.add(z, k3, alpha=dt), context)
         return torch.add(z, _rk4_slope(k1, k2, k3, k4), alpha=dt / 6)
 
+    def _carried(self, state: State) -> tuple[torch.Tensor, ...]:
+        parts = len(CARRIED[self.method])
+        if isinstance(state, torch.Tensor) or len(state) != parts:
+            raise ODEFunctionError(
+                f"ODEBlock(method={self.method!r}) steps carry {parts} tensors {CARRIED[self.method]}, got "
+                f"{_describe(state)}; make the first state with block.initial_state(z)")
+        return tuple(state)
+
+    def _reversible_step(self, t: float, dt: float, state: tuple[torch.Tensor, ...],
+                         context: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        if self.method == "reversible_heun":
+            y, z_hat, f = state
+            z_next = torch.add(torch.add(y, torch.sub(y, z_hat)), f, alpha=dt)  # 2y - ẑ + h·f
+            f_next = self._f(t + dt, z_next, context)
+            return torch.add(y, torch.add(f, f_next), alpha=dt / 2), z_next, f_next
+        y, v = state
+        half = torch.add(y, v, alpha=dt / 2)
+        u = self._f(t + dt / 2, half, context)
+        v_next = torch.add(u, torch.sub(u, v))  # 2u - v
+        return torch.add(half, v_next, alpha=dt / 2), v_next
+
+    def inverse_step(self, step_idx: int, state: State, *context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The carried state before step ``step_idx``, computed from the one after it (reversible methods only).
+
+        Exact in exact arithmetic; in floating point each inverted step adds rounding
+        error, which grows with the number of steps inverted in a row (ALF has no region
+        of absolute stability beyond the origin, so it may grow fast).
+        """
+        if not self.reversible:
+            raise ODEBlockConfigError(f"ODEBlock(method={self.method!r}) is not reversible; inverse_step needs "
+                                      f"one of {sorted(REVERSIBLE)}")
+        t, dt = self.time(step_idx), self.dt
+        if self.method == "reversible_heun":
+            y, z_hat, f = self._carried(state)
+            z_prev = torch.sub(torch.add(y, torch.sub(y, z_hat)), f, alpha=dt)  # 2y - ẑ - h·f
+            f_prev = self._f(t, z_prev, context)
+            return torch.sub(y, torch.add(f_prev, f), alpha=dt / 2), z_prev, f_prev
+        y, v = self._carried(state)
+        half = torch.sub(y, v, alpha=dt / 2)
+        u = self._f(t + dt / 2, half, context)
+        v_prev = torch.sub(torch.add(u, u), v)  # 2u - v'
+        return torch.sub(half, v_prev, alpha=dt / 2), v_prev
+
     def _check_finite(self, step_idx: int, z: State, out: State) -> None:
         if any(is_fake_tensor(c) for c in _components(out)):
             return  # the cost model runs steps on fake tensors, which have no values
@@ -200,9 +281,10 @@ class ODEBlock(nn.Module):
             raise ODEFunctionError(f"ODEBlock(z, *context): the context must be tensors, got "
                                    f"{[type(c).__name__ for c in context]}")
         z = z if isinstance(z, torch.Tensor) else tuple(z)
+        state = self.initial_state(z, *context)
         for step_idx in range(self.nt):
-            z = self.step(step_idx, z, *context)
-        return z
+            state = self.step(step_idx, state, *context)
+        return self.readout(state)
 
     def extra_repr(self) -> str:
         finite = ", check_finite=True" if self.check_finite else ""

@@ -14,7 +14,8 @@ and measures the model again, compares its structure and inputs with the file's
 (:class:`PlanMismatchError`), and simulates the schedule on the fresh measurements, so a
 hand-edited chain cannot make a schedule look smaller than it is.
 
-The format, version 1 (``Run(i)`` is written ``i``; a ``Region`` as a mapping)::
+The format, version 1 (``Run(i)`` is written ``i``; a ``Region`` as a mapping; a
+``Reconstruct`` as ``{reconstruct: [start, stop]}``)::
 
     format: anode-plan plan
     version: 1
@@ -46,7 +47,8 @@ from torch.fx.node import _get_qualified_name
 from anode_plan.budget import budget_for_peak, usable_bytes
 from anode_plan.errors import PlanFileError, PlanInvariantError, PlanMismatchError, PlanOverBudgetError
 from anode_plan.trace import TracedModel
-from planners import Block, Chain, Region, Run, Schedule, Simulation, Stage, format_bytes, simulate_plan
+from planners import (Block, Chain, Reconstruct, Reconstruction, Region, Run, Schedule, Simulation, Stage,
+                      format_bytes, simulate_plan)
 from planners.chain import WORKSPACE_FIELDS
 from planners.feasibility import peak_workspace
 from planners.schedule import Op
@@ -134,6 +136,8 @@ def save_plan(plan: Any, path: str | os.PathLike) -> None:
 def _op_to_data(op: Op) -> Any:
     if isinstance(op, Run):
         return op.stage
+    if isinstance(op, Reconstruct):
+        return {"reconstruct": [op.start, op.stop]}
     return {"region": [op.start, op.stop], "body": [_op_to_data(inner) for inner in op.body]}
 
 
@@ -143,6 +147,9 @@ def _chain_to_data(chain: Chain) -> dict:
         entry = {}
         for name in _STAGE_FIELDS:
             value = getattr(stage, name)
+            if isinstance(value, Reconstruction):
+                value = {"step_bytes": value.step_bytes, "inverse_cost": value.inverse_cost,
+                         "error_per_step": value.error_per_step, "solution_bytes": value.solution_bytes}
             entry[name] = list(value) if isinstance(value, tuple) else value
         stages.append(entry)
     return {
@@ -295,7 +302,13 @@ class _Reader:
             body = self.sequence(value["body"], f"{where}.body")
             return Region(bounds[0], bounds[1], tuple(self.op(inner, f"{where}.body[{i}]")
                                                       for i, inner in enumerate(body)))
-        raise self.fail(where, "a stage number (Run) or a mapping {region: [start, stop], body: [...]}", value)
+        if isinstance(value, dict) and set(value) == {"reconstruct"}:
+            bounds = self.integer_list(value, "reconstruct", where)
+            if len(bounds) != 2:
+                raise self.fail(f"{where}.reconstruct", "[start, stop]", value["reconstruct"])
+            return Reconstruct(bounds[0], bounds[1])
+        raise self.fail(where, "a stage number (Run), a mapping {region: [start, stop], body: [...]} or "
+                        "{reconstruct: [start, stop]}", value)
 
     def chain(self, value: Any) -> Chain:
         data = self.mapping(value, "chain")
@@ -353,6 +366,13 @@ class _Reader:
             values["workspace_kernels"] = tuple(kernels)
         if "uses_rng" in data:
             values["uses_rng"] = self.boolean(data, "uses_rng", where)
+        if data.get("reconstruct") is not None:
+            offer = self.mapping(data["reconstruct"], f"{where}.reconstruct")
+            values["reconstruct"] = Reconstruction(
+                self.integer(offer, "step_bytes", f"{where}.reconstruct", minimum=0),
+                self.number(offer, "inverse_cost", f"{where}.reconstruct"),
+                self.number(offer, "error_per_step", f"{where}.reconstruct"),
+                self.integer(offer, "solution_bytes", f"{where}.reconstruct", minimum=0))
         for key in ("saves_input", "saves_output"):
             values[key] = self.boolean(data, key, where)
         for key in ("fwd_cost", "bwd_cost"):

@@ -24,7 +24,8 @@ from anode_plan.errors import PlotUnavailableError
 from anode_plan.report import BudgetLandmarks, TradeoffPoint
 from planners import format_bytes
 
-PHASE_COLORS = {"forward": "#4C72B0", "loss": "#8172B3", "recompute": "#DD8452", "backward": "#55A868"}
+PHASE_COLORS = {"forward": "#4C72B0", "loss": "#8172B3", "recompute": "#DD8452", "reconstruct": "#C44E52",
+                "backward": "#55A868"}
 _MIB = 2**20
 
 
@@ -96,6 +97,9 @@ def plot_timeline(plan: Any, *, title: str = "") -> Any:
             cost = loss_cost
         elif event.phase == "backward":
             cost = chain.stages[event.stage].bwd_cost
+        elif event.phase == "reconstruct":
+            stage = chain.stages[event.stage]
+            cost = stage.reconstruct.inverse_cost + stage.fwd_cost + stage.bwd_cost
         else:
             cost = chain.stages[event.stage].fwd_cost
         edges.append(edges[-1] + max(cost, 1e-9))

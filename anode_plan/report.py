@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from planners import (Anode, Auto, Chain, InfeasibleBudgetError, Region, Run, StoreAll, format_bytes,
+from planners import (Anode, Auto, Chain, InfeasibleBudgetError, Reconstruct, Region, Run, StoreAll, format_bytes,
                       simulate_plan)
 from planners.schedule import Op, nesting_depth
 from planners.simulate import Simulation
@@ -44,12 +44,18 @@ class BlockSummary:
             region with checkpoints nested inside), ``"checkpointed"`` (regions within the
             block), ``"checkpointed + tapes"`` (some steps taped, some in regions) or
             ``"inside a region"`` (a region that starts before the block or ends after it
-            holds some of its steps: they are recomputed from a state outside the block).
+            holds some of its steps: they are recomputed from a state outside the block),
+            ``"reconstruct"`` (every step rebuilt backwards from the block's output; with
+            tapes or regions for some steps, joined with ``+``).
         taped_steps: the steps whose tape the forward pass keeps.
         snapshot_steps: the steps whose input state is kept through the forward pass
             (where a region starts).
         recomputed_steps: forward step evaluations beyond the first, over the whole step.
         region: for ``"inside a region"``, the first and last stage of that region.
+        reconstructed_steps: the steps rebuilt backwards (``Reconstruct``), and
+            ``segments`` how many runs of them (each keeps its own output: an anchor).
+        rebuild_error: the expected relative round-off of a rebuilt state: the measured
+            error per inverted step times the longest run inverted in a row.
         peak_bytes: the predicted peak while this block's stages run or are differentiated.
     """
 
@@ -62,6 +68,9 @@ class BlockSummary:
     peak_bytes: int
     taped_steps: tuple[int, ...] = ()
     region: tuple[str, str] | None = None
+    reconstructed_steps: tuple[int, ...] = ()
+    segments: int = 0
+    rebuild_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,8 @@ def summarize_blocks(plan) -> list[BlockSummary]:
     for block in chain.blocks:
         ops = _overlapping(plan.schedule.ops, block.start, block.stop)
         regions = [op for op in ops if isinstance(op, Region)]
+        rebuilt_ops = [op for op in ops if isinstance(op, Reconstruct)]
+        rebuilt = tuple(step - block.start for op in rebuilt_ops for step in range(op.start, op.stop))
         taped = tuple(op.stage - block.start for op in ops if isinstance(op, Run))
         kept = tuple(op.start - block.start for op in regions if op.start >= block.start)
         outer = next((op for op in regions if op.start < block.start or op.stop > block.stop), None)
@@ -97,6 +108,8 @@ def summarize_blocks(plan) -> list[BlockSummary]:
         if outer is not None:
             strategy = "inside a region"
             region = (chain.stages[outer.start].name, chain.stages[outer.stop - 1].name)
+        elif rebuilt:
+            strategy = " + ".join(["reconstruct"] + (["tapes"] if taped else []) + (["checkpointed"] if regions else []))
         elif not regions:
             strategy = "store tapes"
         elif len(regions) == 1 and not taped and (regions[0].start, regions[0].stop) == (block.start, block.stop):
@@ -105,8 +118,11 @@ def summarize_blocks(plan) -> list[BlockSummary]:
             strategy = "checkpointed + tapes" if taped else "checkpointed"
         counts = sim.forward_counts[block.start:block.stop]
         peaks = [event.peak_bytes for event in sim.timeline if block.start <= event.stage < block.stop]
+        error = max((chain.stages[op.start].reconstruct.error_per_step * (op.stop - op.start) for op in rebuilt_ops),
+                    default=0.0)
         summaries.append(BlockSummary(block.name, block.nt, block.method, strategy, kept, sum(counts) - block.nt,
-                                      max(peaks, default=0), taped_steps=taped, region=region))
+                                      max(peaks, default=0), taped_steps=taped, region=region,
+                                      reconstructed_steps=rebuilt, segments=len(rebuilt_ops), rebuild_error=error))
     return summaries
 
 
@@ -271,6 +287,10 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
         rows = [(s.name, str(s.nt), s.method, s.strategy + (f" from {s.region[0]} to {s.region[1]}" if s.region else ""),
                  _steps(s.taped_steps), _steps(s.snapshot_steps), str(s.recomputed_steps), format_bytes(s.peak_bytes))
                 for s in summaries]
+        if any(s.reconstructed_steps for s in summaries):
+            header = (*header, "rebuilt steps (segments, round-off)")
+            rows = [(*row, f"{_steps(s.reconstructed_steps)} ({s.segments}, {s.rebuild_error:.1e})"
+                     if s.reconstructed_steps else "-") for row, s in zip(rows, summaries)]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())

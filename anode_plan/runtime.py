@@ -16,6 +16,7 @@ schedule runs as written, with PyTorch's own machinery doing the bookkeeping, an
 * a re-run runs under the autocast state of the original forward;
 * BatchNorm running statistics are updated once per step: a re-run does not update
   them, by :class:`RestoreRunningStats` (the ``context_fn`` recompute context);
+* a :class:`planners.Reconstruct` runs as :func:`anode_plan.reconstruct.run_reconstruct`;
 * a region that writes into its own input in place (which would make its re-run start
   from the wrong values) raises :class:`~anode_plan.InPlaceModificationError` in forward.
   An input overwritten after the region ran is caught by autograd's version check when
@@ -39,8 +40,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from anode_plan.errors import InPlaceModificationError
-from anode_plan.trace import TracedModel, run_layer_group, run_step
-from planners import Op, Run
+from anode_plan.reconstruct import run_reconstruct
+from anode_plan.trace import TracedModel, run_stage
+from planners import Op, Reconstruct, Run
 
 
 class RestoreRunningStats:
@@ -200,9 +202,7 @@ class ScheduleRunner:
 
     def run_stage(self, root: nn.Module, index: int, values: tuple) -> tuple:
         spec = self.traced.stages[index]
-        if spec.block is None:
-            return run_layer_group(root, self.traced, spec, values)
-        return run_step(root, spec, values)
+        return run_stage(root, self.traced, spec, values)
 
     def run_plain(self, root: nn.Module, values: tuple) -> tuple:
         """All stages, no checkpoints: for ``no_grad`` and inference."""
@@ -215,6 +215,9 @@ class ScheduleRunner:
         for op in self.ops if ops is None else ops:
             if isinstance(op, Run):
                 values = self.run_stage(root, op.stage, values)
+            elif isinstance(op, Reconstruct):
+                values = run_reconstruct(root, self.traced, op.start, op.stop, values,
+                                         stats=lambda: RestoreRunningStats(self.norm_layers))
             else:
                 flat, structure = tree_flatten(values)
                 random = not self.random_stages.isdisjoint(range(op.start, op.stop))

@@ -44,6 +44,10 @@ class StageSpec:
             names; every later state is one value (a tuple of tensors).
         context: for a step, the names of the block's constant extra inputs
             (``block(z, *context)``), carried through all its steps.
+        role: ``""``, or ``"readout"`` for the stage after a reversible block's steps
+            (``block.readout``: the solution from what the last step carried; the first
+            step takes ``z`` and makes the carried state itself). It is a stage of its own,
+            outside the block's range.
     """
 
     name: str
@@ -56,6 +60,7 @@ class StageSpec:
     z_in: str | tuple[str, ...] | None = None
     z_out: str | None = None
     context: tuple[str, ...] = ()
+    role: str = ""
 
 
 @dataclass(frozen=True)
@@ -139,11 +144,27 @@ def run_step(root: nn.Module, spec: StageSpec, values: Sequence[Any]) -> tuple:
     return tuple(env[name] for name in spec.out_names)
 
 
+def run_block_edge(root: nn.Module, spec: StageSpec, values: Sequence[Any]) -> tuple:
+    """Run the ``"readout"`` stage of a reversible block, carrying the rest of the state."""
+    env = dict(zip(spec.in_names, values))
+    block = root.get_submodule(spec.block_target)
+    z = env[spec.z_in] if isinstance(spec.z_in, str) else tuple(env[name] for name in spec.z_in)
+    env[spec.z_out] = block.readout(z)
+    return tuple(env[name] for name in spec.out_names)
+
+
+def run_stage(root: nn.Module, traced: TracedModel, spec: StageSpec, values: Sequence[Any]) -> tuple:
+    """Run any stage of ``traced`` from its input state ``values``."""
+    if spec.role:
+        return run_block_edge(root, spec, values)
+    if spec.block is None:
+        return run_layer_group(root, traced, spec, values)
+    return run_step(root, spec, values)
+
+
 def stage_function(root: nn.Module, traced: TracedModel, spec: StageSpec) -> Callable[[Sequence[Any]], tuple]:
     """The stage ``spec`` of ``traced`` as a function of its input state, run on the modules of ``root``."""
-    if spec.block is None:
-        return lambda values: run_layer_group(root, traced, spec, values)
-    return lambda values: run_step(root, spec, values)
+    return lambda values: run_stage(root, traced, spec, values)
 
 
 def trace_model(model: nn.Module, example_inputs: Sequence[Any], *,
@@ -421,17 +442,21 @@ def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tupl
         _check_not_overwritten(model, node, z_nodes + context_nodes, position)
         after = live_after(position[node])
         carried = tuple(n for n in state if n not in z_names or n in after)
-        start = len(stages)
+        context = tuple(n.name for n in context_nodes)
         names = state
+        start = len(stages)
         for step in range(module.nt):
-            z_out = node.name if step == module.nt - 1 else f"{node.name}@{step + 1}"
-            out = after if step == module.nt - 1 else carried + (z_out,)
+            last = step == module.nt - 1 and not module.reversible
+            z_out = node.name if last else f"{node.name}@{step + 1}"
+            out = after if last else carried + (z_out,)
             z_cur = z_in if step == 0 else f"{node.name}@{step}"
             stages.append(StageSpec(f"{node.target}@{step}", names, out, block_target=node.target,
-                                    block=len(blocks), step=step, z_in=z_cur, z_out=z_out,
-                                    context=tuple(n.name for n in context_nodes)))
+                                    block=len(blocks), step=step, z_in=z_cur, z_out=z_out, context=context))
             names = out
         blocks.append(BlockSpec(node.target, start, len(stages), module.nt, module.method))
+        if module.reversible:
+            stages.append(StageSpec(f"{node.target}@out", names, after, block_target=node.target,
+                                    z_in=f"{node.name}@{module.nt}", z_out=node.name, role="readout"))
         state = after
     close_group(len(nodes) - 2)  # the output node is last; keep what it returns
     if not stages:

@@ -8,6 +8,9 @@
   gently with depth (not proven optimal; the plan says so).
 * A chain that carries skip values (a U-Net, a DenseNet: the graph is not a chain)
   goes to :class:`~planners.CPSat`, whose memory model counts each carried value once.
+* Reversible ODE blocks (their steps offer a ``Reconstruction``) are reconstructed where
+  that makes the schedule cheaper or lets it fit (:mod:`planners.reconstruct`): the
+  planner above then plans the chain with those blocks collapsed.
 
 On graphs the landmark schedules (:class:`~planners.Landmarks`) are planned too, and the
 cheapest schedule the simulator finds within the budget wins: on a graph CP-SAT prices
@@ -28,6 +31,7 @@ from planners.cpsat import CPSat
 from planners.feasibility import cheapest_fitting
 from planners.landmarks import Landmarks
 from planners.nested import DP_UNIT_LIMIT, Nested
+from planners.reconstruct import MAX_ERROR, plan_with_reconstruct, reconstructible_blocks
 from planners.rotor import ChainDP, dp_cuts
 from planners.schedule import Schedule
 
@@ -39,7 +43,16 @@ class Auto:
     chain_planner: ChainDP = field(default_factory=ChainDP)
     graph_planner: CPSat = field(default_factory=CPSat)
 
+    #: The bound on the relative round-off of states rebuilt by reconstruction (see :mod:`planners.reconstruct`).
+    reconstruct_max_error: float = MAX_ERROR
+
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
+        if reconstructible_blocks(chain):
+            return plan_with_reconstruct(chain, budget_bytes, self._plan_without_reconstruct,
+                                         max_error=self.reconstruct_max_error)
+        return self._plan_without_reconstruct(chain, budget_bytes)
+
+    def _plan_without_reconstruct(self, chain: Chain, budget_bytes: int) -> Schedule:
         if carries_values(chain):
             primary = self.graph_planner
         else:

@@ -20,6 +20,37 @@ WORKSPACE_FIELDS = ("fwd_untaped_workspace_bytes", "fwd_taped_workspace_bytes", 
 
 
 @dataclass(frozen=True)
+class Reconstruction:
+    """A stage's offer to be rebuilt from its output instead of kept or recomputed from its input.
+
+    Offered by the time steps of a reversible ODE block (``anode_plan.ODEBlock(method=
+    "reversible_heun" | "alf")``): the inverse step computes ``x_i`` from ``x_{i+1}``.
+
+    Attributes:
+        step_bytes: the most memory one step of the walk back allocates on top of what is
+            live when it starts (the state after the step, its gradient, the parameters'
+            gradients): the inverse, the rebuilt ``x_i``, the taped re-run, its
+            vector-Jacobian products and the gradients they make, kernel workspaces included.
+        inverse_cost: the inverse step's cost, in the chain's cost unit (the re-run and the
+            backward cost the stage's ``fwd_cost`` and ``bwd_cost``).
+        error_per_step: the relative error of a rebuilt state per inverted step, as
+            measured on the example input (0.0 when not measured).
+        solution_bytes: the bytes of the solution part of the carried state (``y``): at the
+            block's end only its gradient reaches the walk, and it stays live through it.
+    """
+
+    step_bytes: int
+    inverse_cost: float
+    error_per_step: float = 0.0
+    solution_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.step_bytes < 0 or self.inverse_cost < 0:
+            raise ValueError(f"Reconstruction: step_bytes={self.step_bytes} and "
+                             f"inverse_cost={self.inverse_cost} must be >= 0")
+
+
+@dataclass(frozen=True)
 class Stage:
     """One stage of a chain and what running it costs.
 
@@ -62,6 +93,9 @@ class Stage:
         saved_values: the value ids (see :attr:`Chain.state_values`) the tape holds;
             ``None`` derives them from ``saves_input`` (the input values the stage
             consumes) and ``saves_output`` (the values it creates).
+        reconstruct: the stage's offer to be rebuilt backwards from its output (a
+            :class:`Reconstruction`), or ``None``: the options a planner has for a stage
+            are keeping its tape, recomputing it from a kept state, and this.
     """
 
     name: str
@@ -86,6 +120,7 @@ class Stage:
     bwd_workspace_bytes: int = 0
     workspace_kernels: tuple[str, str, str, str] = ("", "", "", "")
     uses_rng: bool = False
+    reconstruct: Reconstruction | None = None
 
     def __post_init__(self) -> None:
         for attr in ("input_bytes", "output_bytes", "tape_bytes", *WORKSPACE_FIELDS):

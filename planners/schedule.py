@@ -1,7 +1,6 @@
 """Schedules as plain data, and the structural validator.
 
-A schedule is a sequence of two kinds of operation over a chain (see
-:mod:`planners.chain`):
+A schedule is a sequence of operations over a chain (see :mod:`planners.chain`):
 
 * :class:`Run` — run one stage with a tape, keeping the tape until that stage's
   backward (``F_all`` in the rotor paper).
@@ -40,7 +39,23 @@ class Region:
     body: tuple["Op", ...]
 
 
-Op = Union[Run, Region]
+@dataclass(frozen=True)
+class Reconstruct:
+    """Run stages ``[start, stop)`` untaped, keeping only ``x_stop``; in backward, rebuild the states backwards.
+
+    For the steps of a reversible ODE block (each stage offers a
+    :class:`~planners.chain.Reconstruction`): when backward reaches ``x_stop``, each step's
+    input is computed from its output by the inverse step, the step is re-run with its
+    tape from it and differentiated, last step first. Memory is a few states whatever
+    the number of steps; consecutive ``Reconstruct`` ops are anchors, bounding how many
+    steps are inverted in a row (round-off grows with that number).
+    """
+
+    start: int
+    stop: int
+
+
+Op = Union[Run, Region, Reconstruct]
 
 
 @dataclass(frozen=True)
@@ -89,8 +104,14 @@ def _validate_ops(ops: tuple[Op, ...], start: int, stop: int, where: str) -> Non
                                          "empty body")
             _validate_ops(op.body, op.start, op.stop, f"{where} > Region[{op.start}, {op.stop})")
             cursor = op.stop
+        elif isinstance(op, Reconstruct):
+            if op.start != cursor or not op.start < op.stop <= stop:
+                raise PlanInvariantError(
+                    f"{where}, operation {position}: Reconstruct[{op.start}, {op.stop}) does not start at stage "
+                    f"{cursor} or does not end inside [{cursor}, {stop}]")
+            cursor = op.stop
         else:
-            raise PlanInvariantError(f"{where}, operation {position}: {op!r} is neither Run nor Region")
+            raise PlanInvariantError(f"{where}, operation {position}: {op!r} is not a Run, Region or Reconstruct")
     if cursor != stop:
         raise PlanInvariantError(f"{where}: covers stages [{start}, {cursor}) but must cover [{start}, {stop})")
 

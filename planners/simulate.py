@@ -21,6 +21,14 @@ by every state that carries it.
   gradients it makes included), frees the tape, leaves the gradients of the values it
   consumed and of parameters it touched for the first time (those stay to the end), and
   frees the gradients of the values the stage created.
+* A ``Reconstruct`` runs its stages untaped, like a region's body, and keeps its output
+  ``x_stop`` (saved for its backward) until that backward ends. In backward, for each
+  stage from the last, one walk step (inverse, taped re-run, products) peaks at
+  ``reconstruct.step_bytes`` on top of what is live and leaves the rebuilt ``x_i`` (the
+  state after it is freed, but for ``x_stop``) and the gradients of what the stage
+  consumed, freeing those of what it created (but for the gradient of ``x_stop``, which
+  backward handed the op: it lives until the op returns; at a block's end, only the
+  solution's, ``reconstruct.solution_bytes``).
 * The network input is not charged (the budget excludes the batch); the output stays
   live through backward (the caller holds it), and the loss after the network peaks at
   ``Chain.head_bytes`` on top of everything, then leaves the output gradient.
@@ -36,7 +44,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from planners.chain import Chain
-from planners.schedule import Op, Run, Schedule, validate_schedule
+from planners.errors import PlanInvariantError
+from planners.schedule import Op, Reconstruct, Region, Run, Schedule, validate_schedule
 
 KINDS = ("states", "tapes", "gradients", "parameter gradients")
 
@@ -45,7 +54,9 @@ KINDS = ("states", "tapes", "gradients", "parameter gradients")
 class TimelineEvent:
     """One operation of a simulated training step.
 
-    ``phase`` is ``"forward"``, ``"recompute"``, ``"backward"`` or ``"loss"``;
+    ``phase`` is ``"forward"``, ``"recompute"``, ``"reconstruct"`` (a step rebuilt and
+    differentiated),
+    ``"backward"`` or ``"loss"``;
     ``live_bytes`` is what is live after the operation, ``peak_bytes`` the most
     during it.
     """
@@ -71,6 +82,7 @@ class Simulation:
         peak_phase: the phase of the operation at the peak (see :class:`TimelineEvent`).
         peak_stage: the stage of that operation (``len(chain)`` for the loss).
         peak_kernel: the kernel whose workspace is in the peak (``Stage.workspace_kernels``), or ``""``.
+        inverse_counts: how many times each stage's inverse step runs (``Reconstruct``).
     """
 
     peak_bytes: int
@@ -83,6 +95,12 @@ class Simulation:
     peak_phase: str = ""
     peak_stage: int = -1
     peak_kernel: str = ""
+    inverse_counts: tuple[int, ...] = ()
+
+    @property
+    def reconstructed_steps(self) -> int:
+        """Inverse steps run in backward (states rebuilt rather than kept or recomputed)."""
+        return sum(self.inverse_counts)
 
     @property
     def recompute_overhead(self) -> float:
@@ -157,6 +175,7 @@ class _Simulator:
         self.stages = chain.stages
         self.mem = _Memory(record)
         self.counts = [0] * len(chain.stages)
+        self.inverse_counts = [0] * len(chain.stages)
         self.cost = 0.0
         self.grads_done: set[int] = set()
         self.grads: dict[int, int] = {}
@@ -213,6 +232,12 @@ class _Simulator:
                     self.mem.decref(handle)
                 state = new_state
                 self.mem.event(phase, i, peak)
+            elif isinstance(op, Reconstruct):
+                state, _ = self.forward(tuple(Run(i) for i in range(op.start, op.stop)), state, taped=False)
+                if taped:  # the output, saved for the backward
+                    for handle in state.values():
+                        self.mem.incref(handle)
+                    records.append(dict(state))
             else:
                 if taped:
                     for handle in state.values():
@@ -220,6 +245,50 @@ class _Simulator:
                     records.append(dict(state))
                 state, _ = self.forward(op.body, state, taped=False)
         return state, records
+
+    def reconstruct(self, op: Reconstruct, kept: dict[int, int]) -> None:
+        """Backpropagate a ``Reconstruct`` from its kept output, one walk step per stage, last first."""
+        current = dict(kept)
+        for handle in current.values():
+            self.mem.incref(handle)
+        # The gradients backward hands the op live until it returns: at the block's end, that of the
+        # solution alone (the readout passes nothing else); inside the block, the whole state's.
+        at_end = self.chain.blocks[self.stages[op.start].block].stop == op.stop
+        handed = [] if at_end else [self.grads[value] for value in self.created[op.stop - 1] if value in self.grads]
+        for handle in handed:
+            self.mem.incref(handle)
+        for i in reversed(range(op.start, op.stop)):
+            stage = self.stages[i]
+            peak = self.mem.touch(stage.reconstruct.step_bytes, 0, ("reconstruct", i, ""))
+            rebuilt = {}
+            for value in self.chain.state_values[i]:
+                if value in current:
+                    self.mem.incref(current[value])
+                    rebuilt[value] = current[value]
+                else:
+                    rebuilt[value] = self.mem.new("states", self._bytes(value))
+            for handle in current.values():
+                self.mem.decref(handle)
+            current = rebuilt
+            self.counts[i] += 1
+            self.inverse_counts[i] += 1
+            self.cost += stage.reconstruct.inverse_cost + stage.fwd_cost + stage.bwd_cost
+            for value in self.consumed[i]:
+                if value not in self.grads:
+                    self.grads[value] = self.mem.new("gradients", self._bytes(value, gradient=True))
+            for param in stage.param_ids:
+                if param not in self.grads_done:
+                    self.grads_done.add(param)
+                    self.mem.new("parameter gradients", self.chain.param_grad_bytes[param])
+            peak = max(peak, self.mem.live)
+            for value in self.created[i]:
+                if value in self.grads:
+                    self.mem.decref(self.grads.pop(value))
+            if at_end and i == op.stop - 1:
+                handed.append(self.mem.new("gradients", stage.reconstruct.solution_bytes))
+            self.mem.event("reconstruct", i, peak)
+        for handle in list(current.values()) + list(kept.values()) + handed:
+            self.mem.decref(handle)
 
     def backward(self, ops: tuple[Op, ...], records: list) -> None:
         """Backpropagate ``ops``; gradients live in ``self.grads`` (value id -> handle)."""
@@ -248,6 +317,8 @@ class _Simulator:
                     if value in self.grads:
                         self.mem.decref(self.grads.pop(value))
                 self.mem.event("backward", i, peak)
+            elif isinstance(op, Reconstruct):
+                self.reconstruct(op, record)
             else:
                 saved_state = record
                 for handle in saved_state.values():
@@ -280,6 +351,7 @@ def simulate_plan(chain: Chain, schedule: Schedule | tuple[Op, ...], *, timeline
     """
     ops = schedule.ops if isinstance(schedule, Schedule) else schedule
     validate_schedule(ops, len(chain.stages))
+    _check_reconstructible(chain, ops)
     sim = _Simulator(chain, record=timeline)
     sim.run(ops)
     baseline = sum(stage.fwd_cost + stage.bwd_cost for stage in chain.stages)
@@ -290,8 +362,26 @@ def simulate_plan(chain: Chain, schedule: Schedule | tuple[Op, ...], *, timeline
         forward_counts=tuple(sim.counts),
         peak_breakdown=tuple(sim.mem.peak_breakdown.items()),
         timeline=tuple(sim.mem.events),
-        recompute_cost=sum((count - 1) * stage.fwd_cost for count, stage in zip(sim.counts, chain.stages)),
+        recompute_cost=sum((count - 1) * stage.fwd_cost + inverses * (stage.reconstruct.inverse_cost if inverses else 0)
+                           for count, inverses, stage in zip(sim.counts, sim.inverse_counts, chain.stages)),
         peak_phase=sim.mem.peak_where[0],
         peak_stage=sim.mem.peak_where[1],
         peak_kernel=sim.mem.peak_where[2],
+        inverse_counts=tuple(sim.inverse_counts),
     )
+
+
+def _check_reconstructible(chain: Chain, ops: tuple[Op, ...]) -> None:
+    """Every ``Reconstruct`` covers steps of one ODE block, each offering a reconstruction."""
+    for op in ops:
+        if isinstance(op, Region):
+            _check_reconstructible(chain, op.body)
+        elif isinstance(op, Reconstruct):
+            stages = chain.stages[op.start:op.stop]
+            bad = next((s for s in stages if s.reconstruct is None or s.block != stages[0].block
+                        or s.block is None), None)
+            if bad is not None:
+                raise PlanInvariantError(
+                    f"Reconstruct[{op.start}, {op.stop}) covers stage {bad.name!r}, which cannot be rebuilt from "
+                    "its output: only the steps of one reversible ODE block (method='reversible_heun' or 'alf') "
+                    "offer a reconstruction")

@@ -40,7 +40,7 @@ from planners import (Chain, PlanInvariantError, Region, Run, Schedule, Stage, c
     # A zero-length region.
     ((Region(0, 0, (Run(0),)), Run(0)), 1, "operation 0: Region[0, 0)"),
     # Something that is not an operation.
-    ((Run(0), "Run(1)"), 2, "operation 1: 'Run(1)' is neither Run nor Region"),
+    ((Run(0), "Run(1)"), 2, "operation 1: 'Run(1)' is not a Run, Region or Reconstruct"),
 ])
 def test_validate_rejects_and_names_the_operation(ops, num_stages, names):
     with pytest.raises(PlanInvariantError, match=re.escape(names)):
