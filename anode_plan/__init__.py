@@ -19,6 +19,7 @@ from anode_plan.memory import AllocatorMeter, LiveStorageTracker, MemoryMeasurem
 from anode_plan.ode import ODEBlock
 from anode_plan.planfile import dump_plan, save_plan
 from anode_plan.plot import plot_batch_curve, plot_timeline, plot_tradeoff
+from anode_plan.sketch import XConv2d
 from anode_plan.report import (BlockSummary, BudgetLandmarks, TradeoffPoint, default_budgets, find_landmarks,
                                format_landmarks, format_report, format_tradeoff, summarize_blocks, tradeoff_curve)
 from anode_plan.trace import trace_model
@@ -34,5 +35,5 @@ __all__ = [
     "format_tradeoff", "tradeoff_curve",
     "InPlaceModificationError", "PlannerSpecError", "NonFiniteStateError", "CompiledModuleError",
     "AllocatorMeter", "budget_for_peak", "BatchPoint", "BatchSearch", "max_batch_size", "search_batch_size",
-    "batch_curve", "plot_batch_curve",
+    "batch_curve", "plot_batch_curve", "XConv2d",
 ]

@@ -1,0 +1,154 @@
+"""XConv: a convolution that keeps a random sketch of its input for the weight gradient (inexact, opt-in).
+
+Siahkoohi, Louboutin, Herrmann et al., "XConv: Low-memory stochastic backpropagation for
+convolutional layers" (arXiv 2106.06998). The weight gradient of
+a convolution is a sum of traces: with the input ``X`` zero-padded to ``Xp`` and the output
+gradient ``Δ`` spread onto the padded grid at the strided positions (``Δ̃``),
+
+    dW[p, c, o] = Σ_b  Δ̃[b, p]ᵀ · S_o Xp[b, c]                      (S_o: shift by kernel offset o)
+
+and with ``E``, ``r`` i.i.d. standard normal probes over the padded grid (``E[E Eᵀ] = r·I``),
+
+    dW[p, c, o] ≈ (1/r) Σ_b Σ_j (Δ̃[b, p]ᵀ S_o E_j) · (E_jᵀ Xp[b, c]).
+
+Forward keeps only ``P = Eᵀ Xp`` (``b·ci·r`` numbers) and the probes' seed instead of
+``X`` (``b·ci·H·W``); backward regenerates ``E`` from the seed. The estimate is unbiased
+and its relative error falls like ``1/√r``. The input and bias gradients need no ``X``
+and stay exact. Unlike the public package, shifts are zero-filled (no wrap-around at the
+borders), inputs may be rectangular, and strides and padding are supported; groups,
+dilation and non-zero padding modes are not (:func:`supports` says which convolutions can be
+sketched; the others run exactly). The probes come from a generator owned by the op and
+seeded by (seed, step): a re-run of the forward and the backward see the same probes,
+and the user's random stream is not touched.
+
+Use it only when an approximate weight gradient is acceptable: it is never used unless
+asked for (:class:`XConv2d`).
+
+Background, papers and test values: ``docs/algorithms.md`` §9.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def supports(conv: nn.Module) -> bool:
+    """Whether ``conv`` can be sketched: a 2-d convolution without groups or dilation, zero padding of ints."""
+    return (isinstance(conv, nn.Conv2d) and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
+            and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
+
+
+def probes_for(seed: int, step: int, count: int, height: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The ``count`` probes of one step: i.i.d. standard normal over the padded grid, from (seed, step) alone."""
+    generator = torch.Generator(device=like.device)
+    generator.manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+    return torch.randn(count, height, width, generator=generator, device=like.device, dtype=like.dtype)
+
+
+class _SketchedConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: tuple[int, int],
+                padding: tuple[int, int], probes: int, seed: int, step: int, owner: Any) -> torch.Tensor:
+        out = F.conv2d(x, weight, bias, stride, padding)
+        padded = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        grid = probes_for(seed, step, probes, padded.shape[-2], padded.shape[-1], x)
+        sketch = torch.einsum("bchw,jhw->bcj", padded, grid)  # P = Eᵀ Xp: b × ci × r
+        del padded, grid
+        ctx.save_for_backward(sketch, weight)
+        ctx.setup = (tuple(x.shape), stride, padding, probes, seed, step, bias is not None)
+        ctx.owner = owner
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        sketch, weight = ctx.saved_tensors
+        shape, stride, padding, probes, seed, step, has_bias = ctx.setup
+        if ctx.owner is not None:
+            ctx.owner.advance_after_backward()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(shape, weight, grad_out, stride, padding)
+        if ctx.needs_input_grad[1]:
+            batch, out_channels, out_h, out_w = grad_out.shape
+            kernel_h, kernel_w = weight.shape[-2:]
+            height, width = shape[-2] + 2 * padding[0], shape[-1] + 2 * padding[1]
+            grid = probes_for(seed, step, probes, height, width, grad_out)
+            # Q[j, b·p, u, v] = Σ_y Δ[b, p, y] E_j[(u, v) + stride·y]: Δ̃ᵀ S_o E_j for every offset o = (u, v).
+            products = F.conv2d(grid.unsqueeze(1), grad_out.reshape(batch * out_channels, 1, out_h, out_w),
+                                dilation=stride)[:, :, :kernel_h, :kernel_w]
+            del grid
+            products = products.reshape(probes, batch, out_channels, kernel_h, kernel_w)
+            grad_w = torch.einsum("jbpuv,bcj->pcuv", products, sketch).div_(probes)
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad_out.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+
+
+def sketched_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any = 1,
+                    padding: Any = 0, *, probes: int, seed: int, step: int, owner: Any = None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, stride, padding)`` whose weight gradient is XConv's estimate with ``probes`` probes.
+
+    The probes are those of (``seed``, ``step``). ``owner`` (an :class:`XConv2d`) is told
+    when a backward used them, to advance its step once that backward ends.
+    """
+    pair = (lambda v: (v, v) if isinstance(v, int) else tuple(v))
+    return _SketchedConv2d.apply(x, weight, bias, pair(stride), pair(padding), probes, seed, step, owner)
+
+
+class XConv2d(nn.Module):
+    """An ``nn.Conv2d`` whose weight gradient is estimated from a sketch of its input (opt-in, inexact).
+
+    Wraps (and shares the parameters of) a convolution :func:`supports`; others raise.
+    With gradients off it is the exact convolution. ``step`` advances when a backward that
+    used it ends, so each training step draws new probes, while every call within a step
+    (the steps of an ODE block, a checkpoint's re-run in backward) sees the same ones.
+
+    Args:
+        conv: the convolution to sketch.
+        probes: ``r``, the number of random probes; the weight gradient's relative error
+            falls like ``1/√r`` (see :func:`expected_relative_error`).
+        seed: the base seed of the probes.
+    """
+
+    def __init__(self, conv: nn.Conv2d, probes: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        if not supports(conv):
+            raise ValueError(f"XConv2d cannot sketch {conv}: it supports 2-d convolutions with groups=1, "
+                             "dilation=1 and zero padding given as ints; leave this layer exact")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"XConv2d(probes={probes!r}): the number of probes must be a positive int, e.g. 16")
+        self.conv = conv
+        self.probes = probes
+        self.seed = int(seed)
+        self.step = 0
+        self._advancing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if not (torch.is_grad_enabled() and conv.weight.requires_grad):
+            return conv(x)
+        return sketched_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, probes=self.probes,
+                               seed=self.seed, step=self.step, owner=self)
+
+    def advance_after_backward(self) -> None:
+        """Called by a backward that used this step's probes: the step advances once that backward ends."""
+        if not self._advancing:
+            self._advancing = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._advance)
+
+    def _advance(self) -> None:
+        self.step += 1
+        self._advancing = False
+
+    def extra_repr(self) -> str:
+        return f"probes={self.probes}, seed={self.seed}"
+
+
+def expected_relative_error(probes: int) -> float:
+    """The order of the weight gradient's relative error with ``probes`` probes: ``1/√probes``."""
+    return 1.0 / math.sqrt(probes)
