@@ -263,10 +263,13 @@ def _same_role(name: str, measured: StageSpec, spec: StageSpec, match: BlockMatc
     if spec is measured:
         return (name,)
     z_in = (measured.z_in,) if isinstance(measured.z_in, str) else tuple(measured.z_in or ())
-    if name in z_in:
-        return (spec.z_in,) if isinstance(spec.z_in, str) else tuple(spec.z_in or ())
-    if name == measured.z_out:
-        return (spec.z_out,)
+    spec_in = (spec.z_in,) if isinstance(spec.z_in, str) else tuple(spec.z_in or ())
+    if name in z_in:  # a reversible method's parts map part by part; a tuple state entering a block, whole
+        return (spec_in[z_in.index(name)],) if len(z_in) == len(spec_in) and len(z_in) > 1 else spec_in
+    z_out = (measured.z_out,) if isinstance(measured.z_out, str) else tuple(measured.z_out)
+    if name in z_out:
+        spec_out = (spec.z_out,) if isinstance(spec.z_out, str) else tuple(spec.z_out)
+        return (spec_out[z_out.index(name)],)
     return (match.name(name),)
 
 
@@ -396,7 +399,7 @@ def _inverse_offer(fake_model: nn.Module, traced: TracedModel, spec: StageSpec, 
         rebuilt = inverse_state(fake_model, spec, outputs)
     inverse_bytes = tracker.peak_bytes - base
     del rebuilt
-    solution = dict(zip(spec.out_names, outputs))[spec.z_out][0]
+    solution = dict(zip(spec.out_names, outputs))[spec.z_out[0]]
     return Reconstruction(step_bytes, flops.get_total_flops() / FLOPS_PER_MS + inverse_bytes / BYTES_PER_MS,
                           solution_bytes=allocated_bytes(solution))
 
@@ -503,7 +506,9 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             key = ("block", spec.block) if key is None else key
             if module.reversible and id(profile) not in offers:
                 offers[id(profile)] = _inverse_offer(fake_model, traced, rep_spec, profile.outputs, tracker)
-            z_next = dict(zip(rep_spec.out_names, profile.outputs))[rep_spec.z_out]
+            rep_out = dict(zip(rep_spec.out_names, profile.outputs))
+            z_next = ([rep_out[name] for name in rep_spec.z_out] if isinstance(rep_spec.z_out, tuple)
+                      else rep_out[rep_spec.z_out])
             for step_spec in traced.stages[block.start:block.stop]:
                 if first is not None and step_spec.step == 0:
                     offer_at[len(measured)] = offers[id(first)]
@@ -512,7 +517,10 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
                     continue
                 if module.reversible:
                     offer_at[len(measured)] = offers[id(profile)]
-                values[step_spec.z_out] = z_next
+                if isinstance(step_spec.z_out, tuple):
+                    values.update(zip(step_spec.z_out, z_next))
+                else:
+                    values[step_spec.z_out] = z_next
                 measured.append(_Measured(profile, step_spec, rep_spec, match))
                 kinds.append((key, step_spec.step == 0, step_spec.step == block.nt - 1))
             index = block.stop
@@ -552,7 +560,11 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
     batch = example_inputs[0].shape[0] if example_inputs[0].dim() else 1
     boundaries = [ids.ids(spec.in_names) for spec in traced.stages] + [ids.ids(traced.stages[-1].out_names)]
     boundaries[-1].append(len(ids.nbytes))  # the loss
+    # The parts a reversible block carries besides its solution, at its end: nothing reads them.
+    rest = [name for spec in traced.stages if isinstance(spec.z_out, tuple) and spec.block is not None
+            and spec.step == traced.blocks[spec.block].nt - 1 for name in spec.z_out[1:]]
     return Chain(stages=tuple(stages), blocks=blocks, param_grad_bytes=param_bytes,
+                 gradless_values=tuple(sorted(ids.id_of[name] for name in rest if name in ids.id_of)),
                  input_grad=any(x.requires_grad for x in example_inputs),
                  head_bytes=LOSS_OUTPUTS * output_bytes + LOSS_SLACK_SCALARS * allocation_bytes(scalar_bytes, device),
                  name=f"{traced.model_name} (batch {batch})",

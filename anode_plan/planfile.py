@@ -159,6 +159,7 @@ def _chain_to_data(chain: Chain) -> dict:
         "head_bytes": chain.head_bytes,
         "param_grad_bytes": list(chain.param_grad_bytes),
         "value_bytes": list(chain.value_bytes),
+        "gradless_values": list(chain.gradless_values),
         "state_values": [list(values) for values in chain.state_values],
         "blocks": [{"name": b.name, "start": b.start, "stop": b.stop, "method": b.method} for b in chain.blocks],
         "stages": stages,
@@ -330,7 +331,9 @@ class _Reader:
                          name=self.string(data, "name", "chain"), cost_unit=self.string(data, "cost_unit", "chain"),
                          state_values=tuple(tuple(self.integers(values, f"chain.state_values[{i}]", minimum=0))
                                             for i, values in enumerate(states)),
-                         value_bytes=tuple(self.integer_list(data, "value_bytes", "chain", minimum=0)))
+                         value_bytes=tuple(self.integer_list(data, "value_bytes", "chain", minimum=0)),
+                         gradless_values=tuple(self.integer_list(data, "gradless_values", "chain", minimum=0))
+                         if "gradless_values" in data else ())
         except (ValueError, IndexError) as error:
             raise self.inconsistent(str(error)) from error
         for position, stage in enumerate(chain.stages):

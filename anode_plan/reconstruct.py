@@ -32,8 +32,12 @@ def inverse_state(root: nn.Module, spec: StageSpec, values: Sequence[Any]) -> tu
     """The input state of step ``spec`` from its output state ``values`` (carried values pass through)."""
     env = dict(zip(spec.out_names, values))
     block = root.get_submodule(spec.block_target)
-    rebuilt = block.inverse_step(spec.step, env[spec.z_out], *(env[name] for name in spec.context))
-    env[spec.z_in] = rebuilt[0] if spec.step == 0 else rebuilt  # the first step takes z itself: the rebuilt y
+    after = tuple(env[name] for name in spec.z_out)
+    rebuilt = block.inverse_step(spec.step, after, *(env[name] for name in spec.context))
+    if isinstance(spec.z_in, str):  # the first step takes z itself: the rebuilt y
+        env[spec.z_in] = rebuilt[0]
+    else:
+        env.update(zip(spec.z_in, rebuilt))
     return tuple(env[name] for name in spec.in_names)
 
 

@@ -25,7 +25,7 @@ from torch import fx, nn
 from anode_plan.errors import (CompiledModuleError, ExampleInputsError, InPlaceModificationError,
                                UntraceableModelError)
 from anode_plan.capture import ShapeTracer, graph_signature
-from anode_plan.ode import ODEBlock
+from anode_plan.ode import CARRIED, ODEBlock
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,11 @@ class StageSpec:
         step: for a step, the time step.
         z_in / z_out: for a step, the names of the ODE state before and after it. A tuple
             state enters the first step as several values, so there ``z_in`` is a tuple of
-            names; every later state is one value (a tuple of tensors).
+            names; every later state is one value (a tuple of tensors). A reversible
+            method's carried parts (``ode.CARRIED``) are one value each, so its steps' ``z_in``
+            and ``z_out`` are tuples of names, the last step's first being the block's output.
         context: for a step, the names of the block's constant extra inputs
             (``block(z, *context)``), carried through all its steps.
-        role: ``""``, or ``"readout"`` for the stage after a reversible block's steps
-            (``block.readout``: the solution from what the last step carried; the first
-            step takes ``z`` and makes the carried state itself). It is a stage of its own,
-            outside the block's range.
     """
 
     name: str
@@ -60,7 +58,6 @@ class StageSpec:
     z_in: str | tuple[str, ...] | None = None
     z_out: str | None = None
     context: tuple[str, ...] = ()
-    role: str = ""
 
 
 @dataclass(frozen=True)
@@ -140,23 +137,16 @@ def run_step(root: nn.Module, spec: StageSpec, values: Sequence[Any]) -> tuple:
     env = dict(zip(spec.in_names, values))
     block = root.get_submodule(spec.block_target)
     z = env[spec.z_in] if isinstance(spec.z_in, str) else tuple(env[name] for name in spec.z_in)
-    env[spec.z_out] = block.step(spec.step, z, *(env[name] for name in spec.context))
-    return tuple(env[name] for name in spec.out_names)
-
-
-def run_block_edge(root: nn.Module, spec: StageSpec, values: Sequence[Any]) -> tuple:
-    """Run the ``"readout"`` stage of a reversible block, carrying the rest of the state."""
-    env = dict(zip(spec.in_names, values))
-    block = root.get_submodule(spec.block_target)
-    z = env[spec.z_in] if isinstance(spec.z_in, str) else tuple(env[name] for name in spec.z_in)
-    env[spec.z_out] = block.readout(z)
+    out = block.step(spec.step, z, *(env[name] for name in spec.context))
+    if isinstance(spec.z_out, str):
+        env[spec.z_out] = out
+    else:  # a reversible method's carried parts, one value each
+        env.update(zip(spec.z_out, out))
     return tuple(env[name] for name in spec.out_names)
 
 
 def run_stage(root: nn.Module, traced: TracedModel, spec: StageSpec, values: Sequence[Any]) -> tuple:
     """Run any stage of ``traced`` from its input state ``values``."""
-    if spec.role:
-        return run_block_edge(root, spec, values)
     if spec.block is None:
         return run_layer_group(root, traced, spec, values)
     return run_step(root, spec, values)
@@ -398,6 +388,7 @@ def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tupl
     position = {node: i for i, node in enumerate(nodes)}
     last_use = {node: max((position[user] for user in node.users), default=position[node]) for node in nodes}
     stateful = [n for n in nodes if n.op not in ("get_attr", "output")]
+    graph_names = {n.name for n in stateful}
 
     def live_after(index: int) -> tuple[str, ...]:
         """Values computed at or before position ``index`` and used after it."""
@@ -441,23 +432,31 @@ def _cut(model: nn.Module, graph: fx.Graph, placeholders: list[fx.Node]) -> tupl
                     "function as a parameter or buffer")
         _check_not_overwritten(model, node, z_nodes + context_nodes, position)
         after = live_after(position[node])
-        carried = tuple(n for n in state if n not in z_names or n in after)
+        # Values of the graph carried past the block (a reversible block before this one leaves
+        # parts in the state that nothing reads: the first step consumes them).
+        carried = tuple(n for n in state if (n not in z_names or n in after) and n in graph_names)
         context = tuple(n.name for n in context_nodes)
         names = state
         start = len(stages)
+        parts = CARRIED.get(module.method, ())
         for step in range(module.nt):
-            last = step == module.nt - 1 and not module.reversible
-            z_out = node.name if last else f"{node.name}@{step + 1}"
-            out = after if last else carried + (z_out,)
-            z_cur = z_in if step == 0 else f"{node.name}@{step}"
+            last = step == module.nt - 1
+            if parts:  # a reversible method carries several tensors: one value each, the first the solution
+                z_out = tuple(node.name if last and c == 0 else f"{node.name}@{step + 1}.{part}"
+                              for c, part in enumerate(parts))
+                # The last step's other parts stay in the state until the next stage (a
+                # Reconstruct ending here keeps them); nothing reads them.
+                out = (after + z_out[1:]) if last else carried + z_out
+            else:
+                z_out = node.name if last else f"{node.name}@{step + 1}"
+                out = after if last else carried + (z_out,)
+            z_cur = z_in if step == 0 else (tuple(f"{node.name}@{step}.{part}" for part in parts) if parts
+                                            else f"{node.name}@{step}")
             stages.append(StageSpec(f"{node.target}@{step}", names, out, block_target=node.target,
                                     block=len(blocks), step=step, z_in=z_cur, z_out=z_out, context=context))
             names = out
         blocks.append(BlockSpec(node.target, start, len(stages), module.nt, module.method))
-        if module.reversible:
-            stages.append(StageSpec(f"{node.target}@out", names, after, block_target=node.target,
-                                    z_in=f"{node.name}@{module.nt}", z_out=node.name, role="readout"))
-        state = after
+        state = names
     close_group(len(nodes) - 2)  # the output node is last; keep what it returns
     if not stages:
         raise UntraceableModelError(f"{type(model).__name__}.forward has no operations to plan")

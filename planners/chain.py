@@ -178,6 +178,8 @@ class Chain:
             default every state is one value of its own: a plain chain.
         value_bytes: the bytes of each value id. Values of the network input
             (``state_values[0]``) are never charged, since the budget excludes the batch.
+        gradless_values: the value ids no gradient ever reaches (the parts a reversible
+            ODE block carries besides its solution, at its end: nothing reads them).
     """
 
     stages: tuple[Stage, ...]
@@ -189,6 +191,7 @@ class Chain:
     cost_unit: str = field(default="ms")
     state_values: tuple[tuple[int, ...], ...] = ()
     value_bytes: tuple[int, ...] = ()
+    gradless_values: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.stages:

@@ -105,7 +105,9 @@ class _Values:
         n = len(chain.stages)
         free = set(chain.state_values[0])
         self.charge = [0 if v in free else b for v, b in enumerate(chain.value_bytes)]
-        grad_charge = [b if v not in free or chain.input_grad else 0 for v, b in enumerate(chain.value_bytes)]
+        gradless = set(chain.gradless_values)
+        grad_charge = [b if (v not in free or chain.input_grad) and v not in gradless else 0
+                       for v, b in enumerate(chain.value_bytes)]
         self.states = [frozenset(v for v in values if self.charge[v]) for values in chain.state_values]
         self.saved, self.created_bytes = [], []
         consumed = []

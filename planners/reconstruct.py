@@ -65,8 +65,8 @@ def segments(block: Block, spacing: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:]))
 
 
-def _bytes(chain: Chain, values: tuple[int, ...]) -> int:
-    return sum(chain.value_bytes[v] for v in values)
+def _bytes(chain: Chain, values: tuple[int, ...], *, gradient: bool = False) -> int:
+    return sum(chain.value_bytes[v] for v in values if not (gradient and v in chain.gradless_values))
 
 
 def _backward_walk(chain: Chain, start: int, stop: int, touched: set[int]) -> int:
@@ -86,12 +86,12 @@ def _backward_walk(chain: Chain, start: int, stop: int, touched: set[int]) -> in
         extra += _bytes(chain, consumed)  # the rebuilt x_i
         if i + 1 != stop:  # x_{i+1} is freed (x_stop stays: the op saved it)
             extra -= _bytes(chain, created)
-        extra += _bytes(chain, consumed)  # the gradient of x_i
+        extra += _bytes(chain, consumed, gradient=True)  # the gradient of x_i
         extra += sum(chain.param_grad_bytes[p] for p in stage.param_ids if p not in touched)
         touched.update(stage.param_ids)
         peak = max(peak, extra)
         if i + 1 != stop or at_end:  # the gradient of x_{i+1}; that of x_stop lives until the op returns
-            extra -= _bytes(chain, created)
+            extra -= _bytes(chain, created, gradient=True)
         if i + 1 == stop and at_end:  # at the block's end, only the solution's gradient was handed
             extra += stage.reconstruct.solution_bytes
     return peak

@@ -81,13 +81,17 @@ class ChainEvents:
         def state_bytes(values) -> int:
             return sum(value_bytes[v] for v in values if v not in free)
 
+        gradless = set(chain.gradless_values)
+
         def grad_bytes(values) -> int:
-            return sum(value_bytes[v] for v in values if v not in free or chain.input_grad)
+            return sum(value_bytes[v] for v in values if (v not in free or chain.input_grad) and v not in gradless)
 
         self.state_bytes = [state_bytes(values) for values in chain.state_values]
         # δ_k: the gradient of x_k, made by the backward of stage k and freed by that of
-        # stage k-1. Gradients of input values are made when consumed and never freed.
-        self.grad_bytes = self.state_bytes[:n] + [grad_bytes(chain.state_values[n])]
+        # stage k-1. Gradients of input values are made when consumed and never freed;
+        # gradless values (``Chain.gradless_values``) get none.
+        self.grad_bytes = [sum(value_bytes[v] for v in values if v not in free and v not in gradless)
+                           for values in chain.state_values[:n]] + [grad_bytes(chain.state_values[n])]
         permanent = [0] * n
         seen: set[int] = set()
         for i in reversed(range(n)):

@@ -180,6 +180,7 @@ class _Simulator:
         self.grads_done: set[int] = set()
         self.grads: dict[int, int] = {}
         self.free_values = set(chain.state_values[0])
+        self.gradless = set(chain.gradless_values)
         self.in_backward = False
         # Per stage: the values it consumes, creates, and whose references its tape holds.
         self.consumed, self.created, self.saved = [], [], []
@@ -191,6 +192,8 @@ class _Simulator:
 
     def _bytes(self, value: int, *, gradient: bool = False) -> int:
         if value in self.free_values and not (gradient and self.chain.input_grad):
+            return 0
+        if gradient and value in self.gradless:
             return 0
         return self.chain.value_bytes[value]
 
