@@ -9,7 +9,8 @@ fits. :func:`simulate_plan` is the memory model all of them are judged by.
 from planners.auto import Auto
 from planners.chain import Block, Chain, Reconstruction, Stage, carries_values
 from planners.cpsat import CPSat, PlanningTimeoutError
-from planners.errors import AnodePlanError, InfeasibleBudgetError, PlanInvariantError, format_bytes
+from planners.errors import (AnodePlanError, InfeasibleBudgetError, NothingToReconstructError, PlanInvariantError,
+                             format_bytes)
 from planners.landmarks import Anode, Landmarks, StoreAll
 from planners.nested import Nested
 from planners.reconstruct import Reconstructed
@@ -26,5 +27,5 @@ __all__ = [
     "optimal_advances", "optimal_split", "repetition_number", "revolve_ops", "simulate_plan",
     "validate_schedule",
     "Auto", "CPSat", "ChainDP", "PlanningTimeoutError", "carries_values", "Nested", "Reconstruct", "Reconstruction",
-    "Reconstructed",
+    "Reconstructed", "NothingToReconstructError",
 ]

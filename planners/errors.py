@@ -45,3 +45,7 @@ class PlanInvariantError(AnodePlanError, RuntimeError):
     Raised by :func:`planners.validate_schedule`. From a planner it means a planner bug;
     from a loaded plan file it means the file was edited or corrupted.
     """
+
+
+class NothingToReconstructError(AnodePlanError, ValueError):
+    """The ``reconstruct`` planner was asked to plan a chain without a reversible ODE block."""

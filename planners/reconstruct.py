@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from planners.chain import Block, Chain, Stage
-from planners.errors import InfeasibleBudgetError, format_bytes
+from planners.errors import InfeasibleBudgetError, NothingToReconstructError, format_bytes
 from planners.feasibility import require_fit
 from planners.schedule import Op, Reconstruct, Region, Run, Schedule
 from planners.simulate import simulate_plan
@@ -228,8 +228,10 @@ class Reconstructed:
     def plan(self, chain: Chain, *, budget_bytes: int) -> Schedule:
         blocks = reconstructible_blocks(chain)
         if not blocks:
-            raise ValueError(f"Reconstructed: {chain.name} has no reversible ODE block to reconstruct (build its "
-                             "blocks with method='reversible_heun' or 'alf', and no random operations in them)")
+            raise NothingToReconstructError(
+                f"Reconstructed: {chain.name} has no reversible ODE block to reconstruct (build its "
+                "blocks with method='reversible_heun' or 'alf', and no random operations in them), or use "
+                "planner='auto', which reconstructs only where a block allows it")
         cuts = {b: segments(chain.blocks[b], anchor_spacing(chain, chain.blocks[b], self.max_error)) for b in blocks}
         collapsed, spans = collapsed_chain(chain, cuts)
         ops = expand(tuple(Run(i) for i in range(len(collapsed.stages))), spans)
