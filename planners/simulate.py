@@ -249,6 +249,22 @@ class _Simulator:
                 state, _ = self.forward(op.body, state, taped=False)
         return state, records
 
+    def _make_gradients(self, i: int) -> None:
+        """Stage ``i``'s backward makes the gradients of what it consumed, and of parameters reached first."""
+        for value in self.consumed[i]:
+            if value not in self.grads:
+                self.grads[value] = self.mem.new("gradients", self._bytes(value, gradient=True))
+        for param in self.stages[i].param_ids:
+            if param not in self.grads_done:
+                self.grads_done.add(param)
+                self.mem.new("parameter gradients", self.chain.param_grad_bytes[param])
+
+    def _free_gradients(self, i: int) -> None:
+        """After stage ``i``'s backward, the gradients of what it created are freed."""
+        for value in self.created[i]:
+            if value in self.grads:
+                self.mem.decref(self.grads.pop(value))
+
     def reconstruct(self, op: Reconstruct, kept: dict[int, int]) -> None:
         """Backpropagate a ``Reconstruct`` from its kept output, one walk step per stage, last first."""
         current = dict(kept)
@@ -276,17 +292,9 @@ class _Simulator:
             self.counts[i] += 1
             self.inverse_counts[i] += 1
             self.cost += stage.reconstruct.inverse_cost + stage.fwd_cost + stage.bwd_cost
-            for value in self.consumed[i]:
-                if value not in self.grads:
-                    self.grads[value] = self.mem.new("gradients", self._bytes(value, gradient=True))
-            for param in stage.param_ids:
-                if param not in self.grads_done:
-                    self.grads_done.add(param)
-                    self.mem.new("parameter gradients", self.chain.param_grad_bytes[param])
+            self._make_gradients(i)
             peak = max(peak, self.mem.live)
-            for value in self.created[i]:
-                if value in self.grads:
-                    self.mem.decref(self.grads.pop(value))
+            self._free_gradients(i)
             if at_end and i == op.stop - 1:
                 handed.append(self.mem.new("gradients", stage.reconstruct.solution_bytes))
             self.mem.event("reconstruct", i, peak)
@@ -306,19 +314,11 @@ class _Simulator:
                 # included; by its end autograd has freed the tape, and the new
                 # gradients are checked on what is left (the saved states, for now).
                 self.mem.decref(record[0])
-                for value in self.consumed[i]:
-                    if value not in self.grads:
-                        self.grads[value] = self.mem.new("gradients", self._bytes(value, gradient=True))
-                for param in stage.param_ids:
-                    if param not in self.grads_done:
-                        self.grads_done.add(param)
-                        self.mem.new("parameter gradients", self.chain.param_grad_bytes[param])
+                self._make_gradients(i)
                 peak = max(peak, self.mem.live)
                 for handle in record[1:]:
                     self.mem.decref(handle)
-                for value in self.created[i]:
-                    if value in self.grads:
-                        self.mem.decref(self.grads.pop(value))
+                self._free_gradients(i)
                 self.mem.event("backward", i, peak)
             elif isinstance(op, Reconstruct):
                 self.reconstruct(op, record)
