@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import os
 
+import torch.nn.functional as F
+
+import anode_plan
+
 ABOVE = 0.03
 BELOW = 0.005
 
@@ -30,3 +34,16 @@ def assert_budget_promise(measured: int, predicted: int, budget: int | None, wha
         f"{what}: predicted {predicted} B is {1 - predicted / measured:.3%} below the allocator's peak {measured} B")
     assert predicted <= measured * (1 + ABOVE), (
         f"{what}: predicted {predicted} B is {predicted / measured - 1:.3%} above the allocator's peak {measured} B")
+
+
+def step_peak(compiled, model, x, y) -> anode_plan.MemoryMeasurement:
+    """The allocator's peak of one training step ``cross_entropy(compiled(x), y).backward()``.
+
+    A forward first (lazily made state must not count), and the parameters' gradients
+    cleared before and after, as ``optimizer.zero_grad()`` leaves them: the step makes them.
+    """
+    compiled(x)
+    model.zero_grad(set_to_none=True)
+    measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(compiled(x), y).backward())
+    model.zero_grad(set_to_none=True)
+    return measured

@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-from torch.nn import functional as F
 
 import anode_plan
 import planners
 import published
 from anode_plan.batch import batch_inputs, interpolate_chain
-from promise import assert_budget_promise
+from promise import assert_budget_promise, step_peak
 
 BUDGET = 12 * 2**20
 
@@ -23,15 +22,6 @@ def mnist():
     return published.odenet_mnist(nt=3, method="rk4"), torch.randn(4, 1, 28, 28)
 
 
-def _measured_step(compiled, model, x):
-    y = torch.arange(x.shape[0]) % 10
-    compiled(x)  # warm-up
-    model.zero_grad(set_to_none=True)
-    measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(compiled(x), y).backward())
-    model.zero_grad(set_to_none=True)
-    return measured
-
-
 def test_the_largest_batch_fits_as_the_allocator_counts_and_five_percent_more_does_not(mnist):
     model, x = mnist
     found = anode_plan.search_batch_size(model, BUDGET, (x,))
@@ -40,7 +30,7 @@ def test_the_largest_batch_fits_as_the_allocator_counts_and_five_percent_more_do
     assert len(found.measured_batches) <= 6  # two to fit the lines, then confirmations; not one per candidate
     big = batch_inputs((x,), batch)[0]
     compiled = anode_plan.compile(model, BUDGET, (big,))
-    measured = _measured_step(compiled, model, big)
+    measured = step_peak(compiled, model, big, torch.arange(batch) % 10)
     assert_budget_promise(measured.peak_bytes, compiled.plan.predicted_peak_bytes, BUDGET, batch)
     larger = max(batch + 1, math.ceil(1.05 * batch))
     with pytest.raises(anode_plan.InfeasibleBudgetError):

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 import anode_plan
 import planners
 from planners.reconstruct import collapsed_chain, reconstructible_blocks, segments
-from promise import assert_budget_promise
+from promise import assert_budget_promise, step_peak
 
 METHODS = ["reversible_heun", "alf"]
 
@@ -143,14 +143,6 @@ def test_reconstructed_gradients_equal_backprop_through_the_same_solver(method, 
         assert float((p.grad - q.grad).abs().max()) <= tolerance * scale, name
 
 
-def _step_peak(compiled, model, x, y):
-    compiled(x)
-    model.zero_grad(set_to_none=True)
-    measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(compiled(x), y).backward())
-    model.zero_grad(set_to_none=True)
-    return measured
-
-
 def test_a_reconstructed_block_peaks_the_same_whatever_its_steps():
     """nt = 8, 32, 128: the allocator's peak stays put, where keeping the tapes grows with nt."""
     x, y = torch.randn(32, 8), torch.arange(32) % 5
@@ -159,7 +151,7 @@ def test_a_reconstructed_block_peaks_the_same_whatever_its_steps():
         model = _net("reversible_heun", nt, dtype=torch.float32)
         traced, chain = _lowered(model, x)
         plan = anode_plan.plan_for_budget(chain, traced, (x,), 10**9, "reconstruct")
-        measured = _step_peak(anode_plan.CompiledModel(model, traced, plan), model, x, y)
+        measured = step_peak(anode_plan.CompiledModel(model, traced, plan), model, x, y)
         assert_budget_promise(measured.peak_bytes, plan.predicted_peak_bytes, None, nt)
         peaks.append(measured.peak_bytes)
         stored.append(planners.simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=1 << 60)).peak_bytes)
@@ -190,7 +182,7 @@ def test_reconstruct_never_raises_the_minimum_and_pays_in_deep_blocks():
     alone = anode_plan.plan_for_budget(chain, traced, (x,), budget, "chain-dp")
     assert mixed.simulation.reconstructed_steps > 0
     assert mixed.simulation.compute_cost < alone.simulation.compute_cost
-    measured = _step_peak(anode_plan.CompiledModel(model, traced, mixed), model, x, y)
+    measured = step_peak(anode_plan.CompiledModel(model, traced, mixed), model, x, y)
     assert_budget_promise(measured.peak_bytes, mixed.predicted_peak_bytes, budget, "auto with reconstruct")
     summaries = anode_plan.summarize_blocks(mixed)
     assert any(s.strategy.startswith("reconstruct") and s.rebuild_error < 1e-4 for s in summaries)
