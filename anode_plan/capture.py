@@ -168,26 +168,29 @@ class ShapeTracer(fx.Tracer):
     """``fx.Tracer`` with ODE blocks (and ``leaf_types``) as leaves and fake values for every node.
 
     Args:
-        example_inputs: the inputs the fake values are made from (real or fake tensors).
+        example_inputs: the inputs the fake values are made from.
         leaf_types: module classes recorded as one node, as ``fx.Tracer`` records
             ``torch.nn`` layers.
+        batch: trace as if dimension 0 of every input had this size (default: as it is).
     """
 
-    def __init__(self, example_inputs: Sequence[torch.Tensor], leaf_types: tuple[type, ...] = ()) -> None:
+    def __init__(self, example_inputs: Sequence[torch.Tensor], leaf_types: tuple[type, ...] = (),
+                 batch: int | None = None) -> None:
         super().__init__()
         self.record_stack_traces = True  # error messages name the line of forward that made a node
         self.leaf_types = leaf_types
         self.fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.example_inputs = [self._fake(x) for x in example_inputs]
+        if batch is not None:
+            with self.fake_mode:
+                self.example_inputs = [x.new_empty((batch, *x.shape[1:])) if x.dim() else x
+                                       for x in self.example_inputs]
         self.values: dict[fx.Node, Any] = {}
         self.read_shape = False
         self._fake_modules: dict[int, nn.Module] = {}
-        self._placeholders = 0
         self._evaluating = False
 
     def _fake(self, tensor: torch.Tensor) -> torch.Tensor:
-        if isinstance(tensor, torch._subclasses.FakeTensor):
-            return tensor
         return self.fake_mode.from_tensor(tensor)
 
     def is_leaf_module(self, module: nn.Module, qualname: str) -> bool:
@@ -256,13 +259,12 @@ class ShapeTracer(fx.Tracer):
             return unknown[0]
         try:
             with self.fake_mode:
-                if node.op == "placeholder":
-                    index = self._placeholders
-                    self._placeholders += 1
+                if node.op == "placeholder":  # the placeholders come first, in order
+                    index = len(self.values)
                     return self.example_inputs[index] if index < len(self.example_inputs) else _Unknown(
                         TypeError("no example input for this argument"))
                 if node.op == "get_attr":
-                    value = _fetch(self.root, node.target)
+                    value = fetch_attr(self.root, node.target)
                     return self._fake(value) if isinstance(value, torch.Tensor) else value
                 if node.op == "call_module":
                     module = self.root.get_submodule(node.target)
@@ -290,7 +292,8 @@ class ShapeTracer(fx.Tracer):
         return self._fake_modules[id(module)]
 
 
-def _fetch(root: nn.Module, target: str) -> Any:
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """The attribute ``target`` (a dotted path, as in an fx ``get_attr`` node) of ``root``."""
     obj: Any = root
     for atom in target.split("."):
         obj = getattr(obj, atom)
@@ -301,17 +304,20 @@ def graph_signature(graph: fx.Graph, root: nn.Module) -> list[tuple]:
     """What two traces must share to be the same program: each node's op, target and arguments.
 
     Tensor constants fx stores on the root get fresh names per trace, so they compare
-    by shape and dtype.
+    by shape and dtype, and by their order of appearance.
     """
+    names: dict[str, str] = {}
+
     def arg(value: Any) -> Any:
-        return value.name if isinstance(value, fx.Node) else repr(value)
+        return names.get(value.name, value.name) if isinstance(value, fx.Node) else repr(value)
 
     signature = []
     for node in graph.nodes:
         target = node.target
         if node.op == "get_attr" and str(target).startswith("_tensor_constant"):
-            constant = _fetch(root, target)
+            constant = fetch_attr(root, target)
             target = ("constant", tuple(constant.shape), str(constant.dtype))
-        signature.append((node.op, str(target), node.name,
+            names[node.name] = f"constant {len(names)}"
+        signature.append((node.op, str(target), names.get(node.name, node.name),
                           repr(fx.node.map_aggregate(node.args, arg)), repr(fx.node.map_aggregate(node.kwargs, arg))))
     return signature

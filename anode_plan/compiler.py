@@ -122,6 +122,17 @@ class CompiledModel(nn.Module):
         """The cached plans, one per input shape, dtype, device and autocast state seen in training."""
         return tuple(entry.plan for entry in self._plan_cache.entries)
 
+    def __getattr__(self, name: str) -> Any:
+        """Parameters, buffers and submodules are shared; any other attribute (a tensor constant fx
+        stored on the model while tracing it) is the original model's."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            original = self.__dict__.get("original_model")
+            if original is None:
+                raise
+            return getattr(original, name)
+
     def train(self, mode: bool = True) -> "CompiledModel":
         self.original_model.train(mode)
         return super().train(mode)

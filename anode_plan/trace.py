@@ -24,7 +24,7 @@ from torch import fx, nn
 
 from anode_plan.errors import (CompiledModuleError, ExampleInputsError, InPlaceModificationError,
                                UntraceableModelError)
-from anode_plan.capture import ShapeTracer, graph_signature
+from anode_plan.capture import ShapeTracer, fetch_attr, graph_signature
 from anode_plan.ode import CARRIED, ODEBlock
 
 
@@ -99,13 +99,6 @@ def _value(root: nn.Module, node: Any, state: dict[str, Any]) -> Any:
     if node.op == "get_attr":
         return fetch_attr(root, node.target)
     return state[node.name]
-
-
-def fetch_attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def run_layer_group(root: nn.Module, traced: TracedModel, spec: StageSpec, values: Sequence[Any]) -> tuple:
@@ -206,7 +199,8 @@ def user_line(node: fx.Node) -> str | None:
             path, _, rest = text[len("File "):].partition(", line ")
             number = rest.split(",")[0]
             code = lines[index + 1].strip() if index + 1 < len(lines) else ""
-            found = f"{path.strip(chr(34))}:{number} ({code})"
+            code = "" if code.startswith("File ") else code  # no source (stdin, a notebook cell)
+            found = f"{path.strip(chr(34))}:{number}" + (f" ({code})" if code else "")
     return found
 
 
@@ -227,21 +221,19 @@ def _batch_dependence(model: nn.Module, graph: fx.Graph, example_inputs: Sequenc
     if batch is None:
         return None
     other = 2 * batch + 1
-    tracer = ShapeTracer(example_inputs, tuple(leaf_modules))
-    with tracer.fake_mode:
-        tracer.example_inputs = [x.new_empty((other, *x.shape[1:])) if x.dim() else x for x in tracer.example_inputs]
     before = set(vars(model))
     try:
-        second = tracer.trace(model)
+        second = ShapeTracer(example_inputs, tuple(leaf_modules), batch=other).trace(model)
+        signatures = graph_signature(graph, model), graph_signature(second, model)
     except Exception as error:
         return (f"{type(model).__name__}.forward cannot be traced at batch {other} ({type(error).__name__}: {error}), "
                 f"so its graph holds for batch {batch} only")
     finally:
         for added in set(vars(model)) - before:  # the second trace's tensor constants
             delattr(model, added)
-    for mine, theirs in zip(graph_signature(graph, model), graph_signature(second, model), strict=False):
+    for mine, theirs in zip(*signatures, strict=False):
         if mine != theirs:
-            node = next(n for n in graph.nodes if n.name == mine[2])
+            node = next(n for n, entry in zip(graph.nodes, signatures[0]) if entry is mine)
             line = user_line(node)
             where = f", made at {line}" if line else ""
             return (f"fx node {node.format_node()} holds a number computed from the batch size by Python{where}")
