@@ -151,12 +151,8 @@ class ODEBlock(nn.Module):
         if not isinstance(z, torch.Tensor):
             raise ODEFunctionError(f"ODEBlock(method={self.method!r}) integrates a tensor state; got a tuple of "
                                    f"{len(z)}. Use method='euler', 'rk2' or 'rk4' for a tuple state, or concatenate it.")
-        f0 = self.initial_derivative(z, *context)
+        f0 = self._f(self.t_span[0], z, context)
         return (z, z, f0) if self.method == "reversible_heun" else (z, f0)
-
-    def initial_derivative(self, z: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
-        """``func(t0, z)``: what a reversible method's carried state adds to ``z`` at the start."""
-        return self._f(self.t_span[0], z, context)
 
     def readout(self, state: State) -> State:
         """The solution in what the steps carry: ``state`` itself, or a reversible method's ``y``."""

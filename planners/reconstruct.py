@@ -122,31 +122,29 @@ def collapsed_chain(chain: Chain, cuts: dict[int, list[tuple[int, int]]]) -> tup
 
     Returns the chain and, per stage of it, ``(start, stop, reconstructed)`` in ``chain``.
     """
-    segment_at = {start: stop for parts in cuts.values() for start, stop in parts}
-    spans: list[tuple[int, int, bool]] = []
-    stages: list[Stage] = []
-    seen_params: set[int] = set()
-    index = len(chain.stages)
-    reversed_stages: list[tuple[tuple[int, int, bool], Stage]] = []
+    start_of = {stop: start for parts in cuts.values() for start, stop in parts}
+    walked: list[tuple[tuple[int, int, bool], Stage]] = []
+    touched: set[int] = set()
     # Backward meets the stages last to first: a parameter's gradient is made by the last
     # stage that uses it, so walk backwards to charge it to the right segment.
+    index = len(chain.stages)
     while index > 0:
-        start = next((s for s, e in segment_at.items() if e == index), None)
-        if start is not None:
-            reversed_stages.append(((start, index, True), _segment_stage(chain, start, index, seen_params)))
+        if index in start_of:
+            start = start_of[index]
+            walked.append(((start, index, True), _segment_stage(chain, start, index, touched)))
             index = start
         else:
             index -= 1
-            seen_params.update(chain.stages[index].param_ids)
-            reversed_stages.append(((index, index + 1, False), chain.stages[index]))
-    for span, stage in reversed(reversed_stages):
-        spans.append(span)
-        stages.append(stage)
+            touched.update(chain.stages[index].param_ids)
+            walked.append(((index, index + 1, False), chain.stages[index]))
+    walked.reverse()
+    spans = [span for span, _ in walked]
+    stages = tuple(stage for _, stage in walked)
     position = {span[0]: at for at, span in enumerate(spans)}
     blocks = tuple(dataclasses.replace(block, start=position[block.start], stop=position[block.start] + block.nt)
                    for b, block in enumerate(chain.blocks) if b not in cuts)
     state_values = tuple(chain.state_values[span[0]] for span in spans) + (chain.state_values[-1],)
-    return dataclasses.replace(chain, stages=tuple(stages), blocks=blocks, state_values=state_values), spans
+    return dataclasses.replace(chain, stages=stages, blocks=blocks, state_values=state_values), spans
 
 
 def expand(ops: tuple[Op, ...], spans: list[tuple[int, int, bool]]) -> tuple[Op, ...]:
