@@ -8,18 +8,18 @@ The public names are re-exported here; everything else may change without notice
 
 from anode_plan.batch import BatchPoint, BatchSearch, batch_curve, max_batch_size, search_batch_size
 from anode_plan.budget import budget_for_peak, parse_memory_budget
-from anode_plan.compiler import CompiledModel, Plan, compile, load_plan, plan_for_budget
+from anode_plan.compiler import ApproximatedLayer, CompiledModel, Plan, compile, load_plan, plan_for_budget
 from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import (AnodePlanError, BudgetFormatError, ExampleInputsError, InfeasibleBudgetError,
                                InputMismatchError, ODEBlockConfigError, ODEFunctionError, PlanInvariantError,
                                UntraceableModelError)
 from anode_plan.errors import PlanFileError, PlanMismatchError, PlanOverBudgetError, PlotUnavailableError
-from anode_plan.errors import CompiledModuleError, InPlaceModificationError, NonFiniteStateError, PlannerSpecError
+from anode_plan.errors import ApproximationSpecError, CompiledModuleError, InPlaceModificationError, NonFiniteStateError, PlannerSpecError
 from anode_plan.memory import AllocatorMeter, LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode import ODEBlock
 from anode_plan.planfile import dump_plan, save_plan
 from anode_plan.plot import plot_batch_curve, plot_timeline, plot_tradeoff
-from anode_plan.sketch import XConv2d
+from anode_plan.sketch import XConv, XConv2d
 from anode_plan.report import (BlockSummary, BudgetLandmarks, TradeoffPoint, default_budgets, find_landmarks,
                                format_landmarks, format_report, format_tradeoff, summarize_blocks, tradeoff_curve)
 from anode_plan.trace import trace_model
@@ -35,5 +35,5 @@ __all__ = [
     "format_tradeoff", "tradeoff_curve",
     "InPlaceModificationError", "PlannerSpecError", "NonFiniteStateError", "CompiledModuleError",
     "AllocatorMeter", "budget_for_peak", "BatchPoint", "BatchSearch", "max_batch_size", "search_batch_size",
-    "batch_curve", "plot_batch_curve", "XConv2d",
+    "batch_curve", "plot_batch_curve", "XConv2d", "XConv", "ApproximatedLayer", "ApproximationSpecError",
 ]

@@ -41,7 +41,7 @@ import contextlib
 import copy
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -136,10 +136,12 @@ class _BothMeters:
 
 
 def _measure_runs(kinds: set[str], position: int, traced: TracedModel, twin: nn.Module, inputs: tuple,
-                  params: list[torch.Tensor], device: torch.device) -> dict[tuple[str, int], Excess]:
-    """Run the measurements ``kinds`` of the stage at ``position`` under both meters (see the module docstring)."""
+                  params: list[torch.Tensor], device: torch.device, make: Callable = stage_function
+                  ) -> dict[tuple[str, int], Excess]:
+    """Run the measurements ``kinds`` of the stage at ``position`` under both meters (see the module docstring);
+    ``make(root, traced, spec)`` makes the stage functions (the cost model's)."""
     spec = traced.stages[position]
-    fn = stage_function(twin, traced, spec)
+    fn = make(twin, traced, spec)
     if device.type == "cuda" and torch.backends.cudnn.benchmark:
         backward_alone(fn, inputs, params, _Unmeasured())  # let cuDNN autotune before anything is measured
     tracker = LiveStorageTracker()
@@ -150,7 +152,7 @@ def _measure_runs(kinds: set[str], position: int, traced: TracedModel, twin: nn.
             backward_through_rerun(fn, inputs, params, probe)
         if "after" in kinds:
             second = traced.stages[position + 1]
-            backward_after(fn, (spec.in_names, spec.out_names), stage_function(twin, traced, second),
+            backward_after(fn, (spec.in_names, spec.out_names), make(twin, traced, second),
                            second.in_names, inputs, params, probe)
         if "alone" in kinds:
             backward_alone(fn, inputs, params, probe)
@@ -174,7 +176,7 @@ class _Unmeasured:
 
 
 @contextlib.contextmanager
-def _model_unchanged(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
+def model_unchanged(model: nn.Module, device: torch.device) -> Iterator[nn.Module]:
     """A copy of ``model``'s modules sharing its tensors; on exit its buffers are as they were, and the RNG too."""
     tensors = list(itertools.chain(model.parameters(), model.buffers()))
     twin = copy.deepcopy(model, memo={id(t): t for t in tensors})
@@ -192,14 +194,15 @@ def _model_unchanged(model: nn.Module, device: torch.device) -> Iterator[nn.Modu
 
 
 def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor],
-                       runs: set[tuple[str, int]], like: Mapping[str, Any]) -> Workspaces:
+                       runs: set[tuple[str, int]], like: Mapping[str, Any], *,
+                       make: Callable = stage_function) -> Workspaces:
     """Make the measurements ``runs`` ((kind, stage position) pairs) of the cost model for real, once each.
 
     Kinds are :mod:`anode_plan.stagerun`'s: ``"rerun"`` (the untaped first run and the
     re-run in backward), ``"after"``, ``"alone"`` and ``"accumulating"`` (a backward, with
     the taped forward before it for the first two). ``like`` maps each value name to a
     tensor (fake or real) whose ``requires_grad`` the stage inputs take, as in the cost
-    model's runs. The batch is carried from stage to stage without a tape, through every
+    model's runs, and ``make`` makes the stage functions measured, as there. The batch is carried from stage to stage without a tape, through every
     stage, keeping only the values a later stage reads.
     """
     device = example_inputs[0].device
@@ -212,13 +215,13 @@ def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Se
     random: set[int] = set()
     drift: dict[int, float] = {}
     block_start: dict[int, tuple] = {}
-    with _model_unchanged(model, device) as twin:
+    with model_unchanged(model, device) as twin:
         values: dict[str, Any] = dict(zip(traced.input_names, example_inputs))
         for at, spec in enumerate(traced.stages):
             inputs = tuple(values[name] for name in spec.in_names)
             if at in wanted:
                 fresh = fresh_inputs(inputs, tuple(like[name] for name in spec.in_names))
-                found.update(_measure_runs(wanted[at], at, traced, twin, fresh, params, device))
+                found.update(_measure_runs(wanted[at], at, traced, twin, fresh, params, device, make))
             before = _generator_states(device)
             with torch.no_grad():
                 values.update(zip(spec.out_names, stage_function(twin, traced, spec)(inputs)))

@@ -22,14 +22,17 @@ from torch import nn
 from anode_plan.budget import PREDICTION_RESERVE, budget_for_peak, parse_memory_budget, usable_bytes
 from anode_plan.calibrate import UNCALIBRATED_MARGIN
 from anode_plan.costmodel import lower_to_chain
-from anode_plan.errors import AnodePlanError, InfeasibleBudgetError, InputMismatchError, PlannerSpecError
+from anode_plan.errors import (AnodePlanError, InfeasibleBudgetError, InputMismatchError,
+                               PlanMismatchError, PlannerSpecError)
 from anode_plan.plan_cache import CachedPlan, PlanCache, describe_call, describe_plan
 from anode_plan.planfile import (check_plan_fits, check_plan_matches, example_inputs_for, read_plan_file,
                                  structure_digest)
 from anode_plan.runtime import ScheduleRunner
+from anode_plan.sketch import SketchedLayers, XConv, check_approximation
 from anode_plan.trace import TracedModel, trace_model
 import planners
 from planners import Chain, Schedule, Simulation, format_bytes, simulate_plan
+from planners.sketch import plan_with_sketches
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,67 @@ class Plan:
         """Predicted extra compute, as a fraction of a step without recompute."""
         return self.simulation.recompute_overhead
 
+    @property
+    def exact(self) -> bool:
+        """Whether the gradients are plain autograd's; ``False`` when some layer is sketched (:attr:`approximated`)."""
+        return not self.schedule.sketched
+
+    @property
+    def approximated(self) -> tuple["ApproximatedLayer", ...]:
+        """Every layer whose weight gradient the plan estimates (XConv), with its measured relative error."""
+        found: dict[str, ApproximatedLayer] = {}
+        for index in self.schedule.sketched:
+            offer = self.chain.stages[index].sketch
+            for layer, error in zip(offer.layers, offer.relative_errors):
+                seen = found.get(layer)
+                found[layer] = ApproximatedLayer(layer, (seen.stages if seen else 0) + 1, error, offer.probes)
+        return tuple(found.values())
+
+
+@dataclass(frozen=True)
+class ApproximatedLayer:
+    """A convolution a plan sketches (XConv): its weight gradient is an unbiased estimate.
+
+    Attributes:
+        layer: its qualified name.
+        stages: in how many stages it runs sketched (an ODE block's steps each count).
+        relative_error: ``‖ĝ - g‖ / ‖g‖`` of its weight gradient, measured on the example
+            batch (:func:`anode_plan.approximate.measure_errors`), or ``1/√probes`` when the
+            plan was made without calibration.
+        probes: the sketch's number of probes.
+    """
+
+    layer: str
+    stages: int
+    relative_error: float
+    probes: int
+
 
 def _charged_input_grads(plan: Plan) -> tuple[bool, ...]:
     """For each input, whether the plan charges its gradient (the chain records whether any input's is)."""
     return (plan.chain.input_grad,) * len(plan.input_shapes)
 
 
-def runner_for(traced: TracedModel, plan: Plan, model: nn.Module) -> ScheduleRunner:
-    """The runner of ``plan``'s schedule, replaying the RNG in the regions whose stages draw random numbers."""
+def runner_for(traced: TracedModel, plan: Plan, model: nn.Module, sketch_ops: dict | None = None) -> ScheduleRunner:
+    """The runner of ``plan``'s schedule, replaying the RNG in the regions whose stages draw random numbers.
+
+    ``sketch_ops``: the sketched layers' ops, kept across a compiled model's plans so that
+    each layer's probes keep advancing with the training step.
+    """
     random_stages = frozenset(i for i, stage in enumerate(plan.chain.stages) if stage.uses_rng)
-    return ScheduleRunner(traced, plan.schedule.ops, model, random_stages)
+    sketch = None
+    if plan.schedule.sketched:
+        offers = {plan.chain.stages[i].name: plan.chain.stages[i].sketch for i in plan.schedule.sketched}
+        first = next(iter(offers.values()))
+        sketch = SketchedLayers(XConv(first.probes, first.seed), {name: o.layers for name, o in offers.items()},
+                                ops=sketch_ops)
+    return ScheduleRunner(traced, plan.schedule.ops, model, random_stages, sketch)
+
+
+def approximation_of(plan: Plan) -> XConv | None:
+    """The approximation a plan's chain was measured with (its sketch offers'), or ``None``."""
+    offer = next((stage.sketch for stage in plan.chain.stages if stage.sketch is not None), None)
+    return None if offer is None else XConv(offer.probes, offer.seed)
 
 
 class CompiledModel(nn.Module):
@@ -99,7 +153,7 @@ class CompiledModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, *, planner: Any = None,
-                 calibrate: bool = True) -> None:
+                 calibrate: bool = True, approximate: XConv | None = None) -> None:
         super().__init__()
         self._parameters = model._parameters
         self._buffers = model._buffers
@@ -109,7 +163,9 @@ class CompiledModel(nn.Module):
         self.__dict__["original_model"] = model
         self.__dict__["traced"] = traced
         self.__dict__["plan"] = plan
-        self.__dict__["runner"] = runner_for(traced, plan, model)
+        self.__dict__["approximate"] = approximate
+        self.__dict__["_sketch_ops"] = {}
+        self.__dict__["runner"] = runner_for(traced, plan, model, self._sketch_ops)
         self.__dict__["planner"] = planner
         self.__dict__["calibrate"] = calibrate
         self.__dict__["_modules_list"] = list(model.modules())
@@ -163,7 +219,8 @@ class CompiledModel(nn.Module):
         if entry is None:
             plan = self._replan(inputs)
             entry = self._plan_cache.add(CachedPlan(key, batches, plan, runner_for(self.traced, plan,
-                                                                                   self.original_model),
+                                                                                   self.original_model,
+                                                                                   self._sketch_ops),
                                                     _charged_input_grads(plan)))
         self.__dict__["plan"], self.__dict__["runner"] = entry.plan, entry.runner
         return entry.runner
@@ -173,7 +230,8 @@ class CompiledModel(nn.Module):
         first = self._plan_cache.entries[0].plan  # every cached plan has the same budget
         shapes = [tuple(x.shape) for x in inputs]
         try:
-            chain = lower_to_chain(self.original_model, self.traced, inputs, calibrate=self.calibrate)
+            chain = lower_to_chain(self.original_model, self.traced, inputs, calibrate=self.calibrate,
+                                   approximate=self.approximate)
         except AnodePlanError:
             raise
         except Exception as error:
@@ -213,7 +271,7 @@ class CompiledModel(nn.Module):
 def compile(model: nn.Module, memory_budget: int | str | None = None,
             example_inputs: Sequence[torch.Tensor] | None = None, *, planner: Any = None,
             leaf_modules: Sequence[type] = (), plan: "str | os.PathLike | Plan | None" = None,
-            calibrate: bool = True) -> CompiledModel:
+            calibrate: bool = True, approximate: XConv | None = None) -> CompiledModel:
     """Plan ``model``'s training step to fit ``memory_budget`` and return the compiled model.
 
     Args:
@@ -247,6 +305,13 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
             for what it costs (2.6 training steps on the demo model). ``False`` skips it and
             plans under ``1 - UNCALIBRATED_MARGIN`` (75%) of the budget instead, which
             is no guarantee.
+        approximate: ``None`` (the default: exact gradients, and nothing below runs), or
+            ``anode_plan.XConv(probes=16)`` to let the planner keep random sketches of
+            convolutions' inputs instead of the inputs (Siahkoohi et al., arXiv 2106.06998)
+            where that lets the budget be met or saves recompute. Those layers' weight
+            gradients become unbiased estimates (input and bias gradients stay exact);
+            ``compiled.plan.approximated`` lists them with their measured relative error,
+            and the report flags them.
 
     Raises:
         BudgetFormatError: the budget is not a positive size.
@@ -256,13 +321,14 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
             cannot be read, was made for another model or input, or is broken.
     """
     if plan is not None:
-        return _reuse_plan(model, plan, memory_budget, example_inputs, planner, leaf_modules, calibrate)
+        return _reuse_plan(model, plan, memory_budget, example_inputs, planner, leaf_modules, calibrate, approximate)
     parse_memory_budget(memory_budget)  # reject a bad budget before tracing
+    check_approximation(approximate)
     traced = trace_model(model, example_inputs, leaf_modules=leaf_modules)
-    chain = lower_to_chain(model, traced, example_inputs, calibrate=calibrate)
+    chain = lower_to_chain(model, traced, example_inputs, calibrate=calibrate, approximate=approximate)
     plan = plan_for_budget(chain, traced, example_inputs, memory_budget, planner,
                            workspace_margin=0.0 if calibrate else UNCALIBRATED_MARGIN)
-    return CompiledModel(model, traced, plan, planner=planner, calibrate=calibrate)
+    return CompiledModel(model, traced, plan, planner=planner, calibrate=calibrate, approximate=approximate)
 
 
 PLANNER_NAMES = {
@@ -307,7 +373,10 @@ def plan_for_budget(chain: Chain, traced: TracedModel, example_inputs: Sequence[
     planner = resolve_planner(planner)
     usable = usable_bytes(budget_bytes, workspace_margin)
     try:
-        schedule = planner.plan(chain, budget_bytes=usable)
+        if chain.sketchable_stages:  # compiled with approximate=XConv(...): sketch only where it pays
+            schedule = plan_with_sketches(chain, usable, lambda c, b: planner.plan(c, budget_bytes=b))
+        else:
+            schedule = planner.plan(chain, budget_bytes=usable)
     except InfeasibleBudgetError as error:
         needed = budget_for_peak(error.min_budget_bytes, workspace_margin)
         kept = f"{PREDICTION_RESERVE:.2%}" + (f" and, since calibration was skipped, {workspace_margin:.0%} for kernel "
@@ -345,7 +414,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
 
 def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budget: int | str | None,
                 example_inputs: Sequence[torch.Tensor] | None, planner: Any,
-                leaf_modules: Sequence[type], calibrate: bool) -> CompiledModel:
+                leaf_modules: Sequence[type], calibrate: bool, approximate: XConv | None) -> CompiledModel:
     """``compile(model, plan=...)``: trace and measure again, check the saved schedule, run it."""
     if planner is not None:
         raise TypeError("compile(..., plan=..., planner=...): a saved plan is reused, not planned again, so "
@@ -356,10 +425,17 @@ def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budge
     inputs = tuple(example_inputs) if example_inputs is not None else example_inputs_for(saved, model)
     traced = trace_model(model, inputs, leaf_modules=leaf_modules)
     check_plan_matches(saved, traced, inputs, source)
-    chain = lower_to_chain(model, traced, inputs, calibrate=calibrate)
+    check_approximation(approximate)
+    saved_approximation = approximation_of(saved)
+    if approximate is not None and saved_approximation is not None and approximate != saved_approximation:
+        raise PlanMismatchError(f"{source} was planned with approximate={saved_approximation!r}, and compile got "
+                                f"approximate={approximate!r}; leave approximate unset to reuse the plan as saved",
+                                differences=(f"approximate: {saved_approximation!r} saved, {approximate!r} given",))
+    approximate = saved_approximation if approximate is None else approximate
+    chain = lower_to_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate)
     margin = 0.0 if calibrate else UNCALIBRATED_MARGIN
     simulation = check_plan_fits(saved.schedule, chain, budget_bytes, source, margin)
     fresh = Plan(schedule=saved.schedule, chain=chain, budget_bytes=budget_bytes, simulation=simulation,
                  input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
                  workspace_margin=margin)
-    return CompiledModel(model, traced, fresh, calibrate=calibrate)
+    return CompiledModel(model, traced, fresh, calibrate=calibrate, approximate=approximate)

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 import weakref
 from dataclasses import dataclass
@@ -318,7 +319,8 @@ class BackwardSource:
     fake_bytes: int
 
 
-def _place_backwards(measured: list[_Measured], traced: TracedModel, fake_model: nn.Module, values: dict[str, Any],
+def _place_backwards(make: Callable, measured: list[_Measured], traced: TracedModel, fake_model: nn.Module,
+                     values: dict[str, Any],
                      params: list[torch.Tensor], tracker: LiveStorageTracker, ids: _Values,
                      kinds: list[Hashable]) -> tuple[list[Stage], list[tuple[BackwardSource, ...]]]:
     """The chain's stages, each with its backward measured where it runs, and where each was measured.
@@ -350,9 +352,9 @@ def _place_backwards(measured: list[_Measured], traced: TracedModel, fake_model:
             if key not in after:
                 first, second = traced.stages[at], traced.stages[at + 1]
                 inputs = tuple(values[name] for name in first.in_names)
-                after[key] = (at, backward_after(stage_function(fake_model, traced, first),
+                after[key] = (at, backward_after(make(fake_model, traced, first),
                                                  (first.in_names, first.out_names),
-                                                 stage_function(fake_model, traced, second), second.in_names, inputs,
+                                                 make(fake_model, traced, second), second.in_names, inputs,
                                                  params, probe))
             found = [BackwardSource("after", *after[key])]
             if later[index] - set(param_ids[index + 1]):
@@ -429,7 +431,7 @@ def _with_rng_restore(stages: list[Stage], device: torch.device) -> list[Stage]:
 
 
 def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor], *,
-                   calibrate: bool = True, share: bool = True) -> Chain:
+                   calibrate: bool = True, share: bool = True, approximate: Any = None) -> Chain:
     """Measure ``traced``'s stages on fake copies of ``model`` and ``example_inputs``.
 
     Returns the :class:`planners.Chain` the planners work on. With ``calibrate`` (the
@@ -438,8 +440,24 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
     (:mod:`anode_plan.calibrate`); without it those workspaces are not in the chain.
     With ``share`` (the default) ODE blocks built alike are measured once
     (:mod:`anode_plan.sharing`); ``share=False`` measures every block, to check that.
+    With ``approximate`` (an :class:`anode_plan.XConv`) the stages with convolutions that
+    can be sketched are measured once more with them sketched, and offer that
+    (:class:`planners.chain.Sketch`, :mod:`anode_plan.approximate`).
     The model is left untouched (BatchNorm statistics included).
     """
+    chain = measure_chain(model, traced, example_inputs, calibrate=calibrate, share=share)
+    if approximate is None:
+        return chain
+    from anode_plan.approximate import offer_sketches  # it lowers the model again, sketched, with measure_chain
+    return offer_sketches(chain, model, traced, example_inputs, approximate, calibrate=calibrate, share=share)
+
+
+def measure_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor], *,
+                  calibrate: bool = True, share: bool = True, sketch: Any = None) -> Chain:
+    """:func:`lower_to_chain` without sketch offers; with ``sketch`` (a
+    :class:`~anode_plan.sketch.SketchedLayers`) every stage it names is measured with its
+    convolutions sketched."""
+    make = stage_function if sketch is None else functools.partial(sketch.stage_function, stage_function)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     with FakeCopyMode(fake_mode):
         fake_model = copy.deepcopy(model)
@@ -472,7 +490,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             spec = traced.stages[index]
             inputs = tuple(values[n] for n in spec.in_names)
             if spec.block is None:
-                profile = _measure(spec, traced, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
+                profile = _measure(spec, traced, make(fake_model, traced, spec), inputs, params, fixed, tracker,
                                    stat_copies)
                 values.update(zip(spec.out_names, profile.outputs))
                 measured.append(_Measured(profile, spec, spec, BlockMatch.identity()))
@@ -485,10 +503,11 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
             if module.reversible and block.nt > 1:
                 # A reversible block's first step takes z and makes the carried state (one more
                 # evaluation of f), the others carry it: the first is measured on its own.
-                first = _measure(spec, traced, stage_function(fake_model, traced, spec), inputs, params, fixed,
+                first = _measure(spec, traced, make(fake_model, traced, spec), inputs, params, fixed,
                                  tracker, stat_copies)
                 values.update(zip(spec.out_names, first.outputs))
-                offers[id(first)] = _inverse_offer(fake_model, traced, spec, first.outputs, tracker)
+                if sketch is None:
+                    offers[id(first)] = _inverse_offer(fake_model, traced, spec, first.outputs, tracker)
                 spec = traced.stages[index + 1]
                 inputs = tuple(values[n] for n in spec.in_names)
             key = block_key(module, spec, traced.stages[block.stop - 1].out_names, values) if share else None
@@ -499,23 +518,24 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
                 if match.param_ids(profile.param_ids) is None:  # it uses parameters from outside the block
                     profile, rep_spec, match, key = None, spec, BlockMatch.identity(), ("block", spec.block)
             if profile is None:
-                profile = _measure(spec, traced, stage_function(fake_model, traced, spec), inputs, params, fixed, tracker,
+                profile = _measure(spec, traced, make(fake_model, traced, spec), inputs, params, fixed, tracker,
                                    stat_copies)
                 if key is not None:
                     shared.setdefault(key, (profile, spec, module))
             key = ("block", spec.block) if key is None else key
-            if module.reversible and id(profile) not in offers:
+            if module.reversible and sketch is None and id(profile) not in offers:
                 offers[id(profile)] = _inverse_offer(fake_model, traced, rep_spec, profile.outputs, tracker)
             rep_out = dict(zip(rep_spec.out_names, profile.outputs))
             z_next = ([rep_out[name] for name in rep_spec.z_out] if isinstance(rep_spec.z_out, tuple)
                       else rep_out[rep_spec.z_out])
             for step_spec in traced.stages[block.start:block.stop]:
                 if first is not None and step_spec.step == 0:
-                    offer_at[len(measured)] = offers[id(first)]
+                    if sketch is None:
+                        offer_at[len(measured)] = offers[id(first)]
                     measured.append(_Measured(first, step_spec, step_spec, BlockMatch.identity()))
                     kinds.append(("stage", block.start))
                     continue
-                if module.reversible:
+                if module.reversible and sketch is None:
                     offer_at[len(measured)] = offers[id(profile)]
                 if isinstance(step_spec.z_out, tuple):
                     values.update(zip(step_spec.z_out, z_next))
@@ -524,7 +544,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
                 measured.append(_Measured(profile, step_spec, rep_spec, match))
                 kinds.append((key, step_spec.step == 0, step_spec.step == block.nt - 1))
             index = block.stop
-        stages, backward = _place_backwards(measured, traced, fake_model, values, params, tracker, ids, kinds)
+        stages, backward = _place_backwards(make, measured, traced, fake_model, values, params, tracker, ids, kinds)
     blocks_alike = sum(1 for m in measured if m.spec.step == 0 and m.measured_spec is not m.spec)
     if calibrate:
         positions = {id(spec): at for at, spec in enumerate(traced.stages)}
@@ -532,7 +552,7 @@ def lower_to_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequen
         runs = {("rerun", at) for at in forward} | {(s.kind, s.position) for found in backward for s in found}
         runs |= {("reconstruct", forward[at]) for at in offer_at}
         progress.step(f"calibrating {len(runs)} measurements on {example_inputs[0].device}")
-        found = measure_workspaces(model, traced, example_inputs, runs, values)
+        found = measure_workspaces(model, traced, example_inputs, runs, values, make=make)
         stages = [_with_workspace(stage, at, sources, found) for stage, at, sources in zip(stages, forward, backward)]
         stages = [dataclasses.replace(stage, uses_rng=True) if at in found.random_positions else stage
                   for at, stage in enumerate(stages)]

@@ -87,7 +87,11 @@ class PlotUnavailableError(AnodePlanError, ImportError):
     """Drawing a plan needs matplotlib, the optional ``[plot]`` extra, and it is not installed."""
 
 
-__all__ = ["AnodePlanError", "BudgetFormatError", "ExampleInputsError", "InfeasibleBudgetError",
+class ApproximationSpecError(AnodePlanError, ValueError):
+    """``compile(..., approximate=...)`` got something other than an approximation it knows (``anode_plan.XConv``)."""
+
+
+__all__ = ["AnodePlanError", "ApproximationSpecError", "BudgetFormatError", "ExampleInputsError", "InfeasibleBudgetError",
            "InputMismatchError", "ODEBlockConfigError", "ODEFunctionError", "PlanFileError", "PlanInvariantError", "PlannerSpecError",
            "PlanMismatchError", "PlanOverBudgetError", "PlotUnavailableError", "UntraceableModelError",
            "InPlaceModificationError", "NonFiniteStateError"]

@@ -49,7 +49,7 @@ from anode_plan.errors import PlanFileError, PlanInvariantError, PlanMismatchErr
 from anode_plan.trace import TracedModel
 from planners import (Block, Chain, Reconstruct, Reconstruction, Region, Run, Schedule, Simulation, Stage,
                       format_bytes, simulate_plan)
-from planners.chain import WORKSPACE_FIELDS
+from planners.chain import WORKSPACE_FIELDS, Sketch
 from planners.feasibility import peak_workspace
 from planners.schedule import Op
 
@@ -120,6 +120,7 @@ def dump_plan(plan: Any) -> str:
         "description": plan.schedule.description,
         "proven_optimal": plan.schedule.proven_optimal,
         "schedule": [_op_to_data(op) for op in plan.schedule.ops],
+        "sketched": list(plan.schedule.sketched),
         "chain": _chain_to_data(chain),
     }
     with _deep_recursion():
@@ -141,17 +142,22 @@ def _op_to_data(op: Op) -> Any:
     return {"region": [op.start, op.stop], "body": [_op_to_data(inner) for inner in op.body]}
 
 
+def _stage_to_data(stage: Stage) -> dict:
+    entry = {}
+    for name in _STAGE_FIELDS:
+        value = getattr(stage, name)
+        if isinstance(value, Reconstruction):
+            value = {"step_bytes": value.step_bytes, "inverse_cost": value.inverse_cost,
+                     "error_per_step": value.error_per_step, "solution_bytes": value.solution_bytes}
+        elif isinstance(value, Sketch):
+            value = {"layers": list(value.layers), "relative_errors": list(value.relative_errors),
+                     "probes": value.probes, "seed": value.seed, "stage": _stage_to_data(value.stage)}
+        entry[name] = list(value) if isinstance(value, tuple) else value
+    return entry
+
+
 def _chain_to_data(chain: Chain) -> dict:
-    stages = []
-    for stage in chain.stages:
-        entry = {}
-        for name in _STAGE_FIELDS:
-            value = getattr(stage, name)
-            if isinstance(value, Reconstruction):
-                value = {"step_bytes": value.step_bytes, "inverse_cost": value.inverse_cost,
-                         "error_per_step": value.error_per_step, "solution_bytes": value.solution_bytes}
-            entry[name] = list(value) if isinstance(value, tuple) else value
-        stages.append(entry)
+    stages = [_stage_to_data(stage) for stage in chain.stages]
     return {
         "name": chain.name,
         "cost_unit": chain.cost_unit,
@@ -160,6 +166,7 @@ def _chain_to_data(chain: Chain) -> dict:
         "param_grad_bytes": list(chain.param_grad_bytes),
         "value_bytes": list(chain.value_bytes),
         "gradless_values": list(chain.gradless_values),
+        "unsketchable_layers": list(chain.unsketchable_layers),
         "state_values": [list(values) for values in chain.state_values],
         "blocks": [{"name": b.name, "start": b.start, "stop": b.stop, "method": b.method} for b in chain.blocks],
         "stages": stages,
@@ -214,7 +221,9 @@ def read_plan_file(path: str | os.PathLike) -> SavedPlan:
                                   for i, op in enumerate(reader.sequence(reader.field(top, "schedule"), "schedule"))),
                         planner=reader.string(top, "planner"),
                         proven_optimal=reader.boolean(top, "proven_optimal"),
-                        description=reader.string(top, "description"))
+                        description=reader.string(top, "description"),
+                        sketched=tuple(reader.integer_list(top, "sketched", "the file", minimum=0)
+                                       if "sketched" in top else ()))
     return SavedPlan(schedule=schedule, chain=reader.chain(reader.field(top, "chain")), budget_bytes=budget_bytes,
                      input_shapes=tuple(shapes), input_dtypes=tuple(dtypes),
                      fingerprint=reader.string(top, "fingerprint"), source=source, workspace_margin=margin)
@@ -282,6 +291,12 @@ class _Reader:
             raise self.fail(f"{where + '.' if where else ''}{key}", "a string", value)
         return value
 
+    def _strings(self, value: Any, where: str) -> list[str]:
+        items = self.sequence(value, where)
+        if not all(isinstance(item, str) for item in items):
+            raise self.fail(where, "a list of strings", items)
+        return items
+
     def integer_list(self, data: dict, key: str, where: str, *, minimum: int | None = None) -> list[int]:
         return self.integers(self.field(data, key, where), f"{where}.{key}", minimum=minimum)
 
@@ -333,7 +348,9 @@ class _Reader:
                                             for i, values in enumerate(states)),
                          value_bytes=tuple(self.integer_list(data, "value_bytes", "chain", minimum=0)),
                          gradless_values=tuple(self.integer_list(data, "gradless_values", "chain", minimum=0))
-                         if "gradless_values" in data else ())
+                         if "gradless_values" in data else (),
+                         unsketchable_layers=tuple(self._strings(data.get("unsketchable_layers", []),
+                                                                 "chain.unsketchable_layers")))
         except (ValueError, IndexError) as error:
             raise self.inconsistent(str(error)) from error
         for position, stage in enumerate(chain.stages):
@@ -376,6 +393,21 @@ class _Reader:
                 self.number(offer, "inverse_cost", f"{where}.reconstruct"),
                 self.number(offer, "error_per_step", f"{where}.reconstruct"),
                 self.integer(offer, "solution_bytes", f"{where}.reconstruct", minimum=0))
+        if data.get("sketch") is not None:
+            offer = self.mapping(data["sketch"], f"{where}.sketch")
+            layers = self._strings(self.field(offer, "layers", f"{where}.sketch"), f"{where}.sketch.layers")
+            errors = self.sequence(self.field(offer, "relative_errors", f"{where}.sketch"),
+                                   f"{where}.sketch.relative_errors")
+            if not all(isinstance(e, (int, float)) and not isinstance(e, bool) and e >= 0 for e in errors):
+                raise self.fail(f"{where}.sketch.relative_errors", "a list of numbers >= 0", errors)
+            try:
+                values["sketch"] = Sketch(self.stage(self.mapping(self.field(offer, "stage", f"{where}.sketch"),
+                                                                  f"{where}.sketch.stage"), f"{where}.sketch.stage"),
+                                          tuple(layers), tuple(errors),
+                                          self.integer(offer, "probes", f"{where}.sketch", minimum=1),
+                                          self.integer(offer, "seed", f"{where}.sketch"))
+            except ValueError as error:
+                raise self.inconsistent(f"{where}.sketch: {error}") from None
         for key in ("saves_input", "saves_output"):
             values[key] = self.boolean(data, key, where)
         for key in ("fwd_cost", "bwd_cost"):

@@ -274,6 +274,15 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
         f"{sim.compute_cost:.1f} {chain.cost_unit} (nominal)",
         f"  recompute    {sim.recomputed_forwards} extra stage forwards, overhead {_percent(sim.recompute_overhead)} "
         f"over a step without recompute ({sim.baseline_cost:.1f} {chain.cost_unit})",
+    ]
+    if plan.schedule.sketched:
+        lines.append("  INEXACT      weight gradients estimated by XConv sketches (approximate=XConv); input, bias "
+                     "and other gradients exact:")
+        lines += [f"    {layer.layer}: {layer.probes} probes, in {layer.stages} stages, relative weight-gradient "
+                  f"error {layer.relative_error:.2f} on the example batch" for layer in plan.approximated]
+    if chain.unsketchable_layers:
+        lines.append(f"  exact convs  XConv cannot sketch (groups, dilation, not 2-d): {', '.join(chain.unsketchable_layers)}")
+    lines += [
         "",
         format_breakdown(sim),
     ]

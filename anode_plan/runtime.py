@@ -17,6 +17,8 @@ schedule runs as written, with PyTorch's own machinery doing the bookkeeping, an
 * BatchNorm running statistics are updated once per step: a re-run does not update
   them, by :class:`RestoreRunningStats` (the ``context_fn`` recompute context);
 * a :class:`planners.Reconstruct` runs as :func:`anode_plan.reconstruct.run_reconstruct`;
+* a stage the schedule sketches (``Schedule.sketched``) runs its convolutions as XConv
+  (:class:`anode_plan.sketch.SketchedLayers`), in its first run and in every re-run;
 * a region that writes into its own input in place (which would make its re-run start
   from the wrong values) raises :class:`~anode_plan.InPlaceModificationError` in forward.
   An input overwritten after the region ran is caught by autograd's version check when
@@ -41,6 +43,7 @@ from torch.utils.checkpoint import checkpoint
 
 from anode_plan.errors import InPlaceModificationError
 from anode_plan.reconstruct import run_reconstruct
+from anode_plan.sketch import SketchedLayers
 from anode_plan.trace import TracedModel, run_stage
 from planners import Op, Reconstruct, Run
 
@@ -193,15 +196,20 @@ class ScheduleRunner:
     """Runs a traced model's stages, by a schedule under autograd, or straight through without it."""
 
     def __init__(self, traced: TracedModel, ops: tuple[Op, ...], root: nn.Module,
-                 random_stages: frozenset[int] = frozenset()) -> None:
-        """``random_stages``: the stages that draw random numbers; regions holding one replay the RNG."""
+                 random_stages: frozenset[int] = frozenset(), sketch: SketchedLayers | None = None) -> None:
+        """``random_stages``: the stages that draw random numbers; regions holding one replay the RNG.
+        ``sketch``: the stages that run with their convolutions sketched (XConv), and how."""
         self.traced = traced
         self.ops = ops
         self.norm_layers = norm_layers_with_stats(root)
         self.random_stages = random_stages
+        self.sketch = sketch
 
     def run_stage(self, root: nn.Module, index: int, values: tuple) -> tuple:
         spec = self.traced.stages[index]
+        if self.sketch is not None and spec.name in self.sketch.layers:
+            with self.sketch.applied(root, spec.name):  # a re-run in backward comes here too: the same probes
+                return run_stage(root, self.traced, spec, values)
         return run_stage(root, self.traced, spec, values)
 
     def run_plain(self, root: nn.Module, values: tuple) -> tuple:

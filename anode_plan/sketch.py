@@ -29,12 +29,17 @@ Background, papers and test values: ``docs/algorithms.md`` §9.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any
+import zlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from anode_plan.errors import ApproximationSpecError
 
 
 def supports(conv: nn.Module) -> bool:
@@ -131,7 +136,7 @@ class XConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
         if not (torch.is_grad_enabled() and conv.weight.requires_grad):
-            return conv(x)
+            return conv._conv_forward(x, conv.weight, conv.bias)  # not conv(x): the planner's sketch patches conv.forward
         return sketched_conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding, probes=self.probes,
                                seed=self.seed, step=self.step, owner=self)
 
@@ -152,3 +157,101 @@ class XConv2d(nn.Module):
 def expected_relative_error(probes: int) -> float:
     """The order of the weight gradient's relative error with ``probes`` probes: ``1/√probes``."""
     return 1.0 / math.sqrt(probes)
+
+
+@dataclass(frozen=True)
+class XConv:
+    """Opt in to XConv sketches: ``compile(model, budget, (x,), approximate=anode_plan.XConv(probes=16))``.
+
+    The planner may then run a convolution (:func:`supports`) with a sketch of its input
+    instead of the input, where that lets the budget be met or saves recompute (see
+    :mod:`planners.sketch`); ``compiled.plan.approximated`` lists every sketched layer with its
+    measured relative weight-gradient error. The input and bias gradients stay exact.
+
+    Args:
+        probes: the number of random probes ``r``: memory per sketched input
+            ``b·ci·r`` numbers, error about ``1/√r`` (a third at 16 probes in
+            ``benchmarks/RESULTS.md``, "XConv").
+        seed: the base seed; each layer's probes come from (seed, layer, training step).
+    """
+
+    probes: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.probes, bool) or not isinstance(self.probes, int) or self.probes < 1:
+            raise ApproximationSpecError(f"XConv(probes={self.probes!r}): the number of probes must be a positive int, "
+                                         "e.g. XConv(probes=16); more probes cost more memory and give a smaller error")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ApproximationSpecError(f"XConv(seed={self.seed!r}): the seed must be an int")
+
+
+def check_approximation(approximate: Any) -> None:
+    """Refuse anything but ``None`` or an :class:`XConv` for ``compile(..., approximate=...)``."""
+    if approximate is not None and not isinstance(approximate, XConv):
+        raise ApproximationSpecError(
+            f"approximate={approximate!r} is not an approximation anode-plan knows; pass "
+            "approximate=anode_plan.XConv(probes=16) to let the planner sketch convolutions, or leave it unset for "
+            "exact gradients")
+
+
+def sketchable_layers(module: nn.Module, prefix: str = "") -> tuple[str, ...]:
+    """The qualified names of the convolutions in ``module`` that can be sketched (trainable, :func:`supports`)."""
+    return tuple(f"{prefix}{name}" for name, sub in module.named_modules()
+                 if supports(sub) and sub.weight.requires_grad)
+
+
+class SketchedLayers:
+    """Which convolutions run sketched in which stage, and their probes' state across training steps.
+
+    ``layers`` maps a stage's name to the qualified names of its convolutions to sketch.
+    While a stage runs under :meth:`applied`, each of those convolutions' ``forward`` is
+    an :class:`XConv2d` of it (the module itself is not replaced, so ``state_dict`` keys
+    and hooks are the user's). The :class:`XConv2d` of a layer is made once per model
+    root and kept, so its step (which selects the probes) advances with training.
+    """
+
+    def __init__(self, config: XConv, layers: dict[str, tuple[str, ...]],
+                 ops: dict[tuple[int, str], "XConv2d"] | None = None) -> None:
+        """``ops``: a store of the layers' ops to share with other instances (a compiled model's plans)."""
+        self.config = config
+        self.layers = layers
+        self._ops = {} if ops is None else ops
+
+    def op(self, root: nn.Module, name: str) -> XConv2d:
+        """The sketched op of layer ``name`` of ``root``."""
+        key, conv = (id(root), name), root.get_submodule(name)
+        if key not in self._ops or self._ops[key].conv is not conv:
+            self._ops[key] = XConv2d(conv, self.config.probes, seed=_layer_seed(self.config.seed, name))
+        return self._ops[key]
+
+    @contextlib.contextmanager
+    def applied(self, root: nn.Module, stage: str) -> Iterator[None]:
+        """Run the convolutions of ``stage`` sketched, within this context."""
+        names = self.layers.get(stage, ())
+        patched = []
+        try:
+            for name in names:
+                conv = root.get_submodule(name)
+                conv.forward = self.op(root, name).forward
+                patched.append(conv)
+            yield
+        finally:
+            for conv in patched:
+                conv.__dict__.pop("forward", None)
+
+    def stage_function(self, make: Callable[..., Callable], root: nn.Module, traced: Any, spec: Any) -> Callable:
+        """``make(root, traced, spec)`` (a stage function) run with the stage's convolutions sketched."""
+        fn = make(root, traced, spec)
+        if spec.name not in self.layers:
+            return fn
+
+        def sketched(values: Sequence[Any]) -> tuple:
+            with self.applied(root, spec.name):
+                return fn(values)
+        return sketched
+
+
+def _layer_seed(seed: int, name: str) -> int:
+    """A layer's probe seed, from the base seed and the layer's name alone (stable across runs and plans)."""
+    return seed * 1_000_033 + zlib.crc32(name.encode())

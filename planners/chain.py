@@ -11,7 +11,8 @@ The memory model behind these fields is documented in :mod:`planners.simulate`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Iterable
 
 
 WORKSPACE_FIELDS = ("fwd_untaped_workspace_bytes", "fwd_taped_workspace_bytes", "rerun_workspace_bytes",
@@ -48,6 +49,37 @@ class Reconstruction:
         if self.step_bytes < 0 or self.inverse_cost < 0:
             raise ValueError(f"Reconstruction: step_bytes={self.step_bytes} and "
                              f"inverse_cost={self.inverse_cost} must be >= 0")
+
+
+@dataclass(frozen=True)
+class Sketch:
+    """A stage's offer to keep random sketches of its convolutions' inputs instead of the inputs (inexact).
+
+    XConv (Siahkoohi et al., arXiv 2106.06998): a convolution keeps ``probes`` random
+    projections of its input, and its weight gradient becomes an unbiased estimate. Offered
+    only when the user opts in (``compile(..., approximate=anode_plan.XConv(...))``).
+
+    Attributes:
+        stage: the stage's numbers with those convolutions sketched, measured like the
+            exact stage (fake tensors, then calibration): the forward's projections, the
+            backward's regenerated probes and products.
+        layers: the qualified names of the sketched convolutions.
+        relative_errors: per layer, the relative error of its weight gradient,
+            ``‖ĝ - g‖ / ‖g‖``, measured on the example batch (root mean square over draws
+            of the probes), or ``1/√probes`` where it was not measured.
+        probes, seed: the sketch's number of probes and base seed.
+    """
+
+    stage: "Stage"
+    layers: tuple[str, ...]
+    relative_errors: tuple[float, ...]
+    probes: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.relative_errors) != len(self.layers) or not self.layers:
+            raise ValueError(f"Sketch: {len(self.layers)} layers with {len(self.relative_errors)} errors; give one "
+                             "error per sketched layer, and at least one layer")
 
 
 @dataclass(frozen=True)
@@ -96,6 +128,9 @@ class Stage:
         reconstruct: the stage's offer to be rebuilt backwards from its output (a
             :class:`Reconstruction`), or ``None``: the options a planner has for a stage
             are keeping its tape, recomputing it from a kept state, and this.
+        sketch: the stage's offer to run with its convolutions sketched (a
+            :class:`Sketch`), or ``None``; a schedule that takes it lists the stage in
+            :attr:`~planners.schedule.Schedule.sketched`.
     """
 
     name: str
@@ -121,6 +156,7 @@ class Stage:
     workspace_kernels: tuple[str, str, str, str] = ("", "", "", "")
     uses_rng: bool = False
     reconstruct: Reconstruction | None = None
+    sketch: Sketch | None = None
 
     def __post_init__(self) -> None:
         for attr in ("input_bytes", "output_bytes", "tape_bytes", *WORKSPACE_FIELDS):
@@ -180,6 +216,8 @@ class Chain:
             (``state_values[0]``) are never charged, since the budget excludes the batch.
         gradless_values: the value ids no gradient ever reaches (the parts a reversible
             ODE block carries besides its solution, at its end: nothing reads them).
+        unsketchable_layers: with sketches offered (XConv), the convolutions that cannot be
+            sketched (groups, dilation, other padding modes, not 2-d) and always run exactly.
     """
 
     stages: tuple[Stage, ...]
@@ -192,6 +230,7 @@ class Chain:
     state_values: tuple[tuple[int, ...], ...] = ()
     value_bytes: tuple[int, ...] = ()
     gradless_values: tuple[int, ...] = ()
+    unsketchable_layers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -239,6 +278,28 @@ class Chain:
     @property
     def output_bytes(self) -> int:
         return self.stages[-1].output_bytes
+
+    @property
+    def sketchable_stages(self) -> tuple[int, ...]:
+        """The stages that offer a :class:`Sketch`."""
+        return tuple(i for i, stage in enumerate(self.stages) if stage.sketch is not None)
+
+    def with_sketches(self, stages: "Iterable[int]") -> "Chain":
+        """This chain with ``stages`` replaced by their sketched numbers (each must offer a :class:`Sketch`).
+
+        A sketched stage offers neither a reconstruction nor a sketch; the chain's
+        states are the same, since a sketch changes what a stage keeps, not what it makes.
+        """
+        chosen = sorted(set(stages))
+        if not chosen:
+            return self
+        replaced = list(self.stages)
+        for index in chosen:
+            if not 0 <= index < len(replaced) or replaced[index].sketch is None:
+                raise ValueError(f"stage {index} of {self.name} offers no sketch; the stages that do are "
+                                 f"{list(self.sketchable_stages)}")
+            replaced[index] = replace(replaced[index].sketch.stage, reconstruct=None, sketch=None)
+        return replace(self, stages=tuple(replaced))
 
     @classmethod
     def uniform(cls, n: int, *, state_bytes: int = 1, tape_bytes: int = 1, fwd_cost: float = 1.0,

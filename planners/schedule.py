@@ -67,12 +67,15 @@ class Schedule:
         planner: the name of the planner that produced it.
         proven_optimal: the planner proved this the cheapest schedule under its model.
         description: a short summary for reports, e.g. ``"revolve, snapshots per block [3, 3]"``.
+        sketched: the stages that run with their convolutions sketched (each offers a
+            :class:`~planners.chain.Sketch`): the schedule is inexact when this is not empty.
     """
 
     ops: tuple[Op, ...]
     planner: str
     proven_optimal: bool = False
     description: str = ""
+    sketched: tuple[int, ...] = ()
 
 
 def validate_schedule(schedule: Schedule | tuple[Op, ...], num_stages: int) -> None:

@@ -354,6 +354,8 @@ def simulate_plan(chain: Chain, schedule: Schedule | tuple[Op, ...], *, timeline
     """
     ops = schedule.ops if isinstance(schedule, Schedule) else schedule
     validate_schedule(ops, len(chain.stages))
+    if isinstance(schedule, Schedule) and schedule.sketched:
+        chain = _sketched_chain(chain, schedule.sketched)
     _check_reconstructible(chain, ops)
     sim = _Simulator(chain, record=timeline)
     sim.run(ops)
@@ -388,3 +390,13 @@ def _check_reconstructible(chain: Chain, ops: tuple[Op, ...]) -> None:
                     f"Reconstruct[{op.start}, {op.stop}) covers stage {bad.name!r}, which cannot be rebuilt from "
                     "its output: only the steps of one reversible ODE block (method='reversible_heun' or 'alf') "
                     "offer a reconstruction")
+
+
+def _sketched_chain(chain: Chain, sketched: tuple[int, ...]) -> Chain:
+    """``chain`` with the stages a schedule sketches replaced by their sketched numbers."""
+    bad = [i for i in sketched if not 0 <= i < len(chain.stages) or chain.stages[i].sketch is None]
+    if bad:
+        raise PlanInvariantError(
+            f"the schedule sketches stages {bad}, which offer no sketch: only stages with supported convolutions "
+            "offer one, and only when compiled with approximate=anode_plan.XConv(...)")
+    return chain.with_sketches(sketched)

@@ -1,0 +1,94 @@
+"""Choose where to sketch convolutions (XConv, inexact, opt-in): only where it lets the budget be met or saves recompute.
+
+A stage whose convolutions can be sketched offers a :class:`~planners.chain.Sketch`: the
+same stage keeping ``probes`` projections of each convolution's input instead of the
+input (Siahkoohi et al., arXiv 2106.06998), with its own measured bytes and cost and the
+weight gradients' relative error. The offers are grouped as the user sees them: the
+steps of one ODE block share their convolutions, so they are sketched together; any other
+stage is a group of its own.
+
+:func:`plan_with_sketches` wraps any exact planner. The exact schedule is planned first,
+and is kept when it fits with no recompute (a sketch could only add cost). Otherwise the
+groups are added one at a time, those keeping the most bytes first: while nothing fits
+each is added, since each lowers the memory needed; once a schedule fits a group stays
+only when the schedule found with it is cheaper. A last pass drops every group the
+schedule can do without at no extra cost, least saving first, so no layer is
+approximated without a reason. Each attempt is one exact planning run, so this costs at
+most about three times the groups' number of plans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+from planners.chain import Chain
+from planners.errors import InfeasibleBudgetError
+from planners.schedule import Schedule
+from planners.simulate import simulate_plan
+
+
+def sketch_groups(chain: Chain) -> tuple[tuple[int, ...], ...]:
+    """The stages offering a sketch, grouped by ODE block (a stage outside blocks alone), most bytes saved first."""
+    groups: dict[object, list[int]] = {}
+    for index in chain.sketchable_stages:
+        block = chain.stages[index].block
+        groups.setdefault(("block", block) if block is not None else ("stage", index), []).append(index)
+
+    def kept(stage) -> int:
+        return stage.tape_bytes + stage.input_bytes * stage.saves_input + stage.output_bytes * stage.saves_output
+
+    def saving(group: list[int]) -> int:
+        return sum(kept(chain.stages[i]) - kept(chain.stages[i].sketch.stage) for i in group)
+
+    ordered = sorted(groups.values(), key=lambda group: (-saving(group), group[0]))
+    return tuple(tuple(group) for group in ordered)
+
+
+def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, int], Schedule]) -> Schedule:
+    """The cheapest schedule ``plan`` finds within the budget, sketching convolutions only where it pays.
+
+    ``plan(chain, budget_bytes)`` is an exact planner (it may raise
+    :class:`InfeasibleBudgetError`). Raises the error with the smallest budget when
+    nothing fits even with every offered sketch taken.
+    """
+    groups = sketch_groups(chain)
+    smallest: list[InfeasibleBudgetError] = []
+
+    def attempt(chosen: list[tuple[int, ...]]) -> tuple[tuple[float, int], Schedule] | None:
+        stages = tuple(sorted(i for group in chosen for i in group))
+        try:
+            schedule = plan(chain.with_sketches(stages), budget_bytes)
+        except InfeasibleBudgetError as error:
+            if not smallest or error.min_budget_bytes < smallest[0].min_budget_bytes:
+                smallest[:] = [error]
+            return None
+        if stages:
+            layers = sorted({layer for i in stages for layer in chain.stages[i].sketch.layers})
+            schedule = replace(schedule, sketched=stages, proven_optimal=False,
+                               description=f"{schedule.description}; XConv sketches in {len(stages)} stages "
+                                           f"({', '.join(layers)})")
+        simulation = simulate_plan(chain, schedule)
+        if simulation.peak_bytes > budget_bytes:
+            return None
+        return (simulation.compute_cost, simulation.peak_bytes), schedule
+
+    best = attempt([])
+    if not groups or (best is not None and simulate_plan(chain, best[1]).recompute_cost == 0):
+        if best is None:
+            raise smallest[0]
+        return best[1]
+    chosen: list[tuple[int, ...]] = []
+    for group in groups:
+        trial = attempt(chosen + [group])
+        if best is None or (trial is not None and trial[0] < best[0]):
+            chosen.append(group)
+            best = trial if trial is not None else best
+    if best is None:
+        raise smallest[0]
+    for group in reversed(list(chosen)):
+        rest = [g for g in chosen if g != group]
+        trial = attempt(rest)
+        if trial is not None and trial[0] <= best[0]:
+            chosen, best = rest, trial
+    return best[1]
