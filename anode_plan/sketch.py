@@ -83,12 +83,16 @@ class _SketchedConv2d(torch.autograd.Function):
             kernel_h, kernel_w = weight.shape[-2:]
             height, width = shape[-2] + 2 * padding[0], shape[-1] + 2 * padding[1]
             grid = probes_for(seed, step, probes, height, width, grad_out)
-            # Q[j, b·p, u, v] = Σ_y Δ[b, p, y] E_j[(u, v) + stride·y]: Δ̃ᵀ S_o E_j for every offset o = (u, v).
-            products = F.conv2d(grid.unsqueeze(1), grad_out.reshape(batch * out_channels, 1, out_h, out_w),
-                                dilation=stride)[:, :, :kernel_h, :kernel_w]
+            # cols[j, o, y] = E_j[o + stride·y] for every kernel offset o = (u, v) and output position y,
+            # and A[b, p, j, o] = Σ_y Δ[b, p, y] cols[j, o, y] = Δ̃ᵀ S_o E_j: one matrix product.
+            cols = F.unfold(grid.unsqueeze(1), (kernel_h, kernel_w), stride=stride)  # r × (kh·kw) × (oh·ow)
             del grid
-            products = products.reshape(probes, batch, out_channels, kernel_h, kernel_w)
-            grad_w = torch.einsum("jbpuv,bcj->pcuv", products, sketch).div_(probes)
+            cols = cols.permute(2, 0, 1).reshape(out_h * out_w, probes * kernel_h * kernel_w)
+            products = grad_out.reshape(batch * out_channels, out_h * out_w).mm(cols)  # (b·p) × (r·kh·kw)
+            del cols
+            products = products.view(batch, out_channels, probes, kernel_h * kernel_w)
+            grad_w = torch.einsum("bpjk,bcj->pck", products, sketch).div_(probes)
+            grad_w = grad_w.reshape(out_channels, shape[1], kernel_h, kernel_w)
         if has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None, None, None, None, None
