@@ -15,6 +15,7 @@ from planners import (Anode, Auto, Chain, InfeasibleBudgetError, Reconstruct, Re
                       simulate_plan)
 from planners.schedule import Op, nesting_depth
 from planners.simulate import Simulation
+from planners.sketch import plan_with_sketches
 
 from anode_plan.budget import budget_for_peak, usable_bytes
 
@@ -196,13 +197,16 @@ def tradeoff_curve(chain: Chain, budgets: Sequence[int], planner=None) -> tuple[
     """Plan ``chain`` for every budget (bytes) with ``planner`` (default :class:`planners.Auto`) and simulate the result.
 
     Each budget is planned as :func:`anode_plan.compile` plans it (its usable part,
-    :func:`anode_plan.budget.usable_bytes`).
+    :func:`anode_plan.budget.usable_bytes`, with sketches where they pay when the chain offers them).
     """
     planner = planner if planner is not None else Auto()
     points = []
     for budget in budgets:
         try:
-            schedule = planner.plan(chain, budget_bytes=usable_bytes(budget))
+            if chain.sketchable_stages:  # lowered with approximate=XConv(...): sketches where they pay, as compile
+                schedule = plan_with_sketches(chain, usable_bytes(budget), lambda c, b: planner.plan(c, budget_bytes=b))
+            else:
+                schedule = planner.plan(chain, budget_bytes=usable_bytes(budget))
         except InfeasibleBudgetError as error:
             points.append(TradeoffPoint(budget, None, None, None, "infeasible",
                                         min_budget_bytes=budget_for_peak(error.min_budget_bytes)))

@@ -270,3 +270,14 @@ def test_max_batch_needs_one_budget(tool, capsys):
     with pytest.raises(SystemExit):
         tool.main([*TINY, "--budget", "1MB", "--max-overhead", "0.2"])
     assert "exactly one --budget" in capsys.readouterr().err
+
+
+def test_xconv_at_a_budget_only_sketches_reach_flags_the_sketched_layers(tool, capsys):
+    factory = ["--model", "tests.factories:tiny_odenet", "--input-shape", "3,16,16", "--kwargs", "channels=8",
+               "nt=6"]
+    assert tool.main([*factory, "--budget", "2.2MB"]) == 1  # below the exact minimum
+    capsys.readouterr()
+    assert tool.main([*factory, "--budget", "2.2MB", "--xconv", "8", "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert "INEXACT" in out and re.search(r"ode1\.func\.conv: 8 probes, in 6 stages, relative weight-gradient", out)
+    assert re.search(r"measured\s+peak [\d.]+ \w+ \(within budget", out)

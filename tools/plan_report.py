@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="budgets: 300MB, 512MiB or bytes; lists (30MB 40MB or 30MB,40MB) and ranges "
                              "start:stop:count (20MB:80MB:7). Default: the landmarks and points between")
     parser.add_argument("--planner", choices=sorted(PLANNERS), default="auto")
+    parser.add_argument("--xconv", type=int, metavar="PROBES",
+                        help="let the planner sketch convolutions with XConv(probes=PROBES) where it pays (inexact: "
+                             "the report flags every sketched layer); the sweep's landmarks stay exact")
     parser.add_argument("--plan", metavar="PLAN.yaml",
                         help="report on a saved plan; with --model, check it against that model first")
     parser.add_argument("--measure", action="store_true",
@@ -138,7 +141,8 @@ def _report_budgets(args: argparse.Namespace, planner, budgets: list[int]) -> in
     shape = input_shape(args.model or DEFAULT_MODEL, args.batch or DEFAULT_BATCH, args.input_shape, kwargs)
     x = torch.randn(shape, dtype=getattr(torch, args.dtype))
     traced = anode_plan.trace_model(model, (x,))
-    chain = anode_plan.lower_to_chain(model, traced, (x,))
+    approximate = None if args.xconv is None else anode_plan.XConv(probes=args.xconv)
+    chain = anode_plan.lower_to_chain(model, traced, (x,), approximate=approximate)
     marks = anode_plan.find_landmarks(chain, planner)
     sweep = not budgets or len(budgets) > 1
     budgets = budgets or anode_plan.default_budgets(marks)
