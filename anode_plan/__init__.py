@@ -6,6 +6,7 @@
 The public names are re-exported here; everything else may change without notice.
 """
 
+from anode_plan.adaptive import odeint
 from anode_plan.batch import BatchPoint, BatchSearch, batch_curve, max_batch_size, search_batch_size
 from anode_plan.budget import budget_for_peak, parse_memory_budget
 from anode_plan.compiler import ApproximatedLayer, CompiledModel, Plan, compile, load_plan, plan_for_budget
@@ -14,7 +15,7 @@ from anode_plan.errors import (AnodePlanError, BudgetFormatError, ExampleInputsE
                                InputMismatchError, ODEBlockConfigError, ODEFunctionError, PlanInvariantError,
                                UntraceableModelError)
 from anode_plan.errors import PlanFileError, PlanMismatchError, PlanOverBudgetError, PlotUnavailableError
-from anode_plan.errors import ApproximationSpecError, CompiledModuleError, InPlaceModificationError, NonFiniteStateError, PlannerSpecError
+from anode_plan.errors import ApproximationSpecError, CompiledModuleError, SolverConfigError, InPlaceModificationError, NonFiniteStateError, PlannerSpecError
 from anode_plan.memory import AllocatorMeter, LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode import ODEBlock
 from anode_plan.planfile import dump_plan, save_plan
@@ -36,4 +37,5 @@ __all__ = [
     "InPlaceModificationError", "PlannerSpecError", "NonFiniteStateError", "CompiledModuleError",
     "AllocatorMeter", "budget_for_peak", "BatchPoint", "BatchSearch", "max_batch_size", "search_batch_size",
     "batch_curve", "plot_batch_curve", "XConv2d", "XConv", "ApproximatedLayer", "ApproximationSpecError",
+    "odeint", "SolverConfigError",
 ]

@@ -87,11 +87,15 @@ class PlotUnavailableError(AnodePlanError, ImportError):
     """Drawing a plan needs matplotlib, the optional ``[plot]`` extra, and it is not installed."""
 
 
+class SolverConfigError(AnodePlanError, ValueError):
+    """``anode_plan.odeint`` got an unknown method or option, bad times, or could not finish the solve."""
+
+
 class ApproximationSpecError(AnodePlanError, ValueError):
     """``compile(..., approximate=...)`` got something other than an approximation it knows (``anode_plan.XConv``)."""
 
 
-__all__ = ["AnodePlanError", "ApproximationSpecError", "BudgetFormatError", "ExampleInputsError", "InfeasibleBudgetError",
+__all__ = ["AnodePlanError", "ApproximationSpecError", "SolverConfigError", "BudgetFormatError", "ExampleInputsError", "InfeasibleBudgetError",
            "InputMismatchError", "ODEBlockConfigError", "ODEFunctionError", "PlanFileError", "PlanInvariantError", "PlannerSpecError",
            "PlanMismatchError", "PlanOverBudgetError", "PlotUnavailableError", "UntraceableModelError",
            "InPlaceModificationError", "NonFiniteStateError"]
