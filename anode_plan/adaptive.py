@@ -42,6 +42,7 @@ from torch import nn
 from anode_plan.budget import parse_memory_budget
 from anode_plan.errors import InfeasibleBudgetError, SolverConfigError
 from anode_plan.memory import LiveStorageTracker, allocated_bytes, measure_peak_memory
+from anode_plan.runtime import RestoreRunningStats, norm_layers_with_stats
 from anode_plan.rk import TABLEAUS, Tableau, error_ratio, initial_step, interpolate, interpolation, next_step, rk_step, rms_norm
 from planners.errors import format_bytes
 from planners.online import OnlineCheckpointing, reverse_actions
@@ -52,7 +53,7 @@ CARRY_DERIVATIVE_GRADIENT = True
 MAX_SLOTS = 10_000
 """At most this many checkpoints, whatever the budget allows (the online bookkeeping is linear in them)."""
 
-OPTIONS = ("memory_budget", "max_num_steps", "first_step")
+OPTIONS = ("memory_budget", "max_num_steps", "first_step", "checkpoints")
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,9 @@ def odeint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch
         rtol, atol: the error tolerances.
         method: the embedded Runge–Kutta pair.
         options: ``memory_budget`` (``"64MB"``, ``"1GiB"`` or bytes; ``None``, the default,
-            keeps every step's state and recomputes nothing), ``max_num_steps`` (default
-            ``2**31 - 1``), ``first_step`` (default: chosen from ``func`` at ``y0``).
+            keeps every step's state and recomputes nothing), or ``checkpoints`` (a count,
+            slot 0 the initial state's, as diffrax and equinox take it), ``max_num_steps``
+            (default ``2**31 - 1``), ``first_step`` (default: chosen from ``func`` at ``y0``).
         params: the tensors needing gradients that ``func`` uses (default: its parameters).
 
     Raises:
@@ -112,7 +114,7 @@ def odeint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch
     wanted = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in problem.params))
     if not wanted:
         with torch.no_grad():
-            out = _forward(problem, flat, slots=0)[0]
+            out = _forward(problem, flat, slots=0)[0]  # nothing to keep
     else:
         out = _OdeintFunction.apply(problem, flat, *problem.params)
     return problem.unflatten(out)
@@ -129,6 +131,7 @@ class _Problem:
     norm: Callable[[torch.Tensor], torch.Tensor]
     params: tuple[torch.Tensor, ...]
     budget_bytes: int | None
+    checkpoints: int | None
     max_num_steps: int
     first_step: float | None
     unflatten: Callable[[torch.Tensor], Any]
@@ -185,8 +188,19 @@ class _Problem:
                tuple(tuple(p.shape) for p in params))
         return cls(inner, flat_y0, times, torch.as_tensor(rtol, dtype=dtype), torch.as_tensor(atol, dtype=dtype),
                    tableau, norm, params, None if budget is None else parse_memory_budget(budget),
-                   int(options.get("max_num_steps", 2**31 - 1)), None if first is None else float(first),
+                   _checkpoints(options.get("checkpoints"), budget), int(options.get("max_num_steps", 2**31 - 1)), None if first is None else float(first),
                    (lambda out: split(out)) if tuple_state else (lambda out: out), key, func)
+
+
+def _checkpoints(count: Any, budget: Any) -> int | None:
+    if count is None:
+        return None
+    if budget is not None:
+        raise SolverConfigError("odeint: give options['memory_budget'] or options['checkpoints'], not both")
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise SolverConfigError(f"odeint: options['checkpoints']={count!r} must be a positive int (slot 0 holds the "
+                                "initial state)")
+    return count
 
 
 def _refuse_hidden_tensors(func: Callable) -> None:
@@ -221,7 +235,7 @@ def _forward(problem: _Problem, y0: torch.Tensor, slots: int | None) -> tuple[to
         dt = (torch.tensor(problem.first_step, dtype=torch.float64) if problem.first_step is not None
               else initial_step(problem.func, t0, y0, f0, tableau.order, problem.rtol, problem.atol, problem.norm))
     solve = Solve([], {}, slots)
-    checkpointer = OnlineCheckpointing(slots) if slots else None
+    checkpointer = OnlineCheckpointing(slots) if slots else None  # None: keep every state; 0: keep none
     state = checkpointer.start() if checkpointer else None
     y, f, t_now = y0, f0, t0
     decided = -1
@@ -236,8 +250,10 @@ def _forward(problem: _Problem, y0: torch.Tensor, slots: int | None) -> tuple[to
             step = len(solve.steps)
             if step != decided:  # the state at `step` exists: keep it or not, once
                 decided = step
-                if checkpointer is None:
+                if slots is None:
                     solve.kept[step] = (y, f)
+                elif checkpointer is None:
+                    pass
                 else:
                     decision, state = checkpointer.decide(state, step)
                     if decision.keep:  # into a slot: what it held is dropped
@@ -301,8 +317,14 @@ class _OdeintFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, problem: _Problem, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         slots = checkpoint_slots(problem, y0)
+        before = torch.default_generator.get_state()
         with torch.no_grad():
             out, solve = _forward(problem, y0, slots)
+        if not torch.equal(before, torch.default_generator.get_state()):
+            raise SolverConfigError(
+                "odeint: func draws random numbers (dropout, randn), and the backward re-runs its steps, which would "
+                "draw other numbers and give wrong gradients; make func deterministic (dropout outside the solve, "
+                "or func.eval())")
         ctx.problem, ctx.solve = problem, solve
         ctx.save_for_backward(y0)
         return out
@@ -311,39 +333,45 @@ class _OdeintFunction(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         problem, solve = ctx.problem, ctx.solve
         (y0,) = ctx.saved_tensors
-        n = len(solve.steps)
-        g_y = g_f = None
-        param_grads: list = [None] * len(problem.params)
-        if n:
-            store = dict(solve.kept)
-            slots = solve.slots if solve.slots else len(store)
-            live = None
-            for action in reverse_actions(store, n, slots):
-                k = action.step
-                y, f = store[k] if k in store else live[1:]
-                step = solve.steps[k]
-                if action.kind == "advance":
-                    with torch.no_grad():
-                        y1, f1, _ = _step_function(problem, _quiet(step))(y, f)
-                    live = (k + 1, y1, f1)
-                    if action.keep:
-                        store[k + 1] = (y1, f1)
-                    continue
-                g_y, g_f, grads = _vjp(problem, step, y, f, g_y, g_f, grad_out)
-                param_grads = [_add(total, grad) for total, grad in zip(param_grads, grads)]
-                live = None
-                if store.pop(k, None) is not None and not CARRY_DERIVATIVE_GRADIENT and k:
-                    g_f = None  # what dropping the kept derivative's gradient would do (tests show it is wrong)
-        g_y0 = _add(g_y, grad_out[0])
-        if g_f is not None:  # f0 = func(t0, y0)
-            with torch.enable_grad():
-                y_ = y0.detach().requires_grad_()
-                f0 = problem.func(problem.times[0].to(y0.dtype), y_)
-                found = torch.autograd.grad(f0, [y_, *problem.params], g_f, allow_unused=True)
-            g_y0 = _add(g_y0, found[0])
-            param_grads = [_add(total, grad) for total, grad in zip(param_grads, found[1:])]
         ctx.solve = None
-        return (None, g_y0 if ctx.needs_input_grad[1] else None, *param_grads)
+        with RestoreRunningStats(norm_layers_with_stats(problem.source) if isinstance(problem.source, nn.Module)
+                                 else []):  # the re-runs leave BatchNorm statistics as the forward left them
+            return _backward(ctx, problem, solve, y0, grad_out)
+
+
+def _backward(ctx: Any, problem: _Problem, solve: Solve, y0: torch.Tensor, grad_out: torch.Tensor) -> tuple:
+    n = len(solve.steps)
+    g_y = g_f = None
+    param_grads: list = [None] * len(problem.params)
+    if n:
+        store = dict(solve.kept)
+        slots = solve.slots if solve.slots else len(store)
+        live = None
+        for action in reverse_actions(store, n, slots):
+            k = action.step
+            y, f = store[k] if k in store else live[1:]
+            step = solve.steps[k]
+            if action.kind == "advance":
+                with torch.no_grad():
+                    y1, f1, _ = _step_function(problem, _quiet(step))(y, f)
+                live = (k + 1, y1, f1)
+                if action.keep:
+                    store[k + 1] = (y1, f1)
+                continue
+            g_y, g_f, grads = _vjp(problem, step, y, f, g_y, g_f, grad_out)
+            param_grads = [_add(total, grad) for total, grad in zip(param_grads, grads)]
+            live = None
+            if store.pop(k, None) is not None and not CARRY_DERIVATIVE_GRADIENT and k:
+                g_f = None  # what dropping the kept derivative's gradient would do (tests show it is wrong)
+    g_y0 = _add(g_y, grad_out[0])
+    if g_f is not None:  # f0 = func(t0, y0)
+        with torch.enable_grad():
+            y_ = y0.detach().requires_grad_()
+            f0 = problem.func(problem.times[0].to(y0.dtype), y_)
+            found = torch.autograd.grad(f0, [y_, *problem.params], g_f, allow_unused=True)
+        g_y0 = _add(g_y0, found[0])
+        param_grads = [_add(total, grad) for total, grad in zip(param_grads, found[1:])]
+    return (None, g_y0 if ctx.needs_input_grad[1] else None, *param_grads)
 
 
 def _quiet(step: Step) -> Step:
@@ -439,6 +467,8 @@ def step_costs(problem: _Problem, y0: torch.Tensor) -> StepCosts:
 
 def checkpoint_slots(problem: _Problem, y0: torch.Tensor) -> int | None:
     """How many checkpoints the budget allows (``None``: no budget, keep every state)."""
+    if problem.checkpoints is not None:
+        return int(min(problem.checkpoints, MAX_SLOTS))
     if problem.budget_bytes is None:
         return None
     costs = step_costs(problem, y0)

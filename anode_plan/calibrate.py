@@ -38,6 +38,7 @@ Background, papers and test values: ``docs/algorithms.md`` §7.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import itertools
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from anode_plan.reconstruct import inverse_state, measure_walk_step
 from anode_plan.stagerun import (backward_accumulating, backward_after, backward_alone, backward_through_rerun,
                                  fresh_inputs)
 from anode_plan.trace import TracedModel, run_stage, stage_function
+from planners import Stage
 
 UNCALIBRATED_MARGIN = 0.25
 """With ``calibrate=False`` the planner keeps this share of the budget free for the kernel
@@ -276,3 +278,25 @@ def _generator_states(device: torch.device) -> list[torch.Tensor]:
     if device.type == "cuda":
         states.append(torch.cuda.default_generators[device.index or 0].get_state())
     return states
+
+
+def with_workspace(stage: Stage, position: int, backward: tuple, found: Workspaces) -> Stage:
+    """``stage`` (measured at ``position``) with what calibration measured added: the kernel workspaces to its
+    peaks, and to its tape what the taped forward keeps that the storage view missed."""
+    untaped, taped, rerun = (found.excess(phase, position) for phase in ("fwd_untaped", "fwd_taped", "rerun"))
+    # A re-run peaks at the larger of the first taped run and the checkpoint's re-run
+    # (rerun_taped_bytes); each brings its own workspace.
+    rerun_bytes = max(stage.fwd_taped_bytes + taped.nbytes, stage.rerun_taped_bytes + rerun.nbytes)
+    # The backward's peak is the largest of its measurements, each with its own excess (never
+    # below the fake peak it was measured as: excesses are >= 0).
+    excesses = [(source, found.excess(source.kind, source.position)) for source in backward]
+    source, bwd_excess = max(excesses, key=lambda pair: pair[0].fake_bytes + pair[1].nbytes)
+    bwd_bytes = source.fake_bytes + bwd_excess.nbytes
+    rerun_kernel = rerun.kernel if stage.rerun_taped_bytes + rerun.nbytes >= rerun_bytes else taped.kernel
+    return dataclasses.replace(
+        stage, tape_bytes=stage.tape_bytes + taped.kept_bytes, fwd_untaped_bytes=stage.fwd_untaped_bytes + untaped.nbytes,
+        fwd_taped_bytes=stage.fwd_taped_bytes + taped.nbytes, rerun_taped_bytes=rerun_bytes,
+        bwd_bytes=bwd_bytes, fwd_untaped_workspace_bytes=untaped.nbytes,
+        fwd_taped_workspace_bytes=taped.nbytes, rerun_workspace_bytes=rerun_bytes - stage.rerun_taped_bytes,
+        bwd_workspace_bytes=bwd_bytes - stage.bwd_bytes,
+        workspace_kernels=(untaped.kernel, taped.kernel, rerun_kernel, bwd_excess.kernel))

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from anode_plan.budget import PREDICTION_RESERVE, budget_for_peak, parse_memory_budget, usable_bytes
+from anode_plan.adaptive_stage import adaptive_checkpoints, plan_sharing_adaptive
 from anode_plan.calibrate import UNCALIBRATED_MARGIN
 from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import (AnodePlanError, InfeasibleBudgetError, InputMismatchError,
@@ -49,6 +50,8 @@ class Plan:
         fingerprint: the traced structure, to tell whether a plan fits a model.
         workspace_margin: the share of the budget kept free for kernel workspaces that
             were not measured (``compile(..., calibrate=False)``); 0 for a calibrated plan.
+        adaptive_checkpoints: per adaptive ODE block (its qualified name), the checkpoints
+            its solves keep (:mod:`anode_plan.adaptive_stage`).
     """
 
     schedule: Schedule
@@ -59,6 +62,7 @@ class Plan:
     input_dtypes: tuple[str, ...]
     fingerprint: str
     workspace_margin: float = 0.0
+    adaptive_checkpoints: tuple[tuple[str, int], ...] = ()
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -123,7 +127,7 @@ def runner_for(traced: TracedModel, plan: Plan, model: nn.Module, sketch_ops: di
         first = next(iter(offers.values()))
         sketch = SketchedLayers(XConv(first.probes, first.seed), {name: o.layers for name, o in offers.items()},
                                 ops=sketch_ops)
-    return ScheduleRunner(traced, plan.schedule.ops, model, random_stages, sketch)
+    return ScheduleRunner(traced, plan.schedule.ops, model, random_stages, sketch, dict(plan.adaptive_checkpoints))
 
 
 def approximation_of(plan: Plan) -> XConv | None:
@@ -373,10 +377,13 @@ def plan_for_budget(chain: Chain, traced: TracedModel, example_inputs: Sequence[
     planner = resolve_planner(planner)
     usable = usable_bytes(budget_bytes, workspace_margin)
     try:
-        if chain.sketchable_stages:  # compiled with approximate=XConv(...): sketch only where it pays
-            schedule = plan_with_sketches(chain, usable, lambda c, b: planner.plan(c, budget_bytes=b))
-        else:
-            schedule = planner.plan(chain, budget_bytes=usable)
+        def exact(c: Chain, b: int) -> Schedule:
+            return planner.plan(c, budget_bytes=b)
+
+        def sketched(c: Chain, b: int) -> Schedule:  # compiled with approximate=XConv(...): sketch only where it pays
+            return plan_with_sketches(c, b, exact)
+
+        schedule = plan_sharing_adaptive(chain, usable, sketched if chain.sketchable_stages else exact)
     except InfeasibleBudgetError as error:
         needed = budget_for_peak(error.min_budget_bytes, workspace_margin)
         kept = f"{PREDICTION_RESERVE:.2%}" + (f" and, since calibration was skipped, {workspace_margin:.0%} for kernel "
@@ -390,7 +397,8 @@ def plan_for_budget(chain: Chain, traced: TracedModel, example_inputs: Sequence[
     return Plan(schedule=schedule, chain=chain, budget_bytes=budget_bytes, simulation=simulation,
                 input_shapes=tuple(tuple(x.shape) for x in example_inputs),
                 input_dtypes=tuple(str(x.dtype) for x in example_inputs),
-                fingerprint=structure_digest(traced), workspace_margin=workspace_margin)
+                fingerprint=structure_digest(traced), workspace_margin=workspace_margin,
+                adaptive_checkpoints=adaptive_checkpoints(chain, simulation, usable))
 
 
 def load_plan(path: str | os.PathLike) -> Plan:
@@ -409,7 +417,9 @@ def load_plan(path: str | os.PathLike) -> Plan:
     simulation = check_plan_fits(saved.schedule, saved.chain, saved.budget_bytes, saved.source, saved.workspace_margin)
     return Plan(schedule=saved.schedule, chain=saved.chain, budget_bytes=saved.budget_bytes, simulation=simulation,
                 input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
-                workspace_margin=saved.workspace_margin)
+                workspace_margin=saved.workspace_margin,
+                adaptive_checkpoints=adaptive_checkpoints(saved.chain, simulation,
+                                                          usable_bytes(saved.budget_bytes, saved.workspace_margin)))
 
 
 def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budget: int | str | None,
@@ -437,5 +447,6 @@ def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budge
     simulation = check_plan_fits(saved.schedule, chain, budget_bytes, source, margin)
     fresh = Plan(schedule=saved.schedule, chain=chain, budget_bytes=budget_bytes, simulation=simulation,
                  input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
-                 workspace_margin=margin)
+                 workspace_margin=margin,
+                 adaptive_checkpoints=adaptive_checkpoints(chain, simulation, usable_bytes(budget_bytes, margin)))
     return CompiledModel(model, traced, fresh, calibrate=calibrate, approximate=approximate)

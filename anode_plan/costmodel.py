@@ -59,7 +59,8 @@ from torch._subclasses.fake_tensor import (DataDependentOutputException, Dynamic
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from anode_plan.calibrate import Workspaces, measure_workspaces
+from anode_plan.adaptive_stage import AdaptiveProfile
+from anode_plan.calibrate import measure_workspaces, with_workspace
 from anode_plan.errors import InPlaceModificationError, UntraceableModelError
 from anode_plan.memory import LiveStorageTracker, allocated_bytes, allocation_bytes
 from anode_plan.reconstruct import inverse_state, measure_walk_step
@@ -345,8 +346,11 @@ def _place_backwards(make: Callable, measured: list[_Measured], traced: TracedMo
     for index, (profile, spec, measured_spec, match) in enumerate(measured):
         last_step = spec.block is None or spec.step == traced.blocks[spec.block].nt - 1
         at = positions[id(spec if last_step else measured_spec)]
-        if at + 1 == len(traced.stages):
-            found = [BackwardSource("alone", positions[id(measured_spec)], profile.bwd_bytes)]  # the loss comes next
+        if isinstance(profile, AdaptiveProfile):
+            found = [BackwardSource("adaptive", at, profile.bwd_bytes)]  # measured for real already
+        elif at + 1 == len(traced.stages) or isinstance(measured[index + 1].profile, AdaptiveProfile):
+            # the loss comes next, or an adaptive block, which runs only on real values
+            found = [BackwardSource("alone", positions[id(measured_spec)], profile.bwd_bytes)]
         else:
             key = (kinds[at], kinds[at + 1])
             if key not in after:
@@ -363,29 +367,6 @@ def _place_backwards(make: Callable, measured: list[_Measured], traced: TracedMo
         stages.append(profile.stage(spec, ids, measured_spec, bwd_bytes=max(s.fake_bytes for s in found), match=match))
         sources.append(tuple(found))
     return stages, sources
-
-
-def _with_workspace(stage: Stage, position: int, backward: tuple[BackwardSource, ...],
-                    found: Workspaces) -> Stage:
-    """``stage`` (measured at ``position``) with what calibration measured added: the kernel workspaces to its
-    peaks, and to its tape what the taped forward keeps that the storage view missed."""
-    untaped, taped, rerun = (found.excess(phase, position) for phase in ("fwd_untaped", "fwd_taped", "rerun"))
-    # A re-run peaks at the larger of the first taped run and the checkpoint's re-run
-    # (rerun_taped_bytes); each brings its own workspace.
-    rerun_bytes = max(stage.fwd_taped_bytes + taped.nbytes, stage.rerun_taped_bytes + rerun.nbytes)
-    # The backward's peak is the largest of its measurements, each with its own excess (never
-    # below the fake peak it was measured as: excesses are >= 0).
-    excesses = [(source, found.excess(source.kind, source.position)) for source in backward]
-    source, bwd_excess = max(excesses, key=lambda pair: pair[0].fake_bytes + pair[1].nbytes)
-    bwd_bytes = source.fake_bytes + bwd_excess.nbytes
-    rerun_kernel = rerun.kernel if stage.rerun_taped_bytes + rerun.nbytes >= rerun_bytes else taped.kernel
-    return dataclasses.replace(
-        stage, tape_bytes=stage.tape_bytes + taped.kept_bytes, fwd_untaped_bytes=stage.fwd_untaped_bytes + untaped.nbytes,
-        fwd_taped_bytes=stage.fwd_taped_bytes + taped.nbytes, rerun_taped_bytes=rerun_bytes,
-        bwd_bytes=bwd_bytes, fwd_untaped_workspace_bytes=untaped.nbytes,
-        fwd_taped_workspace_bytes=taped.nbytes, rerun_workspace_bytes=rerun_bytes - stage.rerun_taped_bytes,
-        bwd_workspace_bytes=bwd_bytes - stage.bwd_bytes,
-        workspace_kernels=(untaped.kernel, taped.kernel, rerun_kernel, bwd_excess.kernel))
 
 
 def _inverse_offer(fake_model: nn.Module, traced: TracedModel, spec: StageSpec, outputs: tuple,
@@ -499,6 +480,13 @@ def measure_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequenc
                 continue
             block = traced.blocks[spec.block]
             module = fake_model.get_submodule(spec.block_target)
+            if module.adaptive:  # one stage, measured at its minimum (anode_plan.adaptive_stage)
+                profile = AdaptiveProfile(spec, module, model.get_submodule(spec.block_target), inputs, param_index)
+                values.update(zip(spec.out_names, profile.outputs))
+                measured.append(_Measured(profile, spec, spec, BlockMatch.identity()))
+                kinds.append(("stage", index))
+                index = block.stop
+                continue
             first = None
             if module.reversible and block.nt > 1:
                 # A reversible block's first step takes z and makes the carried state (one more
@@ -549,11 +537,13 @@ def measure_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequenc
     if calibrate:
         positions = {id(spec): at for at, spec in enumerate(traced.stages)}
         forward = [positions[id(m.measured_spec)] for m in measured]
-        runs = {("rerun", at) for at in forward} | {(s.kind, s.position) for found in backward for s in found}
+        adaptive = {at for at, m in zip(forward, measured) if isinstance(m.profile, AdaptiveProfile)}
+        runs = {("rerun", at) for at in forward if at not in adaptive}
+        runs |= {(s.kind, s.position) for found in backward for s in found if s.kind != "adaptive"}
         runs |= {("reconstruct", forward[at]) for at in offer_at}
         progress.step(f"calibrating {len(runs)} measurements on {example_inputs[0].device}")
         found = measure_workspaces(model, traced, example_inputs, runs, values, make=make)
-        stages = [_with_workspace(stage, at, sources, found) for stage, at, sources in zip(stages, forward, backward)]
+        stages = [with_workspace(stage, at, sources, found) for stage, at, sources in zip(stages, forward, backward)]
         stages = [dataclasses.replace(stage, uses_rng=True) if at in found.random_positions else stage
                   for at, stage in enumerate(stages)]
     del measured

@@ -30,6 +30,8 @@ METHODS = {"euler": 1, "rk2": 2, "rk4": 4, "reversible_heun": 1, "alf": 1}
 REVERSIBLE = frozenset({"reversible_heun", "alf"})
 #: What a reversible method carries from step to step, in order (the first is the solution).
 CARRIED = {"reversible_heun": ("y", "z_hat", "f"), "alf": ("y", "v")}
+#: Adaptive methods (:mod:`anode_plan.rk`): the block is one stage, solved by :func:`anode_plan.odeint`.
+ADAPTIVE = ("dopri5", "bosh3", "tsit5")
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -64,7 +66,10 @@ class ODEBlock(nn.Module):
 
     Use it wherever a residual block would go: ``ODEBlock(f, nt=1, method="euler")``
     computes exactly ``z + f(0, z)``. Larger ``nt`` gives a finer discretisation of the
-    same ODE. For adaptive solvers use torchdiffeq instead; anode-plan plans fixed steps.
+    same ODE. ``ODEBlock(f, method="dopri5", rtol=1e-5, atol=1e-7)`` solves adaptively
+    instead (no ``nt``; :func:`anode_plan.odeint`): under the compiler the block is one
+    stage, given the budget the rest of the plan leaves as checkpoints, and it checkpoints
+    online inside them, whatever number of steps it takes.
 
     Call it as ``block(z)`` with a floating tensor, or with a tuple of floating tensors
     (an augmented state; the Runge-Kutta arithmetic is applied to each component and a
@@ -83,6 +88,7 @@ class ODEBlock(nn.Module):
             module docstring: they carry more than ``z``, and the compiler may rebuild
             their states backwards instead of keeping them).
         t_span: the integration interval ``(t0, t1)``; the step is ``(t1 - t0) / nt``.
+        rtol, atol, max_num_steps: for an adaptive method, its tolerances and step limit.
         check_finite: after every step, check that the state has no NaN or infinity and
             raise :class:`~anode_plan.NonFiniteStateError` naming the step if it does.
             Off by default: the check reads a value back from the device once per step,
@@ -90,18 +96,28 @@ class ODEBlock(nn.Module):
             exactly ``nt`` steps); turn this on to find where a NaN loss comes from.
     """
 
-    def __init__(self, func: nn.Module, nt: int, method: str = "euler",
-                 t_span: tuple[float, float] = (0.0, 1.0), *, check_finite: bool = False) -> None:
+    def __init__(self, func: nn.Module, nt: int | None = None, method: str = "euler",
+                 t_span: tuple[float, float] = (0.0, 1.0), *, check_finite: bool = False, rtol: float = 1e-7,
+                 atol: float = 1e-9, max_num_steps: int = 2**31 - 1) -> None:
         super().__init__()
         if not isinstance(func, nn.Module):
             raise ODEBlockConfigError(f"ODEBlock(func=...) must be an nn.Module called as func(t, z), got "
                                       f"{type(func).__name__}. Wrap a function in a small nn.Module.")
+        self.rtol, self.atol, self.max_num_steps = float(rtol), float(atol), int(max_num_steps)
+        #: With an adaptive method, how many checkpoints a solve keeps (``None``: every state); the compiler sets it.
+        self.checkpoints: int | None = None
+        if method in ADAPTIVE:
+            if nt is not None:
+                raise ODEBlockConfigError(f"ODEBlock(nt={nt!r}, method={method!r}): an adaptive method chooses its "
+                                          "own steps; leave nt out (or pick a fixed-step method such as 'rk4')")
+            nt = 1
         if isinstance(nt, bool) or not isinstance(nt, int) or nt < 1:
             raise ODEBlockConfigError(f"ODEBlock(nt={nt!r}): nt is the number of fixed time steps and must be "
                                       "a positive int, e.g. nt=8")
-        if method not in METHODS:
+        if method not in METHODS and method not in ADAPTIVE:
             raise ODEBlockConfigError(f"ODEBlock(method={method!r}) is not a known method; use one of "
-                                      f"{list(METHODS)} (fixed steps; the last two are reversible)")
+                                      f"{list(METHODS)} (fixed steps; the last two are reversible) or "
+                                      f"{list(ADAPTIVE)} (adaptive)")
         t0, t1 = (float(t) for t in t_span)
         if not (math.isfinite(t0) and math.isfinite(t1)) or t0 == t1:
             raise ODEBlockConfigError(f"ODEBlock(t_span={t_span!r}) must be two different finite times")
@@ -116,14 +132,19 @@ class ODEBlock(nn.Module):
         return (self.t_span[1] - self.t_span[0]) / self.nt
 
     @property
+    def adaptive(self) -> bool:
+        """Whether the block solves adaptively (one stage, :func:`anode_plan.odeint` inside)."""
+        return self.method in ADAPTIVE
+
+    @property
     def reversible(self) -> bool:
         """Whether a step can be inverted (:meth:`inverse_step`)."""
         return self.method in REVERSIBLE
 
     @property
     def stages_per_step(self) -> int:
-        """Evaluations of ``func`` per step: 1 (Euler), 2 (RK2) or 4 (RK4)."""
-        return METHODS[self.method]
+        """Evaluations of ``func`` per step: 1 (Euler), 2 (RK2) or 4 (RK4); per accepted step when adaptive."""
+        return METHODS.get(self.method, 6)
 
     def time(self, step_idx: int) -> float:
         return self.t_span[0] + step_idx * self.dt
@@ -166,6 +187,8 @@ class ODEBlock(nn.Module):
         """
         if not 0 <= step_idx < self.nt:
             raise IndexError(f"step_idx {step_idx} is outside [0, {self.nt}) for this ODEBlock")
+        if self.adaptive:
+            return self._solve(z, context)
         t, dt = self.time(step_idx), self.dt
         if self.reversible:
             carried = self.initial_state(z, *context) if isinstance(z, torch.Tensor) else z
@@ -187,6 +210,20 @@ class ODEBlock(nn.Module):
         if self.check_finite:
             self._check_finite(step_idx, z, out)
         return out
+
+    def _solve(self, z: State, context: tuple[torch.Tensor, ...]) -> State:
+        """The adaptive solve over ``t_span`` (:func:`anode_plan.odeint`), keeping :attr:`checkpoints` states."""
+        from anode_plan.adaptive import odeint  # adaptive imports this module's neighbours; import when used
+
+        if context:
+            raise ODEFunctionError(f"ODEBlock(method={self.method!r}) takes no context tensors; got {len(context)}. "
+                                   "Concatenate them into the state, or use a fixed-step method")
+        first = _components(z)[0]
+        t = torch.tensor(self.t_span, dtype=torch.float64, device=first.device)
+        out = odeint(self.func, z, t, rtol=self.rtol, atol=self.atol, method=self.method,
+                     options={"max_num_steps": self.max_num_steps, "checkpoints": self.checkpoints})
+        # A copy of the end state, so the solution at t0 (out[0]) is freed with the output buffer.
+        return out[-1].clone() if isinstance(out, torch.Tensor) else tuple(part[-1].clone() for part in out)
 
     def _tensor_step(self, t: float, dt: float, z: torch.Tensor, context: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """One step of a tensor state, written inline so every ``func`` output dies as early as it can.

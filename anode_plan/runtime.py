@@ -196,9 +196,12 @@ class ScheduleRunner:
     """Runs a traced model's stages, by a schedule under autograd, or straight through without it."""
 
     def __init__(self, traced: TracedModel, ops: tuple[Op, ...], root: nn.Module,
-                 random_stages: frozenset[int] = frozenset(), sketch: SketchedLayers | None = None) -> None:
+                 random_stages: frozenset[int] = frozenset(), sketch: SketchedLayers | None = None,
+                 adaptive: dict[str, int] | None = None) -> None:
         """``random_stages``: the stages that draw random numbers; regions holding one replay the RNG.
-        ``sketch``: the stages that run with their convolutions sketched (XConv), and how."""
+        ``sketch``: the stages that run with their convolutions sketched (XConv), and how.
+        ``adaptive``: per adaptive ODE block, the checkpoints its solves keep."""
+        self.adaptive = adaptive or {}
         self.traced = traced
         self.ops = ops
         self.norm_layers = norm_layers_with_stats(root)
@@ -207,6 +210,13 @@ class ScheduleRunner:
 
     def run_stage(self, root: nn.Module, index: int, values: tuple) -> tuple:
         spec = self.traced.stages[index]
+        if spec.block_target in self.adaptive:  # an adaptive block: its solve keeps the plan's checkpoints
+            block = root.get_submodule(spec.block_target)
+            before, block.checkpoints = block.checkpoints, self.adaptive[spec.block_target]
+            try:
+                return run_stage(root, self.traced, spec, values)
+            finally:
+                block.checkpoints = before
         if self.sketch is not None and spec.name in self.sketch.layers:
             with self.sketch.applied(root, spec.name):  # a re-run in backward comes here too: the same probes
                 return run_stage(root, self.traced, spec, values)

@@ -200,6 +200,64 @@ def test_bad_calls_get_specific_errors():
     with pytest.raises(anode_plan.SolverConfigError, match="max_num_steps=3"):
         anode_plan.odeint(field, y0, torch.tensor([0.0, 50.0], dtype=torch.float64), rtol=1e-10, atol=1e-12,
                           options={"max_num_steps": 3})
+    noisy = nn.Sequential(nn.Dropout(0.5))
+    with pytest.raises(anode_plan.SolverConfigError, match="random numbers"):
+        anode_plan.odeint(lambda t, y: noisy(y), y0.detach().requires_grad_(), t)
     # A function given its tensors is differentiated with respect to them.
     out = anode_plan.odeint(lambda t, y: -weight * y, torch.ones_like(y0), t, params=[weight])
     assert torch.autograd.grad(out.sum(), weight)[0].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- inside compile
+
+
+def _adaptive_net(span=(0.0, 1.0)):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), anode_plan.ODEBlock(Field(32, 64), method="dopri5", t_span=span,
+                                                                 rtol=1e-6, atol=1e-8),
+                         nn.ReLU(), anode_plan.ODEBlock(Field(32, 64), method="bosh3", t_span=span, rtol=1e-6,
+                                                        atol=1e-8),
+                         nn.Linear(32, 5)).double()
+
+
+def _minimum(model, x):
+    with pytest.raises(anode_plan.InfeasibleBudgetError) as info:
+        anode_plan.compile(model, 1, (x,))
+    return info.value.min_budget_bytes
+
+
+def test_adaptive_blocks_compile_with_exact_gradients_and_hold_the_budget_whatever_their_steps():
+    from promise import assert_budget_promise, step_peak
+
+    x = torch.randn(64, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    y = torch.randint(0, 5, (64,), generator=torch.Generator().manual_seed(8))
+    model = _adaptive_net()
+    plain = _grads(model(x), list(model.parameters()))
+    minimum = _minimum(model, x)
+    for budget in (minimum, 3 * minimum):
+        compiled = anode_plan.compile(model, budget, (x,))
+        checkpoints = dict(compiled.plan.adaptive_checkpoints)
+        assert set(checkpoints) == {"1", "3"} and all(c >= 1 for c in checkpoints.values())
+        _close(_grads(compiled(x), list(model.parameters())), plain, 1e-10)
+        measured = step_peak(compiled, model, x, y).peak_bytes
+        assert measured <= budget
+        if budget == minimum:
+            assert checkpoints == {"1": 1, "3": 1}
+            assert_budget_promise(measured, compiled.plan.predicted_peak_bytes, budget, "adaptive blocks")
+    # Four times the interval: several times the steps, the same budget still holds (the checkpoints are fixed).
+    long = _adaptive_net(span=(0.0, 4.0))
+    compiled = anode_plan.compile(long, minimum + minimum // 4, (x,))
+    steps = [len(solve_taped(net[1].func, net[0](x), torch.tensor(net[1].t_span, dtype=torch.float64),
+                             rtol=1e-6, atol=1e-8)[1]) for net in (model, long)]
+    assert steps[1] >= 2 * steps[0]
+    assert step_peak(compiled, long, x, y).peak_bytes <= minimum + minimum // 4
+
+
+def test_an_adaptive_block_takes_no_step_count():
+    with pytest.raises(anode_plan.ODEBlockConfigError, match="leave nt out"):
+        anode_plan.ODEBlock(Field(), nt=4, method="dopri5")
+    block = anode_plan.ODEBlock(Field().double(), method="tsit5", rtol=1e-8, atol=1e-10)
+    z = torch.randn(3, 4, dtype=torch.float64)
+    expected = anode_plan.odeint(block.func, z, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-8,
+                                 atol=1e-10, method="tsit5")[-1]
+    torch.testing.assert_close(block(z), expected, rtol=0, atol=0)
