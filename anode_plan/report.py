@@ -284,6 +284,10 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
                      "and other gradients exact:")
         lines += [f"    {layer.layer}: {layer.probes} probes, in {layer.stages} stages, relative weight-gradient "
                   f"error {layer.relative_error:.2f} on the example batch" for layer in plan.approximated]
+    for name, checkpoints in getattr(plan, "adaptive_checkpoints", ()):
+        method = next(b.method for b in chain.blocks if b.name == name)
+        lines.append(f"  adaptive     {name} ({method}): solved with {checkpoints} checkpoints of (y, f), placed online "
+                     "whatever its step count")
     if chain.unsketchable_layers:
         lines.append(f"  exact convs  XConv cannot sketch (groups, dilation, not 2-d): {', '.join(chain.unsketchable_layers)}")
     lines += [
