@@ -33,6 +33,7 @@ Background, papers and test values: ``docs/algorithms.md`` §10.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -143,6 +144,9 @@ class _Problem:
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or not t.is_floating_point() or len(t) < 1:
             raise SolverConfigError(f"odeint: t must be a 1-d floating-point tensor of times, got "
                                     f"{type(t).__name__} {tuple(getattr(t, 'shape', ()))}")
+        if t.requires_grad:
+            raise SolverConfigError("odeint: gradients with respect to t are not computed (the accepted steps are "
+                                    "constants); pass t.detach()")
         times = t.detach().to(torch.float64)
         sign = 1.0
         if len(times) > 1 and bool((times[1:] < times[:-1]).all()):
@@ -206,14 +210,17 @@ def _checkpoints(count: Any, budget: Any) -> int | None:
 def _refuse_hidden_tensors(func: Callable) -> None:
     """A plain function closing over tensors that need gradients would lose them silently: refuse it."""
     cells = [cell.cell_contents for cell in (getattr(func, "__closure__", None) or ()) if cell.cell_contents is not None]
+    code, scope = getattr(func, "__code__", None), getattr(func, "__globals__", {})
+    named = [scope[name] for name in (code.co_names if code is not None else ()) if name in scope]
     owner = getattr(func, "__self__", None)
-    found = [c for c in cells + ([owner] if owner is not None else [])
+    held = list(vars(owner).values()) if owner is not None and hasattr(owner, "__dict__") else []
+    found = [c for c in cells + named + held + ([owner] if owner is not None else [])
              if (isinstance(c, torch.Tensor) and c.requires_grad)
              or (isinstance(c, nn.Module) and any(p.requires_grad for p in c.parameters()))]
     if found:
         raise SolverConfigError(
             "odeint: func is a plain function that uses tensors needing gradients (a module or tensor it closes "
-            "over); pass them as odeint(..., params=[...]) (e.g. params=list(module.parameters())) or make func an "
+            "over, reads as a global or holds on its object); pass them as odeint(..., params=[...]) (e.g. params=list(module.parameters())) or make func an "
             "nn.Module, so their gradients are computed rather than silently dropped")
 
 
@@ -239,46 +246,48 @@ def _forward(problem: _Problem, y0: torch.Tensor, slots: int | None) -> tuple[to
     state = checkpointer.start() if checkpointer else None
     y, f, t_now = y0, f0, t0
     decided = -1
-    last = None
-    for index in range(1, len(times)):
-        target = times[index]
-        while last is None or target > last[2]:
-            if solve.attempts >= problem.max_num_steps:
-                raise SolverConfigError(f"odeint: max_num_steps={problem.max_num_steps} reached at t="
-                                        f"{float(t_now):.6g} before t={float(target):.6g}; loosen rtol/atol or raise "
-                                        "options['max_num_steps']")
-            step = len(solve.steps)
-            if step != decided:  # the state at `step` exists: keep it or not, once
-                decided = step
-                if slots is None:
+    index = 1  # the next output time
+    while index < len(times):
+        if solve.attempts >= problem.max_num_steps:
+            raise SolverConfigError(f"odeint: max_num_steps={problem.max_num_steps} reached at t={float(t_now):.6g} "
+                                    f"before t={float(times[index]):.6g}; loosen rtol/atol or raise "
+                                    "options['max_num_steps']")
+        step = len(solve.steps)
+        if step != decided:  # the state at `step` exists: keep it or not, once
+            decided = step
+            if slots is None:
+                solve.kept[step] = (y, f)
+            elif checkpointer is not None:
+                decision, state = checkpointer.decide(state, step)
+                if decision.keep:  # into a slot: what it held is dropped
+                    held = set(state.slot_steps)
+                    solve.kept = {s: v for s, v in solve.kept.items() if s in held}
                     solve.kept[step] = (y, f)
-                elif checkpointer is None:
-                    pass
-                else:
-                    decision, state = checkpointer.decide(state, step)
-                    if decision.keep:  # into a slot: what it held is dropped
-                        held = set(state.slot_steps)
-                        solve.kept = {s: v for s, v in solve.kept.items() if s in held}
-                        solve.kept[step] = (y, f)
-            solve.attempts += 1
-            if not torch.isfinite(dt):
-                raise SolverConfigError(f"odeint: the step size became {float(dt)} at t={float(t_now):.6g}")
-            t1 = t_now + dt
-            if not bool(t1 > t_now):
-                raise SolverConfigError(f"odeint: the step size {float(dt):.3g} underflows at t={float(t_now):.6g}")
-            y1, f1, err, ks = rk_step(problem.func, tableau, y, f, t_now, dt, t1)
-            ratio = error_ratio(err, problem.rtol, problem.atol, y, y1, problem.norm)
-            if bool(ratio <= 1):
-                last = (t_now, dt, t1, y, y1, ks)
-                solve.steps.append(Step(t_now, dt, t1, ()))
-                y, f, t_now = y1, f1, t1
-            dt = next_step(dt, ratio, tableau.order)
-            del err, ks
-        t_start, step_dt, t_end, y_start, y_end, ks = last
-        coefficients = interpolation(tableau, y_start, y_end, ks, step_dt)
-        out[index] = interpolate(coefficients, t_start, t_end, target)
-        latest = solve.steps[-1]
-        solve.steps[-1] = Step(latest.t0, latest.dt, latest.t1, latest.outputs + (index,))
+        solve.attempts += 1
+        if not torch.isfinite(dt):
+            raise SolverConfigError(f"odeint: the step size became {float(dt)} at t={float(t_now):.6g}")
+        t1 = t_now + dt
+        if not bool(t1 > t_now):
+            raise SolverConfigError(f"odeint: the step size {float(dt):.3g} underflows at t={float(t_now):.6g}")
+        y1, f1, err, ks = rk_step(problem.func, tableau, y, f, t_now, dt, t1)
+        ratio = error_ratio(err, problem.rtol, problem.atol, y, y1, problem.norm)
+        del err
+        if not bool(torch.isfinite(ratio)):
+            raise SolverConfigError(f"odeint: the error estimate is not finite at t={float(t_now):.6g} (the state "
+                                    "or func's value overflowed or became NaN); check func, or lower first_step")
+        coefficients = None
+        if bool(ratio <= 1):
+            # The outputs inside this step are interpolated now, so its stages die with the attempt.
+            emitted = []
+            coefficients = interpolation(tableau, y, y1, ks, dt) if times[index] <= t1 else None
+            while index < len(times) and times[index] <= t1:
+                out[index] = interpolate(coefficients, t_now, t1, times[index])
+                emitted.append(index)
+                index += 1
+            solve.steps.append(Step(t_now, dt, t1, tuple(emitted)))
+            y, f, t_now = y1, f1, t1
+        dt = next_step(dt, ratio, tableau.order)
+        del ks, y1, f1, coefficients
     solve.kept = {s: v for s, v in solve.kept.items() if s < len(solve.steps) or s == 0}
     return out, solve
 
@@ -298,7 +307,7 @@ def _vjp(problem: _Problem, step: Step, y, f, g_y, g_f, grad_out):
         y1, f1, emitted = _step_function(problem, step)(y_, f_)
         outs, grads = [], []
         for value, grad in [(y1, g_y), (f1, g_f), *zip(emitted, (grad_out[i] for i in step.outputs))]:
-            if grad is not None:
+            if grad is not None and value.requires_grad:  # a value that does not depend on the inputs adds nothing
                 outs.append(value)
                 grads.append(grad)
         if not outs:
@@ -313,14 +322,21 @@ def _add(total, value):
     return value if total is None else total + value
 
 
+def _accumulate(total, value):
+    """``total + value`` in place: the parameters' running sums stay one copy each."""
+    if value is None:
+        return total
+    return value if total is None else total.add_(value)
+
+
 class _OdeintFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, problem: _Problem, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         slots = checkpoint_slots(problem, y0)
-        before = torch.default_generator.get_state()
+        before = _generator_states(y0.device)
         with torch.no_grad():
             out, solve = _forward(problem, y0, slots)
-        if not torch.equal(before, torch.default_generator.get_state()):
+        if any(not torch.equal(a, b) for a, b in zip(before, _generator_states(y0.device))):
             raise SolverConfigError(
                 "odeint: func draws random numbers (dropout, randn), and the backward re-runs its steps, which would "
                 "draw other numbers and give wrong gradients; make func deterministic (dropout outside the solve, "
@@ -344,7 +360,7 @@ def _backward(ctx: Any, problem: _Problem, solve: Solve, y0: torch.Tensor, grad_
     g_y = g_f = None
     param_grads: list = [None] * len(problem.params)
     if n:
-        store = dict(solve.kept)
+        store, solve.kept = solve.kept, {}  # the backward owns the kept states: each is freed after its vjp
         slots = solve.slots if solve.slots else len(store)
         live = None
         for action in reverse_actions(store, n, slots):
@@ -359,7 +375,7 @@ def _backward(ctx: Any, problem: _Problem, solve: Solve, y0: torch.Tensor, grad_
                     store[k + 1] = (y1, f1)
                 continue
             g_y, g_f, grads = _vjp(problem, step, y, f, g_y, g_f, grad_out)
-            param_grads = [_add(total, grad) for total, grad in zip(param_grads, grads)]
+            param_grads = [_accumulate(total, grad) for total, grad in zip(param_grads, grads)]
             live = None
             if store.pop(k, None) is not None and not CARRY_DERIVATIVE_GRADIENT and k:
                 g_f = None  # what dropping the kept derivative's gradient would do (tests show it is wrong)
@@ -368,10 +384,18 @@ def _backward(ctx: Any, problem: _Problem, solve: Solve, y0: torch.Tensor, grad_
         with torch.enable_grad():
             y_ = y0.detach().requires_grad_()
             f0 = problem.func(problem.times[0].to(y0.dtype), y_)
-            found = torch.autograd.grad(f0, [y_, *problem.params], g_f, allow_unused=True)
+            found = (torch.autograd.grad(f0, [y_, *problem.params], g_f, allow_unused=True) if f0.requires_grad
+                     else [None] * (1 + len(problem.params)))
         g_y0 = _add(g_y0, found[0])
-        param_grads = [_add(total, grad) for total, grad in zip(param_grads, found[1:])]
+        param_grads = [_accumulate(total, grad) for total, grad in zip(param_grads, found[1:])]
     return (None, g_y0 if ctx.needs_input_grad[1] else None, *param_grads)
+
+
+def _generator_states(device: torch.device) -> list[torch.Tensor]:
+    states = [torch.default_generator.get_state()]
+    if device.type == "cuda":
+        states.append(torch.cuda.get_rng_state(device))
+    return states
 
 
 def _quiet(step: Step) -> Step:
@@ -420,7 +444,7 @@ class StepCosts:
         return self.fixed_bytes + slots * self.slot_bytes
 
 
-_COSTS: dict[tuple, tuple[Callable, StepCosts]] = {}
+_COSTS: dict[tuple, tuple[Callable[[], Any], StepCosts]] = {}
 
 
 def _peak(fn: Callable[[], Any], device: torch.device) -> int:
@@ -437,7 +461,7 @@ def _peak(fn: Callable[[], Any], device: torch.device) -> int:
 def step_costs(problem: _Problem, y0: torch.Tensor) -> StepCosts:
     """Measure (once per function, shape and method) what a step of ``problem`` allocates."""
     cached = _COSTS.get(problem.key)
-    if cached is not None and cached[0] is problem.source:  # the key holds id(source); the entry keeps it alive
+    if cached is not None and cached[0]() is problem.source:  # the key holds id(source); a dead one is measured anew
         return cached[1]
     times = problem.times
     span = float(times[-1] - times[0]) if len(times) > 1 else 1.0
@@ -461,7 +485,11 @@ def step_costs(problem: _Problem, y0: torch.Tensor) -> StepCosts:
     params = sum(allocated_bytes(p) for p in problem.params)
     fixed = (2 + 3) * outputs + 2 * params + 3 * 2 * state + max(advance_bytes, vjp_bytes)
     costs = StepCosts(2 * state, advance_bytes, vjp_bytes, fixed)
-    _COSTS[problem.key] = (problem.source, costs)
+    try:
+        reference = weakref.ref(problem.source)
+    except TypeError:  # a function object that takes no weak reference: keep it
+        reference = (lambda source: lambda: source)(problem.source)
+    _COSTS[problem.key] = (reference, costs)
     return costs
 
 

@@ -3,10 +3,9 @@
 An ``ODEBlock(f, method="dopri5")`` takes as many steps as its error control asks, known only
 when it runs, so the cost model cannot run it on fake tensors (its loop reads values) and
 the planners cannot count its steps. It is one stage of the chain, measured at its
-minimum (:class:`AdaptiveProfile`): one checkpoint, the initial state's, with one step's
-taped re-run and backward (:func:`anode_plan.adaptive.step_costs`, measured for real on
-zeros of the state's shape, as the allocator counts it: memory does not depend on the
-values). The planners never recompute it (its cost is set far above any stage's).
+minimum (:class:`AdaptiveProfile`): a solve keeping one checkpoint, the initial state's,
+run and differentiated for real on random values of the state's shape, as the allocator
+counts it (its memory does not depend on the values or on the step count). The planners never recompute it (its cost is set far above any stage's).
 
 How the budget is shared (:func:`plan_sharing_adaptive`, :func:`adaptive_checkpoints`): the
 rest of the network is planned under its minimum plus half of what the minimum leaves of
@@ -25,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
-from anode_plan.memory import allocated_bytes
+from anode_plan.memory import AllocatorMeter, allocated_bytes
 from planners import Chain, Schedule, Simulation, Stage
 from planners.errors import InfeasibleBudgetError
 
@@ -38,8 +37,6 @@ class AdaptiveProfile:
 
     def __init__(self, spec: Any, fake_block: nn.Module, real_block: nn.Module, inputs: tuple,
                  param_index: dict[int, int]) -> None:
-        from anode_plan.adaptive import TABLEAUS, _Problem, step_costs  # noqa: PLC0415 (adaptive imports runtime)
-
         z = inputs[0]
         parts = z if isinstance(z, tuple) else (z,)
         self.state_bytes = sum(allocated_bytes(p) for p in parts)
@@ -48,20 +45,8 @@ class AdaptiveProfile:
         self.outputs = (outputs if isinstance(z, tuple) else outputs[0],)
         self.param_ids = tuple(sorted(param_index[id(p)] for p in fake_block.parameters() if id(p) in param_index))
         with _disable_current_modes():  # real tensors, on the device, outside the fake mode and the tracker
-            device = parts[0].device
-            zeros = tuple(torch.zeros(p.shape, dtype=p.dtype, device=device) for p in parts)
-            start = zeros if isinstance(z, tuple) else zeros[0]
-            times = torch.tensor(real_block.t_span, dtype=torch.float64, device=device)
-            problem = _Problem.make(real_block.func, start, times, real_block.rtol, real_block.atol,
-                                    TABLEAUS[real_block.method], {}, None)
-            self.costs = step_costs(problem, problem.flat_y0)
-        params = sum(allocated_bytes(p) for p in real_block.parameters() if p.requires_grad)
-        state = self.state_bytes
-        # forward: the output buffer (t0 and t1), the initial derivative, the live state, a step's peak, the copy out
-        self.fwd_bytes = 4 * state + self.costs.advance_bytes + state
-        # backward: the output buffer's gradient (t0 and t1), a step's re-run and backward, the state's two
-        # gradients, the input's, the parameters' running sum
-        self.bwd_bytes = self.costs.vjp_bytes + 2 * state + 3 * state + params
+            self.fwd_bytes, self.kept_bytes, self.bwd_bytes = _measure_minimum_solve(
+                real_block, parts, isinstance(z, tuple), any(p.requires_grad for p in parts))
         self.uses_rng = False
 
     def bwd_accumulating_bytes(self) -> int:
@@ -70,12 +55,45 @@ class AdaptiveProfile:
     def stage(self, spec: Any, values: Any, measured: Any = None, *, bwd_bytes: int | None = None,
               match: Any = None) -> Stage:
         return Stage(name=spec.name, input_bytes=values.state_bytes(spec.in_names),
-                     output_bytes=values.state_bytes(spec.out_names), tape_bytes=self.state_bytes,
+                     output_bytes=values.state_bytes(spec.out_names), tape_bytes=self.kept_bytes,
                      saves_input=True, saves_output=False, fwd_taped_bytes=self.fwd_bytes,
                      fwd_untaped_bytes=self.fwd_bytes, rerun_taped_bytes=self.fwd_bytes,
                      bwd_bytes=self.bwd_bytes if bwd_bytes is None else max(bwd_bytes, self.bwd_bytes),
                      fwd_cost=NEVER_RECOMPUTED_COST, bwd_cost=NEVER_RECOMPUTED_COST, param_ids=self.param_ids,
                      block=spec.block, step=spec.step)
+
+
+def _measure_minimum_solve(block: nn.Module, like: tuple, tuple_state: bool, input_grad: bool) -> tuple[int, int, int]:
+    """A solve of ``block`` at one checkpoint, for real on random values shaped ``like``: its forward's peak
+    (output included), what it keeps besides input and output, and its backward's peak (the input's and the
+    parameters' gradients included), as the allocator counts them. The block's buffers are put back."""
+    device = like[0].device
+    generator = torch.Generator(device=device).manual_seed(0)
+    parts = tuple(torch.randn(p.shape, dtype=p.dtype, device=device, generator=generator).requires_grad_(input_grad)
+                  for p in like)
+    start = parts if tuple_state else parts[0]
+    params = [p for p in block.parameters() if p.requires_grad]
+    wrt = (list(parts) if input_grad else []) + params
+    saved = [(buffer, buffer.detach().clone()) for buffer in block.buffers()]
+    before, block.checkpoints = block.checkpoints, 1
+    try:
+        with AllocatorMeter(device) as meter:
+            began = meter.mark()
+            out = block(start)
+            outputs = out if isinstance(out, tuple) else (out,)
+            seeds = [torch.ones_like(o) for o in outputs]  # the output's gradient is there before the backward
+            solved = meter.mark()
+            grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
+            done = meter.mark()
+            del grads
+        output_bytes = sum(allocated_bytes(o) for o in outputs)
+        kept = meter.allocated_bytes(solved) - meter.allocated_bytes(began) - 2 * output_bytes
+        return meter.peak_bytes(began, solved), max(0, kept), meter.peak_bytes(solved, done)
+    finally:
+        block.checkpoints = before
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def adaptive_stages(chain: Chain) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from anode_plan.budget import PREDICTION_RESERVE, budget_for_peak, parse_memory_budget, usable_bytes
-from anode_plan.adaptive_stage import adaptive_checkpoints, plan_sharing_adaptive
+from anode_plan.adaptive_stage import adaptive_checkpoints, adaptive_stages, plan_sharing_adaptive
 from anode_plan.calibrate import UNCALIBRATED_MARGIN
 from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import (AnodePlanError, InfeasibleBudgetError, InputMismatchError,
@@ -66,7 +66,15 @@ class Plan:
 
     @property
     def predicted_peak_bytes(self) -> int:
-        return self.simulation.peak_bytes
+        """The simulated peak, plus the adaptive blocks' checkpoints beyond the first (an upper bound on them)."""
+        return self.simulation.peak_bytes + self.adaptive_extra_bytes
+
+    @property
+    def adaptive_extra_bytes(self) -> int:
+        """What the adaptive blocks' checkpoints beyond the first can add to the simulated peak."""
+        sizes = {self.chain.blocks[self.chain.stages[i].block].name: 2 * self.chain.stages[i].input_bytes
+                 for i in adaptive_stages(self.chain)}
+        return sum((count - 1) * sizes[name] for name, count in self.adaptive_checkpoints)
 
     @property
     def recompute_overhead(self) -> float:

@@ -165,15 +165,24 @@ def reverse_actions(kept: Iterable[int], num_steps: int, slots: int) -> tuple[Ac
 
 
 def _reverse(start: int, stop: int, free: int, actions: list[Action]) -> None:
-    """Reverse the steps ``[start, stop)`` from the kept state ``start``, with ``free`` more slots."""
-    while stop - start > 1:
+    """Reverse the steps ``[start, stop)`` from the kept state ``start``, with ``free`` more slots.
+
+    Each gap splits at ``split``: advance to it, reverse ``[split, stop)`` (keeping the state
+    at ``split`` in a slot unless it is the last step), then ``[start, split)``. An explicit
+    stack, not recursion: a gap may be thousands of steps long.
+    """
+    pending = [(start, stop, free)]
+    while pending:
+        start, stop, free = pending.pop()
         length = stop - start
+        if length == 1:
+            actions.append(Action("vjp", start))
+            continue
         split = start + (1 if free >= length - 2 else optimal_split(length, free + 1))
         held = stop - split > 1  # the state at split is kept in a slot, else it is only the live state
         actions.extend(Action("advance", step, keep=held and step == split - 1) for step in range(start, split))
-        _reverse(split, stop, free - 1 if held else free, actions)
-        stop = split
-    actions.append(Action("vjp", start))
+        pending.append((start, split, free))  # second
+        pending.append((split, stop, free - 1 if held else free))  # first
 
 
 def recomputed_steps(actions: Iterable[Action]) -> int:

@@ -54,8 +54,15 @@ def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, i
     """
     groups = sketch_groups(chain)
     smallest: list[InfeasibleBudgetError] = []
+    overshoot: list[int] = []
 
-    def attempt(chosen: list[tuple[int, ...]]) -> tuple[tuple[float, int], Schedule] | None:
+    def infeasible() -> InfeasibleBudgetError:
+        if smallest:
+            return smallest[0]
+        return InfeasibleBudgetError(f"no schedule of {chain.name} fits {budget_bytes} bytes, with or without "
+                                     "sketches", budget_bytes=budget_bytes, min_budget_bytes=overshoot[0])
+
+    def attempt(chosen: list[tuple[int, ...]]) -> tuple[float, Schedule] | None:
         stages = tuple(sorted(i for group in chosen for i in group))
         try:
             schedule = plan(chain.with_sketches(stages), budget_bytes)
@@ -69,14 +76,16 @@ def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, i
                                description=f"{schedule.description}; XConv sketches in {len(stages)} stages "
                                            f"({', '.join(layers)})")
         simulation = simulate_plan(chain, schedule)
-        if simulation.peak_bytes > budget_bytes:
+        if simulation.peak_bytes > budget_bytes:  # a planner's schedule over its budget: not expected
+            overshoot[:] = [min(overshoot + [simulation.peak_bytes])]
             return None
-        return (simulation.compute_cost, simulation.peak_bytes), schedule
+        # Compared by compute alone: a sketch that only lowers a peak already within the budget buys nothing.
+        return simulation.compute_cost, schedule
 
     best = attempt([])
     if not groups or (best is not None and simulate_plan(chain, best[1]).recompute_cost == 0):
         if best is None:
-            raise smallest[0]
+            raise infeasible()
         return best[1]
     chosen: list[tuple[int, ...]] = []
     for group in groups:
@@ -85,7 +94,7 @@ def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, i
             chosen.append(group)
             best = trial if trial is not None else best
     if best is None:
-        raise smallest[0]
+        raise infeasible()
     for group in reversed(list(chosen)):
         rest = [g for g in chosen if g != group]
         trial = attempt(rest)

@@ -47,7 +47,33 @@ def test_beyond_the_bound_every_step_is_still_differentiated_once_in_order():
         assert [a.step for a in actions if a.kind == "vjp"] == list(range(steps - 1, -1, -1))
 
 
+def test_a_long_gap_with_many_free_slots_is_reversed_without_recursion():
+    kept = OnlineCheckpointing(1100).plan(2500)
+    actions = reverse_actions(kept, 2500, 1100)
+    assert [a.step for a in actions if a.kind == "vjp"] == list(range(2499, -1, -1))
+
+
 # ------------------------------------------------------------------------------------------- the solver
+
+
+@pytest.mark.parametrize("method,order", [("dopri5", 5), ("bosh3", 3), ("tsit5", 5)])
+def test_each_method_has_its_order(method, order):
+    """One step of size h on y' = cos(t)·y (y = exp(sin t)): the local error falls like h^(order+1).
+    (torchdiffeq 0.2.5's tsit5 carries its embedded fourth-order solution: this test fails for it.)"""
+    class Growth(nn.Module):
+        def forward(self, t, y):
+            return torch.cos(t) * y
+
+    errors = []
+    sizes = [0.4, 0.2, 0.1, 0.05]
+    for h in sizes:
+        t = torch.tensor([0.0, h], dtype=torch.float64)
+        y = anode_plan.odeint(Growth(), torch.ones(1, dtype=torch.float64), t, rtol=1e3, atol=1e3, method=method,
+                              options={"first_step": h})[-1]
+        errors.append(abs(float(y) - torch.exp(torch.sin(torch.tensor(h, dtype=torch.float64))).item()))
+    slopes = [torch.log(torch.tensor(a / b)).item() / torch.log(torch.tensor(2.0)).item()
+              for a, b in zip(errors, errors[1:])]
+    assert min(slopes) > order + 0.5, slopes
 
 
 class Field(nn.Module):
@@ -181,6 +207,13 @@ def test_the_allocator_peak_stays_flat_as_the_interval_grows_fourfold():
     assert taped[1] > 2 * taped[0] and taped[1] > 2 * peaks[1]
 
 
+_GLOBAL_FIELD = Field().double()
+
+
+def _uses_a_global_module(t, y):
+    return _GLOBAL_FIELD(t, y)
+
+
 def test_bad_calls_get_specific_errors():
     field = Field().double()
     y0 = torch.zeros(1, 4, dtype=torch.float64)
@@ -200,6 +233,14 @@ def test_bad_calls_get_specific_errors():
     with pytest.raises(anode_plan.SolverConfigError, match="max_num_steps=3"):
         anode_plan.odeint(field, y0, torch.tensor([0.0, 50.0], dtype=torch.float64), rtol=1e-10, atol=1e-12,
                           options={"max_num_steps": 3})
+    with pytest.raises(anode_plan.SolverConfigError, match="with respect to t"):
+        anode_plan.odeint(field, y0, t.clone().requires_grad_())
+    with pytest.raises(anode_plan.SolverConfigError, match="params="):
+        anode_plan.odeint(_uses_a_global_module, y0, t)
+    # A value that does not depend on the state (f's gradient has nowhere to go) is differentiated all the same.
+    start = torch.zeros(1, 4, dtype=torch.float64, requires_grad=True)
+    ramp = anode_plan.odeint(lambda t, y: torch.cos(t) * torch.ones_like(y), start, t, options={"checkpoints": 1})
+    assert torch.equal(torch.autograd.grad(ramp[-1].sum(), start)[0], torch.ones_like(start))
     noisy = nn.Sequential(nn.Dropout(0.5))
     with pytest.raises(anode_plan.SolverConfigError, match="random numbers"):
         anode_plan.odeint(lambda t, y: noisy(y), y0.detach().requires_grad_(), t)
@@ -262,3 +303,20 @@ def test_an_adaptive_block_takes_no_step_count():
     expected = anode_plan.odeint(block.func, z, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=1e-8,
                                  atol=1e-10, method="tsit5")[-1]
     torch.testing.assert_close(block(z), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch,width,hidden,method", [(4, 32, 512, "dopri5"), (64, 128, 128, "bosh3")])
+def test_the_budget_holds_with_large_parameters_and_with_many_checkpoints(batch, width, hidden, method):
+    """Parameters larger than the state (their gradients summed over steps), and a share of many checkpoints."""
+    from promise import step_peak
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, width), anode_plan.ODEBlock(Field(width, hidden), method=method, rtol=1e-6,
+                                                                     atol=1e-8), nn.Linear(width, 5)).double()
+    x = torch.randn(batch, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    y = torch.randint(0, 5, (batch,), generator=torch.Generator().manual_seed(10))
+    minimum = _minimum(model, x)
+    for budget in (minimum, 2 * minimum):
+        compiled = anode_plan.compile(model, budget, (x,))
+        measured = step_peak(compiled, model, x, y).peak_bytes
+        assert measured <= budget and measured <= compiled.plan.predicted_peak_bytes, (budget, measured)

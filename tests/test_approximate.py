@@ -230,6 +230,14 @@ def test_the_planner_sketches_only_what_the_budget_needs():
     assert sketched_info.value.min_budget_bytes < info.value.min_budget_bytes <= exact_min
 
 
+def test_a_sketch_that_only_lowers_a_peak_within_the_budget_is_dropped():
+    chain = _chain(sketch_cost=1.0)  # sketches cost nothing extra: the choice rests on compute alone
+    for budget in range(24, 33, 2):
+        schedule = _plan(chain, budget)
+        blocks = {chain.stages[i].block for i in schedule.sketched}
+        assert len(blocks) <= 1, (budget, schedule.sketched)
+
+
 def test_the_planner_does_not_sketch_where_recompute_is_cheaper():
     # A sketch that saves little and costs more than the recompute it spares is not taken.
     chain = _chain(sketch_tape=4, sketch_cost=50.0)
