@@ -5,7 +5,8 @@ when it runs, so the cost model cannot run it on fake tensors (its loop reads va
 the planners cannot count its steps. It is one stage of the chain, measured at its
 minimum (:class:`AdaptiveProfile`): a solve keeping one checkpoint, the initial state's,
 run and differentiated for real on random values of the state's shape, as the allocator
-counts it (its memory does not depend on the values or on the step count). The planners never recompute it (its cost is set far above any stage's).
+counts it (its memory does not depend on the values or on the step count). The planners
+never recompute it (its cost is set far above any stage's).
 
 How the budget is shared (:func:`plan_sharing_adaptive`, :func:`adaptive_checkpoints`): the
 rest of the network is planned under its minimum plus half of what the minimum leaves of
@@ -25,6 +26,7 @@ from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
 from anode_plan.memory import AllocatorMeter, allocated_bytes
+from anode_plan.ode import ADAPTIVE
 from planners import Chain, Schedule, Simulation, Stage
 from planners.errors import InfeasibleBudgetError
 
@@ -97,11 +99,13 @@ def _measure_minimum_solve(block: nn.Module, like: tuple, tuple_state: bool, inp
 
 
 def adaptive_stages(chain: Chain) -> tuple[int, ...]:
-    """The stages of the chain that are adaptive blocks."""
-    from anode_plan.ode import ADAPTIVE  # noqa: PLC0415
+    """The stages of the chain that are adaptive blocks (each such block is one stage)."""
+    return tuple(block.start for block in chain.blocks if block.method in ADAPTIVE)
 
-    return tuple(chain.blocks[s.block].start for s in chain.stages
-                 if s.block is not None and chain.blocks[s.block].method in ADAPTIVE and s.step == 0)
+
+def _checkpoint_bytes(chain: Chain, stage: int) -> int:
+    """One checkpoint of the adaptive block at ``stage``: its state and the state's derivative."""
+    return 2 * chain.stages[stage].input_bytes
 
 
 def plan_sharing_adaptive(chain: Chain, usable: int, plan: Callable[[Chain, int], Schedule]) -> Schedule:
@@ -124,5 +128,10 @@ def adaptive_checkpoints(chain: Chain, simulation: Simulation, usable: int) -> t
     if not stages:
         return ()
     share = max(0, usable - simulation.peak_bytes) // len(stages)
-    return tuple((chain.blocks[chain.stages[i].block].name, 1 + share // (2 * chain.stages[i].input_bytes))
-                 for i in stages)
+    return tuple((chain.blocks[chain.stages[i].block].name, 1 + share // _checkpoint_bytes(chain, i)) for i in stages)
+
+
+def extra_checkpoint_bytes(chain: Chain, checkpoints: tuple[tuple[str, int], ...]) -> int:
+    """What the adaptive blocks' checkpoints beyond the first can add to the simulated peak (an upper bound)."""
+    sizes = {chain.blocks[chain.stages[i].block].name: _checkpoint_bytes(chain, i) for i in adaptive_stages(chain)}
+    return sum((count - 1) * sizes[name] for name, count in checkpoints)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from anode_plan.budget import PREDICTION_RESERVE, budget_for_peak, parse_memory_budget, usable_bytes
-from anode_plan.adaptive_stage import adaptive_checkpoints, adaptive_stages, plan_sharing_adaptive
+from anode_plan.adaptive_stage import adaptive_checkpoints, extra_checkpoint_bytes, plan_sharing_adaptive
 from anode_plan.calibrate import UNCALIBRATED_MARGIN
 from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import (AnodePlanError, InfeasibleBudgetError, InputMismatchError,
@@ -72,9 +72,7 @@ class Plan:
     @property
     def adaptive_extra_bytes(self) -> int:
         """What the adaptive blocks' checkpoints beyond the first can add to the simulated peak."""
-        sizes = {self.chain.blocks[self.chain.stages[i].block].name: 2 * self.chain.stages[i].input_bytes
-                 for i in adaptive_stages(self.chain)}
-        return sum((count - 1) * sizes[name] for name, count in self.adaptive_checkpoints)
+        return extra_checkpoint_bytes(self.chain, self.adaptive_checkpoints)
 
     @property
     def recompute_overhead(self) -> float:
@@ -106,8 +104,7 @@ class ApproximatedLayer:
         layer: its qualified name.
         stages: in how many stages it runs sketched (an ODE block's steps each count).
         relative_error: ``‖ĝ - g‖ / ‖g‖`` of its weight gradient, measured on the example
-            batch (:func:`anode_plan.approximate.measure_errors`), or ``1/√probes`` when the
-            plan was made without calibration.
+            batch (:func:`anode_plan.approximate.measure_errors`).
         probes: the sketch's number of probes.
     """
 
@@ -371,6 +368,19 @@ def resolve_planner(planner: Any) -> Any:
     return planner
 
 
+def plan_schedule(chain: Chain, usable: int, planner: Any) -> Schedule:
+    """``planner``'s schedule for ``usable`` bytes, with the strategies the chain offers beyond it: XConv sketches
+    where they pay (:mod:`planners.sketch`), and the adaptive blocks' share of the budget
+    (:mod:`anode_plan.adaptive_stage`). Raises :class:`InfeasibleBudgetError` when nothing fits."""
+    def exact(c: Chain, b: int) -> Schedule:
+        return planner.plan(c, budget_bytes=b)
+
+    def sketched(c: Chain, b: int) -> Schedule:
+        return plan_with_sketches(c, b, exact)
+
+    return plan_sharing_adaptive(chain, usable, sketched if chain.sketchable_stages else exact)
+
+
 def plan_for_budget(chain: Chain, traced: TracedModel, example_inputs: Sequence[torch.Tensor],
                     memory_budget: int | str, planner: Any = None, *, workspace_margin: float = 0.0) -> Plan:
     """Plan an already measured chain for one budget (what :func:`compile` does after tracing).
@@ -385,13 +395,7 @@ def plan_for_budget(chain: Chain, traced: TracedModel, example_inputs: Sequence[
     planner = resolve_planner(planner)
     usable = usable_bytes(budget_bytes, workspace_margin)
     try:
-        def exact(c: Chain, b: int) -> Schedule:
-            return planner.plan(c, budget_bytes=b)
-
-        def sketched(c: Chain, b: int) -> Schedule:  # compiled with approximate=XConv(...): sketch only where it pays
-            return plan_with_sketches(c, b, exact)
-
-        schedule = plan_sharing_adaptive(chain, usable, sketched if chain.sketchable_stages else exact)
+        schedule = plan_schedule(chain, usable, planner)
     except InfeasibleBudgetError as error:
         needed = budget_for_peak(error.min_budget_bytes, workspace_margin)
         kept = f"{PREDICTION_RESERVE:.2%}" + (f" and, since calibration was skipped, {workspace_margin:.0%} for kernel "

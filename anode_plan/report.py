@@ -15,9 +15,9 @@ from planners import (Anode, Auto, Chain, InfeasibleBudgetError, Reconstruct, Re
                       simulate_plan)
 from planners.schedule import Op, nesting_depth
 from planners.simulate import Simulation
-from planners.sketch import plan_with_sketches
 
 from anode_plan.budget import budget_for_peak, usable_bytes
+from anode_plan.compiler import plan_schedule
 
 # The simulator's kinds of memory, as a report names and explains them.
 _KINDS = (
@@ -197,16 +197,13 @@ def tradeoff_curve(chain: Chain, budgets: Sequence[int], planner=None) -> tuple[
     """Plan ``chain`` for every budget (bytes) with ``planner`` (default :class:`planners.Auto`) and simulate the result.
 
     Each budget is planned as :func:`anode_plan.compile` plans it (its usable part,
-    :func:`anode_plan.budget.usable_bytes`, with sketches where they pay when the chain offers them).
+    :func:`anode_plan.budget.usable_bytes`, by :func:`anode_plan.compiler.plan_schedule`).
     """
     planner = planner if planner is not None else Auto()
     points = []
     for budget in budgets:
         try:
-            if chain.sketchable_stages:  # lowered with approximate=XConv(...): sketches where they pay, as compile
-                schedule = plan_with_sketches(chain, usable_bytes(budget), lambda c, b: planner.plan(c, budget_bytes=b))
-            else:
-                schedule = planner.plan(chain, budget_bytes=usable_bytes(budget))
+            schedule = plan_schedule(chain, usable_bytes(budget), planner)
         except InfeasibleBudgetError as error:
             points.append(TradeoffPoint(budget, None, None, None, "infeasible",
                                         min_budget_bytes=budget_for_peak(error.min_budget_bytes)))
