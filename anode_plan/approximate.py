@@ -68,8 +68,9 @@ def offer_sketches(chain: Chain, model: nn.Module, traced: TracedModel, example_
                    approximate: Any, *, calibrate: bool = True, share: bool = True) -> Chain:
     """``chain`` (measured exact) with a :class:`Sketch` offered by every stage with convolutions to sketch.
 
-    ``calibrate``: measure the sketched stages on the device too, and the weight gradients'
-    errors on the example batch (else the error is given as ``1/√probes``).
+    ``calibrate``: measure the sketched stages on the device too. The weight gradients'
+    errors are measured on the example batch either way (a plan never flags a layer with a
+    guess).
     """
     check_approximation(approximate)
     layers = stage_layers(model, traced)
@@ -78,10 +79,7 @@ def offer_sketches(chain: Chain, model: nn.Module, traced: TracedModel, example_
         return chain
     sketch = SketchedLayers(approximate, layers)
     sketched = measure_chain(model, traced, example_inputs, calibrate=calibrate, share=share, sketch=sketch)
-    if calibrate:
-        errors = measure_errors(model, traced, example_inputs, SketchedLayers(approximate, layers))
-    else:
-        errors = {name: 1.0 / math.sqrt(approximate.probes) for names in layers.values() for name in names}
+    errors = measure_errors(model, traced, example_inputs, SketchedLayers(approximate, layers))
     stages = []
     for exact, other, spec in zip(chain.stages, sketched.stages, traced.stages):
         if spec.name not in layers:
@@ -132,7 +130,7 @@ def _group_errors(root: nn.Module, traced: TracedModel, group: list[StageSpec], 
     def gradients(sketched: bool) -> list[torch.Tensor]:
         state = tuple(v.detach() if isinstance(v, torch.Tensor) else v for v in start)
         for spec in group:
-            make = (lambda r, t, s: sketch.stage_function(stage_function, r, t, s)) if sketched else stage_function
+            make = sketch.stage_function if sketched else stage_function
             state = make(root, traced, spec)(state)
         outputs = [t for t in tree_flatten(state)[0] if isinstance(t, torch.Tensor) and t.requires_grad]
         generator = torch.Generator(device=outputs[0].device).manual_seed(0)

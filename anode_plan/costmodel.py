@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import logging
 import weakref
 from dataclasses import dataclass
@@ -438,7 +437,7 @@ def measure_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequenc
     """:func:`lower_to_chain` without sketch offers; with ``sketch`` (a
     :class:`~anode_plan.sketch.SketchedLayers`) every stage it names is measured with its
     convolutions sketched."""
-    make = stage_function if sketch is None else functools.partial(sketch.stage_function, stage_function)
+    make = stage_function if sketch is None else sketch.stage_function
     fake_mode = FakeTensorMode(allow_non_fake_inputs=False)
     with FakeCopyMode(fake_mode):
         fake_model = copy.deepcopy(model)

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from anode_plan.errors import ApproximationSpecError
+from anode_plan.trace import stage_function
 
 
 def supports(conv: nn.Module) -> bool:
@@ -174,8 +175,9 @@ class XConv:
 
     Args:
         probes: the number of random probes ``r``: memory per sketched input
-            ``b·ci·r`` numbers, error about ``1/√r`` (a third at 16 probes in
-            ``benchmarks/RESULTS.md``, "XConv").
+            ``b·ci·r`` numbers, and an error falling like ``1/√r`` (``tests/test_sketch.py``).
+            Its size depends on the layer and the batch: at 16 probes, 1.8 to 4.1 times the
+            weight gradient's norm in ``benchmarks/RESULTS.md`` ("XConv").
         seed: the base seed; each layer's probes come from (seed, layer, training step).
     """
 
@@ -244,9 +246,9 @@ class SketchedLayers:
             for conv in patched:
                 conv.__dict__.pop("forward", None)
 
-    def stage_function(self, make: Callable[..., Callable], root: nn.Module, traced: Any, spec: Any) -> Callable:
-        """``make(root, traced, spec)`` (a stage function) run with the stage's convolutions sketched."""
-        fn = make(root, traced, spec)
+    def stage_function(self, root: nn.Module, traced: Any, spec: Any) -> Callable:
+        """:func:`anode_plan.trace.stage_function` of ``spec``, run with the stage's convolutions sketched."""
+        fn = stage_function(root, traced, spec)
         if spec.name not in self.layers:
             return fn
 

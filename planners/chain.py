@@ -66,7 +66,7 @@ class Sketch:
         layers: the qualified names of the sketched convolutions.
         relative_errors: per layer, the relative error of its weight gradient,
             ``‖ĝ - g‖ / ‖g‖``, measured on the example batch (root mean square over draws
-            of the probes), or ``1/√probes`` where it was not measured.
+            of the probes).
         probes, seed: the sketch's number of probes and base seed.
     """
 
