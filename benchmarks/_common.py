@@ -6,6 +6,7 @@ Private to ``benchmarks/``; may change without notice. Import it as ``from _comm
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import subprocess
@@ -164,6 +165,17 @@ def write_section(path: Path, title: str, section: str) -> None:
         stop = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
         new_text = "\n".join(lines[:start] + section.rstrip("\n").splitlines() + [""] + lines[stop:])
     path.write_text(new_text.rstrip("\n") + "\n")
+
+
+def quick_or_write_args(argv: list[str] | None, doc: str, quick_help: str) -> argparse.Namespace:
+    """``--quick`` (a smoke run: ``quick_help`` says what is cut) and ``--write`` (replace the section in
+    RESULTS.md), for a script whose first docstring line is its description; the run uses 2 threads."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--write", action="store_true", help=f"replace the section in {RESULTS_PATH.name}")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    return args
 
 
 def publish_section(section: str, write_path: Path | None, runtime_s: float) -> None:

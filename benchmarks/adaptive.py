@@ -19,7 +19,6 @@ and without a budget (every accepted state kept, no recompute).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -28,7 +27,7 @@ import time
 import torch
 from torch import nn
 
-from _common import RESULTS_PATH, log, machine_info, mib, publish_section, source_version
+from _common import RESULTS_PATH, log, machine_info, mib, publish_section, quick_or_write_args, source_version
 
 import anode_plan
 
@@ -145,11 +144,7 @@ def run(name: str, field: nn.Module, y: torch.Tensor, rounds: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer timing rounds")
-    parser.add_argument("--write", action="store_true", help=f"replace the section in {RESULTS_PATH.name}")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    args = quick_or_write_args(argv, __doc__, "fewer timing rounds")
     began = time.time()
     rounds = 2 if args.quick else 5
     rows = [row for name, (field, y) in problems().items() for row in run(name, field, y, rounds)]

@@ -26,7 +26,6 @@ under the profiler, kernel workspaces included).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -36,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from _common import RESULTS_PATH, log, machine_info, mib, publish_section, source_version, train_step
+from _common import (RESULTS_PATH, log, machine_info, mib, publish_section, quick_or_write_args, source_version,
+                     train_step)
 from gradient_accuracy import synthetic_images
 
 import anode_plan
@@ -187,11 +187,7 @@ def training(kind: str, batch: int, steps: int, every: int) -> tuple[list[str], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer rounds and training steps")
-    parser.add_argument("--write", action="store_true", help=f"replace the section in {RESULTS_PATH.name}")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    args = quick_or_write_args(argv, __doc__, "fewer rounds and training steps")
     began = time.time()
     batch = 32
     rounds, steps, every = (3, 20, 5) if args.quick else (9, 300, 50)
