@@ -15,7 +15,7 @@ from anode_plan.errors import (AnodePlanError, BudgetFormatError, ExampleInputsE
                                InputMismatchError, ODEBlockConfigError, ODEFunctionError, PlanInvariantError,
                                UntraceableModelError)
 from anode_plan.errors import PlanFileError, PlanMismatchError, PlanOverBudgetError, PlotUnavailableError
-from anode_plan.errors import ApproximationSpecError, CompiledModuleError, SolverConfigError, InPlaceModificationError, NonFiniteStateError, PlannerSpecError
+from anode_plan.errors import ApproximationSpecError, BackendSpecError, CompileFallbackWarning, CompiledModuleError, SolverConfigError, InPlaceModificationError, NonFiniteStateError, PlannerSpecError
 from anode_plan.memory import AllocatorMeter, LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode import ODEBlock
 from anode_plan.planfile import dump_plan, save_plan
@@ -37,5 +37,5 @@ __all__ = [
     "InPlaceModificationError", "PlannerSpecError", "NonFiniteStateError", "CompiledModuleError",
     "AllocatorMeter", "budget_for_peak", "BatchPoint", "BatchSearch", "max_batch_size", "search_batch_size",
     "batch_curve", "plot_batch_curve", "XConv2d", "XConv", "ApproximatedLayer", "ApproximationSpecError",
-    "odeint", "SolverConfigError",
+    "odeint", "SolverConfigError", "BackendSpecError", "CompileFallbackWarning",
 ]

@@ -13,7 +13,7 @@ why each distinct stage is calibrated on the device (:mod:`anode_plan.calibrate`
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import torch
@@ -29,6 +29,8 @@ from anode_plan.plan_cache import CachedPlan, PlanCache, describe_call, describe
 from anode_plan.planfile import (check_plan_fits, check_plan_matches, example_inputs_for, read_plan_file,
                                  structure_digest)
 from anode_plan.runtime import ScheduleRunner
+from anode_plan.compiled_chain import measure_compiled_chain
+from anode_plan.inductor import CompiledStages, check_backend, compiled_stages_for
 from anode_plan.sketch import SketchedLayers, XConv, check_approximation
 from anode_plan.trace import TracedModel, trace_model
 import planners
@@ -52,6 +54,11 @@ class Plan:
             were not measured (``compile(..., calibrate=False)``); 0 for a calibrated plan.
         adaptive_checkpoints: per adaptive ODE block (its qualified name), the checkpoints
             its solves keep (:mod:`anode_plan.adaptive_stage`).
+        backend: how the stages run: ``"eager"``, or ``"inductor"`` (each stage compiled,
+            its memory and cost measured on the device: :mod:`anode_plan.inductor`).
+        compile_seconds: with ``"inductor"``, the time the model's stages took to compile
+            (0 when they were compiled already, for an earlier plan of the same model).
+        eager_stages: with ``"inductor"``, (stage, why) for each stage that runs eager.
     """
 
     schedule: Schedule
@@ -63,6 +70,9 @@ class Plan:
     fingerprint: str
     workspace_margin: float = 0.0
     adaptive_checkpoints: tuple[tuple[str, int], ...] = ()
+    backend: str = "eager"
+    compile_seconds: float = 0.0
+    eager_stages: tuple[tuple[str, str], ...] = ()
 
     @property
     def predicted_peak_bytes(self) -> int:
@@ -119,11 +129,13 @@ def _charged_input_grads(plan: Plan) -> tuple[bool, ...]:
     return (plan.chain.input_grad,) * len(plan.input_shapes)
 
 
-def runner_for(traced: TracedModel, plan: Plan, model: nn.Module, sketch_ops: dict | None = None) -> ScheduleRunner:
+def runner_for(traced: TracedModel, plan: Plan, model: nn.Module, sketch_ops: dict | None = None,
+               compiled: CompiledStages | None = None) -> ScheduleRunner:
     """The runner of ``plan``'s schedule, replaying the RNG in the regions whose stages draw random numbers.
 
     ``sketch_ops``: the sketched layers' ops, kept across a compiled model's plans so that
-    each layer's probes keep advancing with the training step.
+    each layer's probes keep advancing with the training step. ``compiled``: with
+    ``backend="inductor"``, the compiled stages.
     """
     random_stages = frozenset(i for i, stage in enumerate(plan.chain.stages) if stage.uses_rng)
     sketch = None
@@ -132,7 +144,8 @@ def runner_for(traced: TracedModel, plan: Plan, model: nn.Module, sketch_ops: di
         first = next(iter(offers.values()))
         sketch = SketchedLayers(XConv(first.probes, first.seed), {name: o.layers for name, o in offers.items()},
                                 ops=sketch_ops)
-    return ScheduleRunner(traced, plan.schedule.ops, model, random_stages, sketch, dict(plan.adaptive_checkpoints))
+    return ScheduleRunner(traced, plan.schedule.ops, model, random_stages, sketch, dict(plan.adaptive_checkpoints),
+                          compiled=compiled if plan.backend == "inductor" else None)
 
 
 def approximation_of(plan: Plan) -> XConv | None:
@@ -162,7 +175,8 @@ class CompiledModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, traced: TracedModel, plan: Plan, *, planner: Any = None,
-                 calibrate: bool = True, approximate: XConv | None = None) -> None:
+                 calibrate: bool = True, approximate: XConv | None = None,
+                 compiled: CompiledStages | None = None) -> None:
         super().__init__()
         self._parameters = model._parameters
         self._buffers = model._buffers
@@ -174,7 +188,8 @@ class CompiledModel(nn.Module):
         self.__dict__["plan"] = plan
         self.__dict__["approximate"] = approximate
         self.__dict__["_sketch_ops"] = {}
-        self.__dict__["runner"] = runner_for(traced, plan, model, self._sketch_ops)
+        self.__dict__["compiled_stages"] = compiled
+        self.__dict__["runner"] = runner_for(traced, plan, model, self._sketch_ops, compiled)
         self.__dict__["planner"] = planner
         self.__dict__["calibrate"] = calibrate
         self.__dict__["_modules_list"] = list(model.modules())
@@ -227,10 +242,8 @@ class CompiledModel(nn.Module):
         entry = self._plan_cache.find(key, batches, input_grads)
         if entry is None:
             plan = self._replan(inputs)
-            entry = self._plan_cache.add(CachedPlan(key, batches, plan, runner_for(self.traced, plan,
-                                                                                   self.original_model,
-                                                                                   self._sketch_ops),
-                                                    _charged_input_grads(plan)))
+            runner = runner_for(self.traced, plan, self.original_model, self._sketch_ops, self.compiled_stages)
+            entry = self._plan_cache.add(CachedPlan(key, batches, plan, runner, _charged_input_grads(plan)))
         self.__dict__["plan"], self.__dict__["runner"] = entry.plan, entry.runner
         return entry.runner
 
@@ -238,9 +251,11 @@ class CompiledModel(nn.Module):
         """Measure and plan for ``inputs`` under the budget of the first plan (see :mod:`anode_plan.plan_cache`)."""
         first = self._plan_cache.entries[0].plan  # every cached plan has the same budget
         shapes = [tuple(x.shape) for x in inputs]
+        compiled = self.compiled_stages
+        before = compiled.compile_seconds if compiled is not None else 0.0
         try:
-            chain = lower_to_chain(self.original_model, self.traced, inputs, calibrate=self.calibrate,
-                                   approximate=self.approximate)
+            chain = measured_chain(self.original_model, self.traced, inputs, calibrate=self.calibrate,
+                                   approximate=self.approximate, compiled=compiled)
         except AnodePlanError:
             raise
         except Exception as error:
@@ -249,8 +264,9 @@ class CompiledModel(nn.Module):
                 f"called with {shapes}; planning for the new shapes failed ({type(error).__name__}: {error}). Call it "
                 "with inputs shaped like example_inputs (the batch size may change).") from error
         try:
-            return plan_for_budget(chain, self.traced, inputs, first.budget_bytes, self.planner,
-                                   workspace_margin=first.workspace_margin)
+            return with_backend(plan_for_budget(chain, self.traced, inputs, first.budget_bytes, self.planner,
+                                                workspace_margin=first.workspace_margin), compiled,
+                                (compiled.compile_seconds - before) if compiled is not None else 0.0)
         except InfeasibleBudgetError as error:
             raise InfeasibleBudgetError(
                 f"{self.traced.model_name} was planned for inputs {list(first.input_shapes)} under a budget of "
@@ -280,7 +296,7 @@ class CompiledModel(nn.Module):
 def compile(model: nn.Module, memory_budget: int | str | None = None,
             example_inputs: Sequence[torch.Tensor] | None = None, *, planner: Any = None,
             leaf_modules: Sequence[type] = (), plan: "str | os.PathLike | Plan | None" = None,
-            calibrate: bool = True, approximate: XConv | None = None) -> CompiledModel:
+            calibrate: bool = True, approximate: XConv | None = None, backend: str | None = None) -> CompiledModel:
     """Plan ``model``'s training step to fit ``memory_budget`` and return the compiled model.
 
     Args:
@@ -321,6 +337,14 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
             gradients become unbiased estimates (input and bias gradients stay exact);
             ``compiled.plan.approximated`` lists them with their measured relative error,
             and the report flags them.
+        backend: ``"eager"`` (the default; with ``plan=``, the saved plan's backend) runs
+            every stage with PyTorch's own kernels. ``"inductor"`` compiles each stage with
+            ``torch.compile`` (the schedule's checkpoint regions stay as planned), measures
+            each compiled stage's memory with the allocator and its time, and plans on
+            those (:mod:`anode_plan.inductor`). The first compile of a model pays for
+            compiling its stages (``plan.compile_seconds``); compiling it again, for
+            another budget, plans only. A stage that cannot be compiled runs eager, with a
+            :class:`~anode_plan.errors.CompileFallbackWarning`.
 
     Raises:
         BudgetFormatError: the budget is not a positive size.
@@ -330,14 +354,45 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
             cannot be read, was made for another model or input, or is broken.
     """
     if plan is not None:
-        return _reuse_plan(model, plan, memory_budget, example_inputs, planner, leaf_modules, calibrate, approximate)
+        return _reuse_plan(model, plan, memory_budget, example_inputs, planner, leaf_modules, calibrate, approximate,
+                           backend)
     parse_memory_budget(memory_budget)  # reject a bad budget before tracing
     check_approximation(approximate)
+    backend = check_backend("eager" if backend is None else backend, approximate=approximate, calibrate=calibrate)
     traced = trace_model(model, example_inputs, leaf_modules=leaf_modules)
-    chain = lower_to_chain(model, traced, example_inputs, calibrate=calibrate, approximate=approximate)
+    compiled = compiled_stages_for(model, traced, structure_digest(traced)) if backend == "inductor" else None
+    before = compiled.compile_seconds if compiled is not None else 0.0
+    chain = measured_chain(model, traced, example_inputs, calibrate=calibrate, approximate=approximate,
+                           compiled=compiled)
     plan = plan_for_budget(chain, traced, example_inputs, memory_budget, planner,
                            workspace_margin=0.0 if calibrate else UNCALIBRATED_MARGIN)
-    return CompiledModel(model, traced, plan, planner=planner, calibrate=calibrate, approximate=approximate)
+    plan = with_backend(plan, compiled, compiled.compile_seconds - before if compiled is not None else 0.0)
+    return CompiledModel(model, traced, plan, planner=planner, calibrate=calibrate, approximate=approximate,
+                         compiled=compiled)
+
+
+def measured_chain(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tensor], *, calibrate: bool,
+                   approximate: XConv | None, compiled: CompiledStages | None = None) -> Chain:
+    """The chain a plan is made on: the cost model's, or, with ``compiled`` stages, each stage measured on the
+    device as it runs compiled (:mod:`anode_plan.compiled_chain`), once per input key of the model."""
+    if compiled is None:
+        return lower_to_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate)
+    key = (describe_call(inputs, list(model.modules())), tuple(x.requires_grad for x in inputs))
+    chain = compiled.chains.get(key)
+    if chain is None:
+        # The eager chain gives the structure; every figure of a stage is then measured compiled. Calibrated
+        # only for reversible blocks, whose rebuilding walk runs eager.
+        reversible = any(model.get_submodule(block.target).reversible for block in traced.blocks)
+        skeleton = lower_to_chain(model, traced, inputs, calibrate=reversible)
+        chain = compiled.chains[key] = measure_compiled_chain(skeleton, model, traced, inputs, compiled)
+    return chain
+
+
+def with_backend(plan: Plan, compiled: CompiledStages | None, compile_seconds: float = 0.0) -> Plan:
+    """``plan`` marked as run by ``compiled`` stages (``backend="inductor"``), or as it is for eager."""
+    if compiled is None:
+        return plan
+    return replace(plan, backend="inductor", compile_seconds=compile_seconds, eager_stages=compiled.describe_eager())
 
 
 PLANNER_NAMES = {
@@ -429,14 +484,15 @@ def load_plan(path: str | os.PathLike) -> Plan:
     simulation = check_plan_fits(saved.schedule, saved.chain, saved.budget_bytes, saved.source, saved.workspace_margin)
     return Plan(schedule=saved.schedule, chain=saved.chain, budget_bytes=saved.budget_bytes, simulation=simulation,
                 input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
-                workspace_margin=saved.workspace_margin,
+                workspace_margin=saved.workspace_margin, backend=saved.backend,
                 adaptive_checkpoints=adaptive_checkpoints(saved.chain, simulation,
                                                           usable_bytes(saved.budget_bytes, saved.workspace_margin)))
 
 
 def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budget: int | str | None,
                 example_inputs: Sequence[torch.Tensor] | None, planner: Any,
-                leaf_modules: Sequence[type], calibrate: bool, approximate: XConv | None) -> CompiledModel:
+                leaf_modules: Sequence[type], calibrate: bool, approximate: XConv | None,
+                backend: str | None = None) -> CompiledModel:
     """``compile(model, plan=...)``: trace and measure again, check the saved schedule, run it."""
     if planner is not None:
         raise TypeError("compile(..., plan=..., planner=...): a saved plan is reused, not planned again, so "
@@ -454,11 +510,16 @@ def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budge
                                 f"approximate={approximate!r}; leave approximate unset to reuse the plan as saved",
                                 differences=(f"approximate: {saved_approximation!r} saved, {approximate!r} given",))
     approximate = saved_approximation if approximate is None else approximate
-    chain = lower_to_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate)
+    backend = check_backend(saved.backend if backend is None else backend, approximate=approximate,
+                            calibrate=calibrate)
+    compiled = compiled_stages_for(model, traced, structure_digest(traced)) if backend == "inductor" else None
+    before = compiled.compile_seconds if compiled is not None else 0.0
+    chain = measured_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate, compiled=compiled)
     margin = 0.0 if calibrate else UNCALIBRATED_MARGIN
     simulation = check_plan_fits(saved.schedule, chain, budget_bytes, source, margin)
     fresh = Plan(schedule=saved.schedule, chain=chain, budget_bytes=budget_bytes, simulation=simulation,
                  input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
                  workspace_margin=margin,
                  adaptive_checkpoints=adaptive_checkpoints(chain, simulation, usable_bytes(budget_bytes, margin)))
-    return CompiledModel(model, traced, fresh, calibrate=calibrate, approximate=approximate)
+    fresh = with_backend(fresh, compiled, compiled.compile_seconds - before if compiled is not None else 0.0)
+    return CompiledModel(model, traced, fresh, calibrate=calibrate, approximate=approximate, compiled=compiled)

@@ -91,11 +91,19 @@ class SolverConfigError(AnodePlanError, ValueError):
     """``anode_plan.odeint`` got an unknown method or option, bad times, or could not finish the solve."""
 
 
+class BackendSpecError(AnodePlanError, ValueError):
+    """``compile(..., backend=...)`` got a backend other than ``"eager"`` or ``"inductor"``, or options it cannot run with."""
+
+
+class CompileFallbackWarning(UserWarning):
+    """A stage could not be compiled with ``backend="inductor"`` and runs eager (measured all the same)."""
+
+
 class ApproximationSpecError(AnodePlanError, ValueError):
     """``compile(..., approximate=...)`` got something other than an approximation it knows (``anode_plan.XConv``)."""
 
 
-__all__ = ["AnodePlanError", "ApproximationSpecError", "SolverConfigError", "BudgetFormatError", "ExampleInputsError", "InfeasibleBudgetError",
+__all__ = ["AnodePlanError", "ApproximationSpecError", "BackendSpecError", "CompileFallbackWarning", "SolverConfigError", "BudgetFormatError", "ExampleInputsError", "InfeasibleBudgetError",
            "InputMismatchError", "ODEBlockConfigError", "ODEFunctionError", "PlanFileError", "PlanInvariantError", "PlannerSpecError",
            "PlanMismatchError", "PlanOverBudgetError", "PlotUnavailableError", "UntraceableModelError",
            "InPlaceModificationError", "NonFiniteStateError"]

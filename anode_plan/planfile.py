@@ -77,6 +77,7 @@ class SavedPlan:
     fingerprint: str
     source: str
     workspace_margin: float = 0.0
+    backend: str = "eager"
 
 
 def structure_digest(traced: TracedModel) -> str:
@@ -116,6 +117,7 @@ def dump_plan(plan: Any) -> str:
                                                                                   plan.input_dtypes)],
         "budget_bytes": plan.budget_bytes,
         "workspace_margin": plan.workspace_margin,
+        "backend": plan.backend,
         "planner": plan.schedule.planner,
         "description": plan.schedule.description,
         "proven_optimal": plan.schedule.proven_optimal,
@@ -217,6 +219,9 @@ def read_plan_file(path: str | os.PathLike) -> SavedPlan:
     margin = reader.number(top, "workspace_margin", "the file") if "workspace_margin" in top else 0.0
     if not 0.0 <= margin < 1.0:
         raise PlanFileError(f"{source}: workspace_margin is {margin!r}, not a fraction in [0, 1); {_REPLAN}")
+    backend = reader.string(top, "backend") if "backend" in top else "eager"
+    if backend not in ("eager", "inductor"):
+        raise PlanFileError(f"{source}: backend is {backend!r}, not 'eager' or 'inductor'; {_REPLAN}")
     schedule = Schedule(ops=tuple(reader.op(op, f"schedule[{i}]")
                                   for i, op in enumerate(reader.sequence(reader.field(top, "schedule"), "schedule"))),
                         planner=reader.string(top, "planner"),
@@ -226,7 +231,8 @@ def read_plan_file(path: str | os.PathLike) -> SavedPlan:
                                        if "sketched" in top else ()))
     return SavedPlan(schedule=schedule, chain=reader.chain(reader.field(top, "chain")), budget_bytes=budget_bytes,
                      input_shapes=tuple(shapes), input_dtypes=tuple(dtypes),
-                     fingerprint=reader.string(top, "fingerprint"), source=source, workspace_margin=margin)
+                     fingerprint=reader.string(top, "fingerprint"), source=source, workspace_margin=margin,
+                     backend=backend)
 
 
 @contextlib.contextmanager

@@ -272,10 +272,18 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
         f"  schedule     {plan.schedule.planner}: {plan.schedule.description}"
         + ("  [proven optimal]" if plan.schedule.proven_optimal else ""),
         f"  predicted    peak {format_bytes(sim.peak_bytes)} ({used:.0%} of budget), step cost "
-        f"{sim.compute_cost:.1f} {chain.cost_unit} (nominal)",
+        f"{sim.compute_cost:.1f} {chain.cost_unit} ({'measured' if _backend(plan) == 'inductor' else 'nominal'})",
         f"  recompute    {sim.recomputed_forwards} extra stage forwards, overhead {_percent(sim.recompute_overhead)} "
         f"over a step without recompute ({sim.baseline_cost:.1f} {chain.cost_unit})",
     ]
+    if _backend(plan) == "inductor":
+        compiled = len(chain.stages) - len(plan.eager_stages)
+        lines.append(f"  backend      inductor: {compiled} of {len(chain.stages)} stages compiled by torch.compile, "
+                     f"each measured on the device (compile {plan.compile_seconds:.1f} s for this plan"
+                     + (", the stages were compiled already)" if plan.compile_seconds == 0 else ")"))
+        lines += [f"    eager: {name} ({why})" for name, why in plan.eager_stages]
+    else:
+        lines.append("  backend      eager")
     if plan.schedule.sketched:
         lines.append("  INEXACT      weight gradients estimated by XConv sketches (approximate=XConv); input, bias "
                      "and other gradients exact:")
@@ -311,6 +319,10 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
     else:
         lines.append("  (no ODE blocks: the model is planned as a plain chain of layers)")
     return "\n".join(lines)
+
+
+def _backend(plan) -> str:
+    return getattr(plan, "backend", "eager")
 
 
 def _percent(fraction: float) -> str:

@@ -197,11 +197,13 @@ class ScheduleRunner:
 
     def __init__(self, traced: TracedModel, ops: tuple[Op, ...], root: nn.Module,
                  random_stages: frozenset[int] = frozenset(), sketch: SketchedLayers | None = None,
-                 adaptive: dict[str, int] | None = None) -> None:
+                 adaptive: dict[str, int] | None = None, compiled: Any = None) -> None:
         """``random_stages``: the stages that draw random numbers; regions holding one replay the RNG.
         ``sketch``: the stages that run with their convolutions sketched (XConv), and how.
-        ``adaptive``: per adaptive ODE block, the checkpoints its solves keep."""
+        ``adaptive``: per adaptive ODE block, the checkpoints its solves keep.
+        ``compiled``: the stages as compiled functions (:class:`anode_plan.inductor.CompiledStages`), or ``None``."""
         self.adaptive = adaptive or {}
+        self.compiled = compiled
         self.traced = traced
         self.ops = ops
         self.norm_layers = norm_layers_with_stats(root)
@@ -220,6 +222,8 @@ class ScheduleRunner:
         if self.sketch is not None and spec.name in self.sketch.layers:
             with self.sketch.applied(root, spec.name):  # a re-run in backward comes here too: the same probes
                 return run_stage(root, self.traced, spec, values)
+        if self.compiled is not None and self.compiled.compiled(index):
+            return self.compiled.function(index)(values)
         return run_stage(root, self.traced, spec, values)
 
     def run_plain(self, root: nn.Module, values: tuple) -> tuple:
