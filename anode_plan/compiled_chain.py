@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten
 
 from anode_plan.inductor import CompiledStages, StageFn
 from anode_plan.memory import AllocatorMeter, allocated_bytes
-from anode_plan.runtime import RestoreRunningStats, norm_layers_with_stats
+from anode_plan.runtime import RestoreRunningStats
 from anode_plan.stagerun import (backward_accumulating, backward_after, backward_alone, backward_through_rerun,
                                  fresh_inputs, needing_grad)
 from anode_plan.trace import TracedModel
@@ -157,7 +157,7 @@ def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
     device = example_inputs[0].device
     params = [p for p in model.parameters() if p.requires_grad]
     fixed = set(_storage_keys(list(model.parameters()) + list(model.buffers())))
-    norms = norm_layers_with_stats(model)
+    norms = stages.norms
     ids = _value_ids(traced, chain)
     accumulating = _accumulating(chain)
     last_read = {name: at for at, spec in enumerate(traced.stages) for name in spec.in_names}
@@ -166,10 +166,7 @@ def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
     def runs(inputs: tuple) -> Any:
         def run(fn: StageFn) -> None:  # every variant a training step runs: compiles each one now
             backward_alone(fn, inputs, params, _Null())
-            backward_through_rerun(fn, inputs, params, _Null())
-            if norms:
-                with RestoreRunningStats(norms):  # a re-run in backward: frozen BatchNorm
-                    backward_through_rerun(fn, inputs, params, _Null())
+            backward_through_rerun(_restoring(fn, norms), inputs, params, _Null())
         return run
 
     with _model_restored(model, device):
@@ -212,6 +209,15 @@ def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
     return dataclasses.replace(chain, stages=tuple(new_stages), cost_unit="ms")
 
 
+def _restoring(fn: StageFn, norms: list[nn.Module]) -> StageFn:
+    """``fn`` under the re-run's statistics context (:class:`~anode_plan.runtime.RestoreRunningStats`, in place),
+    as a checkpoint re-runs a compiled stage; its first run here pays for the copies too (an upper bound)."""
+    def run(values: tuple) -> tuple:
+        with RestoreRunningStats(norms, in_place=True):
+            return fn(values)
+    return run
+
+
 def _adaptive(model: nn.Module, spec: Any) -> bool:
     return spec.block is not None and model.get_submodule(spec.block_target).adaptive
 
@@ -238,7 +244,7 @@ def _measured_stage(stage: Stage, at: int, fn: StageFn, inputs: tuple, params: l
     meter = AllocatorMeter(device)
     probe = _Spans(meter)
     with meter:
-        backward_through_rerun(fn, inputs, params, probe)
+        backward_through_rerun(_restoring(fn, stages.norms), inputs, params, probe)
         if nxt is not None and not _adaptive(model, traced.stages[nxt]):
             second = traced.stages[nxt]
             backward_after(fn, (spec.in_names, spec.out_names), stages.function(nxt), second.in_names, inputs,

@@ -39,6 +39,7 @@ import torch
 from torch import fx, nn
 
 from anode_plan.errors import BackendSpecError, CompileFallbackWarning
+from anode_plan.runtime import norm_layers_with_stats
 from anode_plan.trace import StageSpec, TracedModel, run_step, stage_function
 
 BACKENDS = ("eager", "inductor")
@@ -99,6 +100,7 @@ class CompiledStages:
         self.model = model
         self.traced = traced
         self.digest = digest
+        self.norms = norm_layers_with_stats(model)
         self.eager: dict[int, str] = {}
         self.compile_seconds = 0.0
         self.chains: dict[Any, Any] = {}

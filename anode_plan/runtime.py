@@ -70,19 +70,31 @@ class RestoreRunningStats:
       re-run's backward (BatchNorm saves them); :func:`copied_on_rerun` lists these layers
       for the cost model, which charges them.
 
+    With ``in_place=True`` (compiled stages, ``backend="inductor"``) every layer instead
+    re-runs on its real buffers, which are copied first and written back on exit: a
+    compiled stage's guards see the same modules and buffers as in its first run, so the
+    re-run needs no compiled variant of its own. The copies (a few floats per channel)
+    live while the re-run runs.
+
     Use it as the recompute context of a checkpoint region.
     """
 
     _NAMES = ("running_mean", "running_var", "num_batches_tracked")
 
-    def __init__(self, norm_layers: Sequence[nn.Module]) -> None:
+    def __init__(self, norm_layers: Sequence[nn.Module], *, in_place: bool = False) -> None:
         self.norm_layers = norm_layers
+        self.in_place = in_place
         self._real: list[tuple[nn.Module, str, torch.Tensor]] = []
         self._frozen: list[tuple[nn.Module, Any]] = []
+        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __enter__(self) -> "RestoreRunningStats":
         for layer in self.norm_layers:
             if not layer.training:
+                continue
+            if self.in_place:
+                self._copies += [(buf, buf.detach().clone()) for name in self._NAMES
+                                 if (buf := layer._buffers.get(name)) is not None]
                 continue
             if not updates_by_copy(layer):
                 self._frozen.append((layer, layer.momentum))
@@ -100,6 +112,10 @@ class RestoreRunningStats:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        with torch.no_grad():
+            for buf, copy in self._copies:
+                buf.copy_(copy)
+        self._copies = []
         for layer, name, buf in self._real:
             layer._buffers[name] = buf
         for layer, momentum in self._frozen:
@@ -275,7 +291,7 @@ class ScheduleRunner:
     def _contexts(self, generators: list[torch.Generator] | None
                   ) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """A checkpoint's (forward, recompute) contexts; called as the region's first run starts."""
-        stats = RestoreRunningStats(self.norm_layers)
+        stats = RestoreRunningStats(self.norm_layers, in_place=self.compiled is not None)
         if not generators:  # nothing random to replay, or checkpoint stashes the states itself
             return contextlib.nullcontext(), stats
         return contextlib.nullcontext(), _Both(ReplayRandomState(generators), stats)
