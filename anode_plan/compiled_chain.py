@@ -12,7 +12,7 @@ gradients, re-run in backward as a checkpoint), under the allocator meter
 eager chain's stage by what the allocator counted. Which state values a compiled tape
 holds comes from ``saved_tensors_hooks`` (by storage), its bytes from the allocator.
 
-Costs are measured too: the median over ``repeats`` runs of each stage's taped forward
+Costs are measured too: the median over ``repeats`` runs (after one untimed) of each stage's taped forward
 and its backward, in milliseconds, so the planner weighs recompute by what a compiled
 stage really takes.
 
@@ -31,7 +31,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from anode_plan.inductor import CompiledStages, StageFn
 from anode_plan.memory import AllocatorMeter, allocated_bytes
@@ -41,7 +41,7 @@ from anode_plan.stagerun import (backward_accumulating, backward_after, backward
 from anode_plan.trace import TracedModel
 from planners import Chain, Stage
 
-TIMING_REPEATS = 3
+TIMING_REPEATS = 5
 
 
 class _Spans:
@@ -115,15 +115,17 @@ def _sync(device: torch.device) -> None:
 
 def _times(fn: StageFn, inputs: tuple, params: list[torch.Tensor], device: torch.device,
            repeats: int) -> tuple[float, float]:
-    """Median milliseconds of a taped forward and of its backward (seeds of ones)."""
+    """Median milliseconds of a taped forward and of its backward (seeds of ones), after one run untimed
+    (the first runs after compiling are slower: caches, the allocator's first blocks)."""
     forward, backward = [], []
-    for _ in range(repeats):
+    for run in range(repeats + 1):
         fresh = fresh_inputs(inputs)
         _sync(device)
         began = time.perf_counter()
         outputs = needing_grad(fn(fresh))
         _sync(device)
-        forward.append(time.perf_counter() - began)
+        if run:
+            forward.append(time.perf_counter() - began)
         wrt = needing_grad(fresh) + params
         if outputs and wrt:
             seeds = [torch.ones_like(o) for o in outputs]
@@ -131,7 +133,8 @@ def _times(fn: StageFn, inputs: tuple, params: list[torch.Tensor], device: torch
             began = time.perf_counter()
             grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
             _sync(device)
-            backward.append(time.perf_counter() - began)
+            if run:
+                backward.append(time.perf_counter() - began)
             del grads, seeds
         del outputs, fresh
     return statistics.median(forward) * 1e3, (statistics.median(backward) * 1e3 if backward else 0.0)
@@ -146,13 +149,15 @@ class _Null:
 
 
 def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
-                           example_inputs: Sequence[torch.Tensor], stages: CompiledStages, *,
+                           example_inputs: Sequence[torch.Tensor], stages: CompiledStages, *, key: Any = None,
                            repeats: int = TIMING_REPEATS) -> Chain:
     """``chain`` (the eager cost model's, for the structure) with every stage's memory and cost measured for
     real on its :class:`~anode_plan.inductor.CompiledStages` function (the module docstring says how).
 
-    Compiles each stage on the way (its forward, backward and re-run variants), so a stage
-    that cannot be compiled falls back to eager here, before anything is planned on it.
+    Compiles each stage on the way (its forward, backward and re-run variants) for input key
+    ``key`` (:meth:`~anode_plan.inductor.CompiledStages.function`), so a stage that cannot be
+    compiled falls back to eager here, before anything is planned on it. Reversible blocks
+    offer no ``reconstruct`` here: rebuilding states runs eager code, measured for the eager mode.
     """
     device = example_inputs[0].device
     params = [p for p in model.parameters() if p.requires_grad]
@@ -173,8 +178,8 @@ def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
         values: dict[str, Any] = dict(zip(traced.input_names, example_inputs))
         for at, spec in enumerate(traced.stages):
             inputs = fresh_inputs(tuple(values[name] for name in spec.in_names))
-            stages.warm(at, runs(inputs))
-            fn = stages.function(at)
+            stages.warm(at, runs(inputs), key)
+            fn = stages.function(at, key)
             saved: list[weakref.ref] = []
 
             def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -193,14 +198,14 @@ def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
             del outputs, taped_inputs, saved
             nxt = at + 1 if at + 1 < len(traced.stages) else None
             if nxt is not None:
-                stages.warm(nxt, runs(fresh_inputs(tuple(values[n] for n in traced.stages[nxt].in_names))))
+                stages.warm(nxt, runs(fresh_inputs(tuple(values[n] for n in traced.stages[nxt].in_names))), key)
             if not _adaptive(model, spec):  # an adaptive solve keeps its own profile's memory
-                new_stages[at] = _measured_stage(chain.stages[at], at, fn, inputs, params, stages, traced, nxt, accumulating[at], device,
+                new_stages[at] = _measured_stage(chain.stages[at], at, fn, inputs, params, stages, key, traced, nxt, accumulating[at], device,
                                                  tuple(ids[spec.in_names[p]] for p in saved_in)
                                                  + tuple(ids[spec.out_names[p]] for p in saved_out),
                                                  bool(saved_in), bool(saved_out), output_new)
             fwd_ms, bwd_ms = _times(fn, inputs, params, device, repeats if stages.compiled(at) else 1)
-            new_stages[at] = dataclasses.replace(new_stages[at], fwd_cost=fwd_ms, bwd_cost=bwd_ms)
+            new_stages[at] = dataclasses.replace(new_stages[at], fwd_cost=fwd_ms, bwd_cost=bwd_ms, reconstruct=None)
             for name in spec.in_names:
                 if last_read[name] == at and name not in spec.out_names:
                     del values[name]
@@ -223,19 +228,13 @@ def _adaptive(model: nn.Module, spec: Any) -> bool:
 
 
 def _detached(values: Sequence[Any]) -> list[Any]:
-    out = []
-    for value in values:
-        if isinstance(value, torch.Tensor):  # keeping requires_grad: the next stage's inputs need it as in training
-            out.append(value.detach().requires_grad_(value.requires_grad))
-        elif isinstance(value, (tuple, list)):
-            out.append(type(value)(_detached(value)))
-        else:
-            out.append(value)
-    return out
+    """``values`` cut from their graph, keeping ``requires_grad``: the next stage's inputs need it as in training."""
+    return [tree_map(lambda v: v.detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v,
+                     value) for value in values]
 
 
 def _measured_stage(stage: Stage, at: int, fn: StageFn, inputs: tuple, params: list[torch.Tensor],
-                    stages: CompiledStages, traced: TracedModel, nxt: int | None,
+                    stages: CompiledStages, key: Any, traced: TracedModel, nxt: int | None,
                     accumulating: bool, device: torch.device, saved_values: tuple[int, ...], saves_input: bool,
                     saves_output: bool, output_new_bytes: int) -> Stage:
     """``stage`` with its memory measured by the allocator on ``fn`` (the runs of :mod:`anode_plan.stagerun`)."""
@@ -247,7 +246,7 @@ def _measured_stage(stage: Stage, at: int, fn: StageFn, inputs: tuple, params: l
         backward_through_rerun(_restoring(fn, stages.norms), inputs, params, probe)
         if nxt is not None and not _adaptive(model, traced.stages[nxt]):
             second = traced.stages[nxt]
-            backward_after(fn, (spec.in_names, spec.out_names), stages.function(nxt), second.in_names, inputs,
+            backward_after(fn, (spec.in_names, spec.out_names), stages.function(nxt, key), second.in_names, inputs,
                            params, probe)
         else:  # the loss comes next, or an adaptive solve (its memory is its own profile's)
             backward_alone(fn, inputs, params, probe)

@@ -145,7 +145,8 @@ def runner_for(traced: TracedModel, plan: Plan, model: nn.Module, sketch_ops: di
         sketch = SketchedLayers(XConv(first.probes, first.seed), {name: o.layers for name, o in offers.items()},
                                 ops=sketch_ops)
     return ScheduleRunner(traced, plan.schedule.ops, model, random_stages, sketch, dict(plan.adaptive_checkpoints),
-                          compiled=compiled if plan.backend == "inductor" else None)
+                          compiled=compiled.view(plan.chain) if compiled is not None and plan.backend == "inductor"
+                          else None)
 
 
 def approximation_of(plan: Plan) -> XConv | None:
@@ -239,7 +240,7 @@ class CompiledModel(nn.Module):
         input_grads = tuple(x.requires_grad for x in inputs)
         if not any(key.trainable) and not any(input_grads):
             return None
-        entry = self._plan_cache.find(key, batches, input_grads)
+        entry = self._plan_cache.find(key, batches, input_grads, exact=self.compiled_stages is not None)
         if entry is None:
             plan = self._replan(inputs)
             runner = runner_for(self.traced, plan, self.original_model, self._sketch_ops, self.compiled_stages)
@@ -378,13 +379,10 @@ def measured_chain(model: nn.Module, traced: TracedModel, inputs: Sequence[torch
     if compiled is None:
         return lower_to_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate)
     key = (describe_call(inputs, list(model.modules())), tuple(x.requires_grad for x in inputs))
-    chain = compiled.chains.get(key)
-    if chain is None:
-        # The eager chain gives the structure; every figure of a stage is then measured compiled. Calibrated
-        # only for reversible blocks, whose rebuilding walk runs eager.
-        reversible = any(model.get_submodule(block.target).reversible for block in traced.blocks)
-        skeleton = lower_to_chain(model, traced, inputs, calibrate=reversible)
-        chain = compiled.chains[key] = measure_compiled_chain(skeleton, model, traced, inputs, compiled)
+    chain = compiled.chain_for(key)
+    if chain is None:  # the eager chain gives the structure; every figure of a stage is then measured compiled
+        skeleton = lower_to_chain(model, traced, inputs, calibrate=False)
+        chain = compiled.add_chain(key, measure_compiled_chain(skeleton, model, traced, inputs, compiled, key=key))
     return chain
 
 

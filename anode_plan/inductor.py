@@ -33,6 +33,7 @@ from __future__ import annotations
 import time
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -93,7 +94,12 @@ class CompiledStages:
         eager: stage position -> why that stage runs eager (it could not be compiled, or
             it is an adaptive solve, whose step count depends on values).
         compile_seconds: the time spent in first runs (tracing, compiling, autotuning).
-        chains: measured chains of this model, per input key (:mod:`anode_plan.compiled_chain`).
+        identity: the ids of the model's modules, parameters and buffers when the stages were
+            made (a layer-group stage holds those objects; :func:`compiled_stages_for`).
+
+    Each input key (shapes, dtypes, modes: :mod:`anode_plan.plan_cache`) gets compiled
+    functions of its own, so a code object sees only the variants of one measured call
+    and TorchDynamo's recompile limit is never reached; :meth:`view` gives a plan's.
     """
 
     def __init__(self, model: nn.Module, traced: TracedModel, digest: str = "") -> None:
@@ -101,26 +107,41 @@ class CompiledStages:
         self.traced = traced
         self.digest = digest
         self.norms = norm_layers_with_stats(model)
+        self.identity = model_identity(model)
         self.eager: dict[int, str] = {}
         self.compile_seconds = 0.0
-        self.chains: dict[Any, Any] = {}
-        self._compiled: dict[int, Callable[..., tuple]] = {}
-        self._warm: set[int] = set()
+        self._chains: dict[Any, Any] = {}
+        self._key_of_chain: dict[int, Any] = {}
+        self._compiled: dict[tuple[Any, int], Callable[..., tuple]] = {}
+        self._warm: set[tuple[Any, int]] = set()
         self._unreported: list[int] = []
         for at, spec in enumerate(traced.stages):
             if spec.block is not None and model.get_submodule(spec.block_target).adaptive:
                 self.eager[at] = "an adaptive solve: its step count depends on values, so it runs eager"
 
+    def chain_for(self, key: Any) -> Any:
+        """The chain measured for input key ``key``, or ``None``."""
+        return self._chains.get(key)
+
+    def add_chain(self, key: Any, chain: Any) -> Any:
+        self._chains[key] = chain
+        self._key_of_chain[id(chain)] = key
+        return chain
+
+    def view(self, chain: Any) -> "StageView":
+        """The compiled functions of the input key ``chain`` was measured for (:meth:`add_chain`)."""
+        return StageView(self, self._key_of_chain.get(id(chain)))
+
     def compiled(self, position: int) -> bool:
         return position not in self.eager
 
-    def function(self, position: int) -> StageFn:
-        """What the runtime runs for the stage at ``position``: the compiled function, or the eager one."""
+    def function(self, position: int, key: Any = None) -> StageFn:
+        """What runs the stage at ``position`` for input key ``key``: its compiled function, or the eager one."""
         if position in self.eager:
             return stage_function(self.model, self.traced, self.traced.stages[position])
-        fn = self._compiled.get(position)
+        fn = self._compiled.get((key, position))
         if fn is None:
-            fn = self._compiled[position] = self._build(position)
+            fn = self._compiled[(key, position)] = self._build(position)
         return lambda values: fn(*values)
 
     def _build(self, position: int) -> Callable[..., tuple]:
@@ -140,23 +161,23 @@ class CompiledStages:
         stage.__code__ = stage.__code__.replace(co_name=f"anode_plan_stage_{position}_{_slug(spec.name)}")
         return torch.compile(stage, fullgraph=True, dynamic=False)
 
-    def warm(self, position: int, runs: Callable[[StageFn], None]) -> None:
+    def warm(self, position: int, runs: Callable[[StageFn], None], key: Any = None) -> None:
         """Compile the stage by running ``runs(function)`` (its forward and backward variants), once.
 
         A stage that fails to compile is marked eager (and run eager instead), for
         :meth:`warn_fallbacks` to report.
         """
-        if position in self._warm or position in self.eager:
+        if (key, position) in self._warm or position in self.eager:
             return
-        self._warm.add(position)
+        self._warm.add((key, position))
         began = time.perf_counter()
         try:
-            runs(self.function(position))
-        except Exception as error:  # whatever torch.compile raises; the eager run below re-raises the user's own
+            runs(self.function(position, key))
+        except torch._dynamo.exc.TorchDynamoException as error:  # Unsupported, BackendCompilerFailed, InductorError
             self.eager[position] = f"{type(error).__name__}: {_first_line(error)}"
-            self._compiled.pop(position, None)
+            self._compiled.pop((key, position), None)
             self._unreported.append(position)
-            runs(self.function(position))
+            runs(self.function(position, key))  # the user's own error, if it is one, comes out of the eager run
         finally:
             self.compile_seconds += time.perf_counter() - began
 
@@ -179,6 +200,25 @@ class CompiledStages:
         return tuple((self.traced.stages[at].name, why) for at, why in sorted(self.eager.items()))
 
 
+@dataclass(frozen=True)
+class StageView:
+    """The compiled functions of one input key: what a plan's runner (:mod:`anode_plan.runtime`) calls."""
+
+    stages: CompiledStages
+    key: Any
+
+    def compiled(self, position: int) -> bool:
+        return self.stages.compiled(position)
+
+    def function(self, position: int) -> StageFn:
+        return self.stages.function(position, self.key)
+
+
+def model_identity(model: nn.Module) -> tuple[int, ...]:
+    """The ids of ``model``'s modules, parameters and buffers: compiled stages hold these very objects."""
+    return tuple(id(obj) for obj in (*model.modules(), *model.parameters(), *model.buffers()))
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return (text[0] if text else "")[:300]
@@ -190,10 +230,12 @@ _LIVE: "weakref.WeakValueDictionary[int, CompiledStages]" = weakref.WeakValueDic
 
 def compiled_stages_for(model: nn.Module, traced: TracedModel, digest: str) -> CompiledStages:
     """The compiled stages of ``model`` with the traced structure ``digest``: those of an earlier
-    ``compile`` of the same model if one is still alive, else new ones."""
+    ``compile`` of the same model if one is still alive and the model still has the same
+    modules, parameters and buffers (not a replaced layer), else new ones."""
     key = id(model)
     found = _LIVE.get(key)
-    if found is not None and found.model is model and found.digest == digest:
+    if found is not None and found.model is model and found.digest == digest and \
+            found.identity == model_identity(model):
         return found
     stages = CompiledStages(model, traced, digest)
     _LIVE[key] = stages

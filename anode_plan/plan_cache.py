@@ -118,12 +118,18 @@ class PlanCache:
     def __init__(self) -> None:
         self.entries: list[CachedPlan] = []
 
-    def find(self, key: PlanKey, batches: tuple, input_grads: Sequence[bool]) -> CachedPlan | None:
+    def find(self, key: PlanKey, batches: tuple, input_grads: Sequence[bool], *,
+             exact: bool = False) -> CachedPlan | None:
         """The plan for ``key`` with the smallest batch that covers ``batches``, or ``None``.
 
         A plan made for inputs that require a gradient (it charges their gradients) also
-        covers a call whose inputs do not; not the other way round.
+        covers a call whose inputs do not; not the other way round. ``exact``: only a plan
+        for these very batch sizes and input flags (compiled stages, ``backend="inductor"``,
+        run code compiled and measured for one shape: another would compile unmeasured code).
         """
+        if exact:
+            return next((entry for entry in reversed(self.entries) if entry.key == key and entry.batches == batches
+                         and tuple(entry.input_grads) == tuple(input_grads)), None)
         fits = [entry for entry in self.entries if entry.key == key and covers(entry.batches, batches)
                 and all(planned or not needed for planned, needed in zip(entry.input_grads, input_grads))]
         return min(fits, key=lambda e: sum(b or 0 for b in e.batches), default=None)

@@ -115,10 +115,10 @@ def max_relative_grad_error(got: list[torch.Tensor], want: list[torch.Tensor]) -
 
 # --- memory --------------------------------------------------------------------------------------------------------
 
-def min_budget_bytes(model: nn.Module, x: torch.Tensor) -> int:
+def min_budget_bytes(model: nn.Module, x: torch.Tensor, **compile_options) -> int:
     """The smallest budget ``anode_plan.compile`` accepts for ``model`` on ``x`` (from its error at 1 byte)."""
     try:
-        anode_plan.compile(model, 1, (x,))
+        anode_plan.compile(model, 1, (x,), **compile_options)
     except anode_plan.InfeasibleBudgetError as error:
         return error.min_budget_bytes
     raise RuntimeError("anode_plan.compile(memory_budget=1) succeeded; the minimum budget cannot be read from "

@@ -24,6 +24,8 @@ SPEED_TOLERANCE = 1.03  # a median paired step-time ratio within 3% counts as "a
 PREDICTION_TOLERANCE = 0.03  # a predicted peak further than this from the measured one is called out
 PLAIN = "plain autograd"
 ADJOINT = "torchdiffeq odeint_adjoint"
+INDUCTOR_FAMILY = "anode-plan inductor"  # the compiled mode at a torch.compile peer's peak
+BELOW_FAMILY = "anode-plan below"  # either mode at a budget below every torch.compile peak
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class Measured:
     grad_rel_err: float
     predicted_peak_bytes: int | None = None
     predicted_recompute: float | None = None
+    backend: str = "eager"
 
     @property
     def predicted_over_measured(self) -> float | None:
@@ -82,6 +85,16 @@ class Timing:
 
 
 @dataclass(frozen=True)
+class FirstCompile:
+    """anode-plan's first ``compile(..., backend="inductor")`` of the model, before any torch.compile peer."""
+
+    setup_s: float  # the whole call: trace, eager structure, compile and measure every stage, plan
+    compile_s: float  # of it, the stages' first runs (compiling): plan.compile_seconds
+    stages: int
+    eager_stages: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
 class CompareReport:
     config: CompareConfig
     results: tuple[Measured, ...]
@@ -98,6 +111,8 @@ class CompareReport:
     load_after: tuple[float, float, float]
     runtime_s: float
     notes: tuple[str, ...] = field(default_factory=tuple)
+    first_compile: FirstCompile | None = None
+    inductor_min_bytes: int | None = None
 
     def result(self, name: str) -> Measured:
         return next(r for r in self.results if r.name == name)
@@ -151,7 +166,7 @@ def results_table(report: CompareReport) -> str:
             setup = f"{r.setup_s:.1f} (plan)"
         else:
             setup = f"{r.first_step_s:.1f}"
-        name = f"**{r.name}**" if r.family == "anode-plan" else r.name
+        name = f"**{r.name}**" if r.family.startswith("anode-plan") else r.name
         rows.append(f"| {name} | {budget} | {r.plan or '—'} | {mib(r.peak_bytes)} | {predicted} | {ratio} | "
                     f"{kernel} | {mib(r.kept_bytes)} | {held} | {t.median_ms:.0f} | {t.ratio:.3f}x | "
                     f"{t.ratio_iqr[0]:.2f}-{t.ratio_iqr[1]:.2f} | {fmt_err(r.grad_rel_err)} | {setup} |")
@@ -288,7 +303,7 @@ def interpretation(report: CompareReport) -> list[str]:
             f"budget {r.compile_fraction:g}: compile {r.first_step_s:.0f} s, peak {mib(r.peak_bytes)} MiB, "
             f"{report.timings[r.name].ratio:.2f}x plain" for r in compiled) + ". anode-plan's own setup (trace, "
             "measure on fake tensors, calibrate the kernels' workspaces for real, plan) took " +
-            ", ".join(sorted({f"{r.setup_s:.1f}" for r in report.results if r.setup_s is not None})) + " s.")
+            ", ".join(sorted({f"{r.setup_s:.1f}" for r in report.results if r.family == "anode-plan"})) + " s.")
     predicted = [r for r in report.results if r.predicted_over_measured is not None]
     if predicted:
         ratios = [r.predicted_over_measured for r in predicted]
@@ -311,7 +326,8 @@ def section_title(config: CompareConfig) -> str:
     return CUDA_SECTION_TITLE if config.device.startswith("cuda") else SECTION_TITLE
 
 
-def render_section(report: CompareReport, plot_name: str | None) -> str:
+def render_section(report: CompareReport, plot_name: str | None, extra: list[str] | tuple[str, ...] = ()) -> str:
+    """The RESULTS.md section; ``extra``: lines appended at its end (the compiled mode's part)."""
     config = report.config
     solver = ", ".join(f"{name} {diff:.1e}" for name, diff in report.solver_match.items())
     lines = [
@@ -362,6 +378,7 @@ def render_section(report: CompareReport, plot_name: str | None) -> str:
         lines += [f"![Measured peak against step time for every method; anode-plan at each peer's peak]({plot_name})",
                   ""]
     lines += ["Interpretation:", "", *(f"- {line}" for line in interpretation(report)), ""]
+    lines += extra
     return "\n".join(lines)
 
 
@@ -402,10 +419,10 @@ def plot(report: CompareReport, path: Path) -> bool:
     handles, labels = ax.get_legend_handles_labels()
 
     rows = list(report.results)
-    names = [("anode-plan @ " + short_name(r.budget_of)) if r.family == "anode-plan" else short_name(r.name)
-             for r in rows]
+    names = [(("anode-plan inductor @ " if r.backend == "inductor" else "anode-plan @ ") + short_name(r.budget_of))
+             if r.budget_of is not None and r.family != "peer" else short_name(r.name) for r in rows]
     errors = [max(r.grad_rel_err, 1e-17) for r in rows]
-    bar_colors = ["tab:green" if r.family == "anode-plan" else
+    bar_colors = ["tab:purple" if r.backend == "inductor" else "tab:green" if r.family != "peer" else
                   ("tab:red" if r.name == ADJOINT else "tab:gray") for r in rows]
     ax_err.barh(range(len(rows)), errors, color=bar_colors)
     ax_err.set_yticks(range(len(rows)), names, fontsize=8)

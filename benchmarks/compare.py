@@ -15,6 +15,13 @@ Then anode-plan (``anode_plan.compile`` with the default planner) once per peer,
 peer's measured peak as ``memory_budget``. Where a peer's peak is below anode-plan's minimum,
 the row says so and gives the minimum.
 
+And anode-plan's compiled mode (``backend="inductor"``) at the peak of every ``torch.compile``
+row, and at two budgets below the lowest of them (its minimum, and halfway there on a log
+scale), each beside the eager mode at the same budget. Its first compile, which compiles
+and measures the stages once for every budget, runs before any ``torch.compile`` peer, after
+one trivial compiled function has paid TorchInductor's start-up in this process, so neither
+side's first compile pays it and the peers', not anode-plan's, find kernels cached.
+
 For every method: the measured peak of one warm training step (forward, cross-entropy,
 backward); the step time, as the median over ``--repeats`` rounds in which every method runs
 once (order rotated each round) and its ratio to plain autograd as the median of the per-round
@@ -73,8 +80,9 @@ import planners  # noqa: E402
 from _common import (RESULTS_PATH, clear_grads, gradients, kept_after_forward_bytes, load_average,  # noqa: E402
                      log, machine_info, max_relative_grad_error, mib, min_budget_bytes, publish_section,
                      source_version, timed_ms, train_step)
-from _compare_report import (ADJOINT, PLAIN, SECTION_TITLE, CompareConfig, CompareReport, Infeasible,  # noqa: E402
-                             Measured, Timing, plot, render_section)
+from _compare_report import (ADJOINT, BELOW_FAMILY, INDUCTOR_FAMILY, PLAIN, SECTION_TITLE, CompareConfig,  # noqa: E402
+                             CompareReport, FirstCompile, Infeasible, Measured, Timing, plot, render_section)
+from _compare_compiled import compiled_mode_section  # noqa: E402
 from _peers import (SequentialCheckpointed, checkpoint_blocks_model, checkpoint_steps_model,  # noqa: E402
                     torchdiffeq_missing, torchdiffeq_model)
 from models import example_input_shape  # noqa: E402
@@ -97,6 +105,7 @@ class Candidate:
     compile_fraction: float | None = None
     predicted_peak_bytes: int | None = None
     predicted_recompute: float | None = None
+    backend: str = "eager"  # for anode-plan: compile(..., backend=...)
 
 
 # --- the peers -----------------------------------------------------------------------------------------------------
@@ -163,7 +172,7 @@ def measure(candidate: Candidate, params: list[nn.Parameter], x: torch.Tensor, y
                     peak_bytes=peak.peak_bytes, peak_method=peak.method, kernel_at_peak=peak.kernel,
                     kept_bytes=kept, grad_rel_err=grad_rel_err,
                     predicted_peak_bytes=candidate.predicted_peak_bytes,
-                    predicted_recompute=candidate.predicted_recompute)
+                    predicted_recompute=candidate.predicted_recompute, backend=candidate.backend)
 
 
 def time_all(candidates: list[Candidate], params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
@@ -205,6 +214,47 @@ def check_solvers(model64: nn.Module, x64: torch.Tensor) -> dict[str, float]:
     return diffs
 
 
+def warm_up_inductor() -> None:
+    """Compile one trivial function: TorchInductor's start-up in this process is paid here, by neither side."""
+    def start_up(t: torch.Tensor) -> torch.Tensor:
+        return (t * 2).sum()
+
+    start_up.__code__ = start_up.__code__.replace(co_name="compare_inductor_start_up")
+    torch.compile(start_up)(torch.randn(4, requires_grad=True)).backward()
+
+
+def planned_candidate(model: nn.Module, budget: int, x: torch.Tensor, name: str, family: str,
+                      budget_of: str | None, backend: str) -> Candidate:
+    """anode-plan compiled (``anode_plan.compile``) for ``budget``, timed."""
+    began = time.perf_counter()
+    compiled = anode_plan.compile(model, budget, (x,), backend=backend)
+    setup_s = time.perf_counter() - began
+    plan = compiled.plan
+    return Candidate(name, compiled, family, budget_of=budget_of, budget_bytes=budget,
+                     plan=f"{plan.schedule.description} ({plan.schedule.planner})", setup_s=setup_s,
+                     predicted_peak_bytes=plan.predicted_peak_bytes, predicted_recompute=plan.recompute_overhead,
+                     backend=backend)
+
+
+def compiled_mode_candidates(model: nn.Module, x: torch.Tensor, peers: list[Measured], eager_min: int
+                             ) -> tuple[list[Candidate], int]:
+    """The compiled mode at each torch.compile peer's peak, and (with the eager mode beside it) at two budgets
+    below the lowest of those peaks; and the compiled mode's minimum budget."""
+    compile_peers = [p for p in peers if p.compile_fraction is not None]
+    out = [planned_candidate(model, p.peak_bytes, x, f"anode-plan inductor at the peak of: {p.name}",
+                             INDUCTOR_FAMILY, p.name, "inductor") for p in compile_peers]
+    minimum = min_budget_bytes(model, x, backend="inductor")
+    lowest = min((p.peak_bytes for p in compile_peers), default=None)
+    if lowest is not None and minimum < lowest:
+        for budget in sorted({minimum, round((minimum * lowest) ** 0.5)}, reverse=True):
+            out.append(planned_candidate(model, budget, x, f"anode-plan inductor at {mib(budget)} MiB",
+                                         BELOW_FAMILY, None, "inductor"))
+            if budget >= eager_min:
+                out.append(planned_candidate(model, budget, x, f"anode-plan eager at {mib(budget)} MiB",
+                                             BELOW_FAMILY, None, "eager"))
+    return out, minimum
+
+
 def run_compare(config: CompareConfig) -> CompareReport:
     began = time.perf_counter()
     load_before = load_average()
@@ -228,6 +278,17 @@ def run_compare(config: CompareConfig) -> CompareReport:
     x = x.to(device)
     params = list(model.parameters())
     log(f"model: {config.model_call()}, batch {config.batch_size}, {device}")
+    first_compile = None
+    if config.compile_budgets:
+        warm_up_inductor()
+        began = time.perf_counter()
+        cold = anode_plan.compile(model, 2**50, (x,), backend="inductor")
+        first_compile = FirstCompile(time.perf_counter() - began, cold.plan.compile_seconds,
+                                     len(cold.plan.chain.stages), cold.plan.eager_stages)
+        log(f"anode-plan inductor: first compile {first_compile.setup_s:.1f} s "
+            f"({first_compile.compile_s:.1f} s compiling {first_compile.stages} stages)")
+        # ``cold`` stays referenced: its compiled stages are what the later compiles of the model reuse
+        # (they are kept while a compiled model uses them).
     skipped: list[str] = []
     peers = build_peers(model, config, skipped)
     measured: list[Measured] = []
@@ -247,22 +308,22 @@ def run_compare(config: CompareConfig) -> CompareReport:
         if peer.peak_bytes < minimum:
             infeasible.append(Infeasible(peer.name, peer.peak_bytes, minimum))
             continue
-        setup_began = time.perf_counter()
-        compiled = anode_plan.compile(model, peer.peak_bytes, (x,))
-        setup_s = time.perf_counter() - setup_began
-        plan = compiled.plan
-        planned.append(Candidate(f"anode-plan at the peak of: {peer.name}", compiled, "anode-plan",
-                                 budget_of=peer.name, budget_bytes=peer.peak_bytes,
-                                 plan=f"{plan.schedule.description} ({plan.schedule.planner})", setup_s=setup_s,
-                                 predicted_peak_bytes=plan.predicted_peak_bytes,
-                                 predicted_recompute=plan.recompute_overhead))
-    for candidate in planned:
-        result = measure(candidate, params, x, y, reference, device)
-        measured.append(result)
-        log(f"  {candidate.name[:55]:<55} peak {mib(result.peak_bytes):>8} MiB of {mib(candidate.budget_bytes)}"
-            f" (predicted {mib(candidate.predicted_peak_bytes)})  {candidate.plan}  grad err {result.grad_rel_err:.1e}"
-            f"  ({time.perf_counter() - began:.0f} s)")
+        planned.append(planned_candidate(model, peer.peak_bytes, x, f"anode-plan at the peak of: {peer.name}",
+                                         "anode-plan", peer.name, "eager"))
+    def measure_planned(candidates: list[Candidate]) -> None:
+        for candidate in candidates:
+            result = measure(candidate, params, x, y, reference, device)
+            measured.append(result)
+            log(f"  {candidate.name[:55]:<55} peak {mib(result.peak_bytes):>8} MiB of {mib(candidate.budget_bytes)}"
+                f" (predicted {mib(candidate.predicted_peak_bytes)})  {candidate.plan}  grad err "
+                f"{result.grad_rel_err:.1e}  setup {candidate.setup_s:.1f} s  ({time.perf_counter() - began:.0f} s)")
 
+    measure_planned(planned)
+    inductor_min = None
+    if first_compile is not None:
+        extra, inductor_min = compiled_mode_candidates(model, x, measured[:len(peers)], minimum)
+        measure_planned(extra)
+        planned += extra
     log(f"timing {len(peers) + len(planned)} methods, {config.repeats} rounds")
     timings = time_all(peers + planned, params, x, y, config.repeats, device)
     return CompareReport(config=config, results=tuple(measured), infeasible=tuple(infeasible), timings=timings,
@@ -272,7 +333,8 @@ def run_compare(config: CompareConfig) -> CompareReport:
                          machine=machine_info(config.num_threads) if device.type == "cpu" else
                          f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}",
                          source=source_version(), load_before=load_before, load_after=load_average(),
-                         runtime_s=time.perf_counter() - began)
+                         runtime_s=time.perf_counter() - began, first_compile=first_compile,
+                         inductor_min_bytes=inductor_min)
 
 # --- command line --------------------------------------------------------------------------------------------------
 
@@ -327,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_name = None
     if plotted and write_path is not None:
         plot_name = os.path.relpath(plot_path, write_path.resolve().parent)
-    publish_section(render_section(report, plot_name), write_path, report.runtime_s)
+    publish_section(render_section(report, plot_name, compiled_mode_section(report)), write_path, report.runtime_s)
     return 0
 
 

@@ -201,6 +201,50 @@ def test_compiled_stages_and_chains_are_cached_per_model_and_input(tmp_path):
     assert anode_plan.load_plan(path).backend == "inductor"
     reused = anode_plan.compile(model, plan=path, example_inputs=(x,))
     assert reused.plan.backend == "inductor" and reused.plan.compile_seconds == 0
+    assert reused.runner.compiled is not None
+    measured = step_peak(reused, model, x, y)
+    assert_budget_promise(measured.peak_bytes, reused.plan.predicted_peak_bytes, low, "the reused plan")
+
+
+def test_a_smaller_batch_is_planned_and_compiled_for_itself():
+    """Compiled code is measured for one shape: a smaller batch gets its own plan, not the larger one's."""
+    torch.manual_seed(0)
+    model = mlp_ode(features=8, hidden=32, blocks=1, nt=3, method="rk2")
+    x = torch.randn(32, 8)
+    budget = _min_budget(model, (x,))
+    compiled = anode_plan.compile(model, budget, (x,), backend="inductor")
+    small, y = torch.randn(20, 8), torch.randint(0, 3, (20,))
+    measured = step_peak(compiled, model, small, y)
+    assert [p.input_shapes for p in compiled.plans] == [((32, 8),), ((20, 8),)]
+    assert_budget_promise(measured.peak_bytes, compiled.plan.predicted_peak_bytes, budget, "a smaller batch")
+
+
+def test_a_replaced_layer_gets_stages_of_its_own():
+    """Compiled layer groups hold the model's modules: after a head is replaced, a new compile compiles anew."""
+    torch.manual_seed(0)
+    model = mlp_ode(features=8, hidden=16, blocks=1, nt=2)
+    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    first = anode_plan.compile(model, 2**30, (x,), backend="inductor")
+    model.head = nn.Linear(16, 3)
+    again = anode_plan.compile(model, 2**30, (x,), backend="inductor")
+    assert again.compiled_stages is not first.compiled_stages
+    F.cross_entropy(again(x), y).backward()
+    assert model.head.weight.grad is not None, "the new head must be the one trained"
+
+
+def test_dropout_is_replayed_in_compiled_re_runs():
+    """A re-run replays the RNG: at a budget that recomputes, the gradients are those of store-all, same seed."""
+    torch.manual_seed(0)
+    model = mlp_ode(features=6, hidden=8, blocks=2, nt=3, method="rk2", dropout=0.3).double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    grads = []
+    for budget in (_store_all_budget(model, (x,)), _min_budget(model, (x,))):
+        torch.manual_seed(1)
+        compiled, found = _compiled_step(model, budget, x, y)
+        grads.append(found[2])
+    assert compiled.plan.simulation.recomputed_forwards > 0
+    for name, grad in grads[0].items():
+        assert _relative(grads[1][name], grad) <= EXACT_RELATIVE, name
 
 
 def test_an_eager_plan_stays_eager():
