@@ -412,6 +412,11 @@ def plot(report: CompareReport, path: Path) -> bool:
     ax.annotate("anode-plan\nminimum budget", (report.min_budget_bytes / MIB, 1), xycoords=("data", "axes fraction"),
                 xytext=(3, -3), textcoords="offset points", va="top", fontsize=8, color="gray")
     ax.scatter([], [], marker="*", s=150, color="white", edgecolor="black", label="anode-plan at that peer's peak")
+    inductor = [r for r in report.results if r.backend == "inductor"]
+    if inductor:
+        ax.scatter([r.peak_bytes / MIB for r in inductor], [report.timings[r.name].ratio for r in inductor],
+                   marker="D", s=55, color="tab:purple", edgecolor="black", linewidth=0.6, zorder=5,
+                   label="anode-plan backend=\"inductor\"")
     ax.set_xlabel("measured peak memory of a training step (MiB, allocator)")
     ax.set_ylabel("step time / plain autograd (median of paired ratios)")
     ax.set_title("Each peer (dot) and anode-plan given the peer's peak as budget (star)", fontsize=10)
