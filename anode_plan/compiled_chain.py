@@ -33,7 +33,9 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from anode_plan.costmodel import lower_to_chain
 from anode_plan.inductor import CompiledStages, StageFn
+from anode_plan.plan_cache import describe_call
 from anode_plan.memory import AllocatorMeter, allocated_bytes
 from anode_plan.runtime import RestoreRunningStats
 from anode_plan.stagerun import (backward_accumulating, backward_after, backward_alone, backward_through_rerun,
@@ -221,6 +223,18 @@ def _restoring(fn: StageFn, norms: list[nn.Module]) -> StageFn:
         with RestoreRunningStats(norms, in_place=True):
             return fn(values)
     return run
+
+
+def compiled_chain_for(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tensor],
+                       stages: CompiledStages) -> Chain:
+    """The chain of ``model`` run by ``stages`` for these inputs: measured once per input key
+    (:mod:`anode_plan.plan_cache`: shapes, dtypes, modes, frozen parameters), then reused."""
+    key = (describe_call(inputs, list(model.modules())), tuple(x.requires_grad for x in inputs))
+    chain = stages.chain_for(key)
+    if chain is None:  # the eager chain gives the structure; every figure of a stage is then measured compiled
+        skeleton = lower_to_chain(model, traced, inputs, calibrate=False)
+        chain = stages.add_chain(key, measure_compiled_chain(skeleton, model, traced, inputs, stages, key=key))
+    return chain
 
 
 def _adaptive(model: nn.Module, spec: Any) -> bool:

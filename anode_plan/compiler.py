@@ -29,7 +29,7 @@ from anode_plan.plan_cache import CachedPlan, PlanCache, describe_call, describe
 from anode_plan.planfile import (check_plan_fits, check_plan_matches, example_inputs_for, read_plan_file,
                                  structure_digest)
 from anode_plan.runtime import ScheduleRunner
-from anode_plan.compiled_chain import measure_compiled_chain
+from anode_plan.compiled_chain import compiled_chain_for
 from anode_plan.inductor import CompiledStages, check_backend, compiled_stages_for
 from anode_plan.sketch import SketchedLayers, XConv, check_approximation
 from anode_plan.trace import TracedModel, trace_model
@@ -378,12 +378,7 @@ def measured_chain(model: nn.Module, traced: TracedModel, inputs: Sequence[torch
     device as it runs compiled (:mod:`anode_plan.compiled_chain`), once per input key of the model."""
     if compiled is None:
         return lower_to_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate)
-    key = (describe_call(inputs, list(model.modules())), tuple(x.requires_grad for x in inputs))
-    chain = compiled.chain_for(key)
-    if chain is None:  # the eager chain gives the structure; every figure of a stage is then measured compiled
-        skeleton = lower_to_chain(model, traced, inputs, calibrate=False)
-        chain = compiled.add_chain(key, measure_compiled_chain(skeleton, model, traced, inputs, compiled, key=key))
-    return chain
+    return compiled_chain_for(model, traced, inputs, compiled)
 
 
 def with_backend(plan: Plan, compiled: CompiledStages | None, compile_seconds: float = 0.0) -> Plan:

@@ -281,3 +281,10 @@ def test_xconv_at_a_budget_only_sketches_reach_flags_the_sketched_layers(tool, c
     out = capsys.readouterr().out
     assert "INEXACT" in out and re.search(r"ode1\.func\.conv: 8 probes, in 6 stages, relative weight-gradient", out)
     assert re.search(r"measured\s+peak [\d.]+ \w+ \(within budget", out)
+
+
+def test_inductor_backend_reports_compiled_stages_and_holds_the_budget(tool, capsys):
+    assert tool.main([*TINY, "--budget", "1MB", "--backend", "inductor", "--measure"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"backend\s+inductor: (\d+) of \1 stages compiled by torch\.compile", out)
+    assert "(measured)" in out and re.search(r"measured\s+peak [\d.]+ \w+ \(within budget", out)

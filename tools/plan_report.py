@@ -38,7 +38,9 @@ from torch.utils._pytree import tree_flatten
 from _common import input_shape, load_model, parse_budgets, parse_kwargs
 
 import anode_plan
-from anode_plan.compiler import PLANNER_NAMES as PLANNERS
+from anode_plan.compiler import PLANNER_NAMES as PLANNERS, measured_chain, with_backend
+from anode_plan.inductor import check_backend, compiled_stages_for
+from anode_plan.planfile import structure_digest
 from planners import format_bytes
 
 DEFAULT_MODEL = "ode_resnet"
@@ -62,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--xconv", type=int, metavar="PROBES",
                         help="let the planner sketch convolutions with XConv(probes=PROBES) where it pays (inexact: "
                              "the report flags every sketched layer); the sweep's landmarks stay exact")
+    parser.add_argument("--backend", choices=["eager", "inductor"], default="eager",
+                        help="inductor: compile every stage with torch.compile and plan on the compiled stages' "
+                             "memory and times, measured on the device (slow the first time: it compiles)")
     parser.add_argument("--plan", metavar="PLAN.yaml",
                         help="report on a saved plan; with --model, check it against that model first")
     parser.add_argument("--measure", action="store_true",
@@ -142,15 +147,19 @@ def _report_budgets(args: argparse.Namespace, planner, budgets: list[int]) -> in
     x = torch.randn(shape, dtype=getattr(torch, args.dtype))
     traced = anode_plan.trace_model(model, (x,))
     approximate = None if args.xconv is None else anode_plan.XConv(probes=args.xconv)
-    chain = anode_plan.lower_to_chain(model, traced, (x,), approximate=approximate)
+    stages = None
+    if check_backend(args.backend, approximate=approximate) == "inductor":
+        stages = compiled_stages_for(model, traced, structure_digest(traced))
+    chain = measured_chain(model, traced, (x,), calibrate=True, approximate=approximate, compiled=stages)
     marks = anode_plan.find_landmarks(chain, planner)
     sweep = not budgets or len(budgets) > 1
     budgets = budgets or anode_plan.default_budgets(marks)
     print(f"model {label}{' ' + str(kwargs) if kwargs else ''}, input {tuple(x.shape)} {args.dtype}, "
           f"{len(chain.stages)} stages, {len(chain.blocks)} ODE blocks, planner {args.planner}")
     points = list(anode_plan.tradeoff_curve(chain, budgets, planner))
-    plans = {p.budget_bytes: anode_plan.plan_for_budget(chain, traced, (x,), p.budget_bytes, planner)
-             for p in points if p.feasible}
+    compile_s = stages.compile_seconds if stages is not None else 0.0  # what measuring the chain compiled
+    plans = {p.budget_bytes: with_backend(anode_plan.plan_for_budget(chain, traced, (x,), p.budget_bytes, planner),
+                                          stages, compile_s) for p in points if p.feasible}
     if not plans:
         print()
         print(anode_plan.format_landmarks(marks))
@@ -166,7 +175,7 @@ def _report_budgets(args: argparse.Namespace, planner, budgets: list[int]) -> in
         plain = _measure_step(model, model, x, args.repeat)
         for index, point in enumerate(points):
             if point.feasible:
-                compiled = anode_plan.CompiledModel(model, traced, plans[point.budget_bytes])
+                compiled = anode_plan.CompiledModel(model, traced, plans[point.budget_bytes], compiled=stages)
                 step = _measure_step(compiled, model, x, args.repeat)
                 points[index] = replace(point, measured_peak_bytes=step.peak_bytes, measured_time_ms=step.time_ms)
     if sweep:
