@@ -51,8 +51,8 @@ from torch.utils._pytree import tree_flatten
 from anode_plan.memory import AllocatorMeter, LiveStorageTracker
 from anode_plan.ode import ODEBlock
 from anode_plan.reconstruct import inverse_state, measure_walk_step
-from anode_plan.stagerun import (backward_accumulating, backward_after, backward_alone, backward_through_rerun,
-                                 fresh_inputs)
+from anode_plan.stagerun import (Unmeasured, backward_accumulating, backward_after, backward_alone,
+                                 backward_through_rerun, fresh_inputs)
 from anode_plan.trace import TracedModel, run_stage, stage_function
 from planners import Stage
 
@@ -145,7 +145,7 @@ def _measure_runs(kinds: set[str], position: int, traced: TracedModel, twin: nn.
     spec = traced.stages[position]
     fn = make(twin, traced, spec)
     if device.type == "cuda" and torch.backends.cudnn.benchmark:
-        backward_alone(fn, inputs, params, _Unmeasured())  # let cuDNN autotune before anything is measured
+        backward_alone(fn, inputs, params, Unmeasured())  # let cuDNN autotune before anything is measured
     tracker = LiveStorageTracker()
     meter = AllocatorMeter(device)
     with meter, tracker:
@@ -169,12 +169,17 @@ def _measure_runs(kinds: set[str], position: int, traced: TracedModel, twin: nn.
     return probe.excesses()
 
 
-class _Unmeasured:
-    def begin(self) -> None:
-        pass
-
-    def end(self, label: str) -> int:
-        return 0
+@contextlib.contextmanager
+def state_restored(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """On exit ``model``'s buffers (BatchNorm statistics) are as they were, and the RNG state too."""
+    saved = [(buf, buf.detach().clone()) for buf in model.buffers()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buf, value in saved:
+                    buf.copy_(value)
 
 
 @contextlib.contextmanager
@@ -185,14 +190,8 @@ def model_unchanged(model: nn.Module, device: torch.device) -> Iterator[nn.Modul
     for block in twin.modules():
         if isinstance(block, ODEBlock):
             block.check_finite = False  # memory is measured here, not values (a diverging example batch is fine)
-    saved = [(buf, buf.detach().clone()) for buf in model.buffers()]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            yield twin
-        finally:
-            with torch.no_grad():
-                for buf, value in saved:
-                    buf.copy_(value)
+    with state_restored(model, device):
+        yield twin
 
 
 def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Sequence[torch.Tensor],

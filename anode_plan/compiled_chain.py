@@ -22,24 +22,24 @@ state restored; gradients come from ``autograd.grad``, so no ``.grad`` is writte
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import statistics
 import time
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_map
 
-from anode_plan.costmodel import lower_to_chain
-from anode_plan.inductor import CompiledStages, StageFn
+from anode_plan.calibrate import state_restored
+from anode_plan.costmodel import accumulating_stages, lower_to_chain, storage_bytes, with_rng_restore
+from anode_plan.inductor import CompiledStages
 from anode_plan.plan_cache import describe_call
-from anode_plan.memory import AllocatorMeter, allocated_bytes
+from anode_plan.memory import AllocatorMeter
 from anode_plan.runtime import RestoreRunningStats
-from anode_plan.stagerun import (backward_accumulating, backward_after, backward_alone, backward_through_rerun,
-                                 fresh_inputs, needing_grad)
+from anode_plan.stagerun import (StageFn, Unmeasured, backward_accumulating, backward_after, backward_alone,
+                                 backward_through_rerun, fresh_inputs, needing_grad)
 from anode_plan.trace import TracedModel
 from planners import Chain, Stage
 
@@ -72,23 +72,6 @@ class _Spans:
         return self.meter.allocated_bytes(end) - self.meter.allocated_bytes(start)
 
 
-def _storage_keys(values: Any) -> dict[int, int]:
-    return {v.untyped_storage()._cdata: allocated_bytes(v) for v in tree_flatten(values)[0]
-            if isinstance(v, torch.Tensor)}
-
-
-@contextlib.contextmanager
-def _model_restored(model: nn.Module, device: torch.device) -> Iterator[None]:
-    saved = [(buf, buf.detach().clone()) for buf in model.buffers()]
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for buf, value in saved:
-                    buf.copy_(value)
-
-
 def _value_ids(traced: TracedModel, chain: Chain) -> dict[str, int]:
     """fx value name -> the chain's value id (from the ids of each stage's input state)."""
     ids: dict[str, int] = {}
@@ -96,18 +79,6 @@ def _value_ids(traced: TracedModel, chain: Chain) -> dict[str, int]:
         ids.update(zip(spec.in_names, values))
     ids.update(zip(traced.stages[-1].out_names, chain.state_values[-1]))
     return ids
-
-
-def _accumulating(chain: Chain) -> list[bool]:
-    """Per stage: whether a stage other than the next one adds to its parameters' gradients first."""
-    touched: set[int] = set()
-    found = [False] * len(chain.stages)
-    for index in reversed(range(len(chain.stages))):
-        own = set(chain.stages[index].param_ids)
-        following = set(chain.stages[index + 1].param_ids) if index + 1 < len(chain.stages) else set()
-        found[index] = bool((touched & own) - following)
-        touched |= own
-    return found
 
 
 def _sync(device: torch.device) -> None:
@@ -142,14 +113,6 @@ def _times(fn: StageFn, inputs: tuple, params: list[torch.Tensor], device: torch
     return statistics.median(forward) * 1e3, (statistics.median(backward) * 1e3 if backward else 0.0)
 
 
-class _Null:
-    def begin(self) -> None:
-        pass
-
-    def end(self, label: str) -> int:
-        return 0
-
-
 def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
                            example_inputs: Sequence[torch.Tensor], stages: CompiledStages, *, key: Any = None,
                            repeats: int = TIMING_REPEATS) -> Chain:
@@ -163,20 +126,20 @@ def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
     """
     device = example_inputs[0].device
     params = [p for p in model.parameters() if p.requires_grad]
-    fixed = set(_storage_keys(list(model.parameters()) + list(model.buffers())))
+    fixed = set(storage_bytes(list(model.parameters()) + list(model.buffers())))
     norms = stages.norms
     ids = _value_ids(traced, chain)
-    accumulating = _accumulating(chain)
+    accumulating = accumulating_stages([stage.param_ids for stage in chain.stages])
     last_read = {name: at for at, spec in enumerate(traced.stages) for name in spec.in_names}
     new_stages: list[Stage] = list(chain.stages)
 
     def runs(inputs: tuple) -> Any:
         def run(fn: StageFn) -> None:  # every variant a training step runs: compiles each one now
-            backward_alone(fn, inputs, params, _Null())
-            backward_through_rerun(_restoring(fn, norms), inputs, params, _Null())
+            backward_alone(fn, inputs, params, Unmeasured())
+            backward_through_rerun(_restoring(fn, norms), inputs, params, Unmeasured())
         return run
 
-    with _model_restored(model, device):
+    with state_restored(model, device):
         values: dict[str, Any] = dict(zip(traced.input_names, example_inputs))
         for at, spec in enumerate(traced.stages):
             inputs = fresh_inputs(tuple(values[name] for name in spec.in_names))
@@ -191,11 +154,11 @@ def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
             taped_inputs = fresh_inputs(inputs)
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 outputs = fn(taped_inputs)
-            saved_keys = set(_storage_keys([t for t in (ref() for ref in saved) if t is not None]))
-            saved_in = [p for p, v in enumerate(taped_inputs) if set(_storage_keys(v)) & saved_keys - fixed]
-            saved_out = [p for p, v in enumerate(outputs) if set(_storage_keys(v)) & saved_keys - fixed]
-            input_keys = set(_storage_keys(taped_inputs))
-            output_new = sum(b for k, b in _storage_keys(outputs).items() if k not in input_keys | fixed)
+            saved_keys = set(storage_bytes([t for t in (ref() for ref in saved) if t is not None]))
+            saved_in = [p for p, v in enumerate(taped_inputs) if set(storage_bytes(v)) & saved_keys - fixed]
+            saved_out = [p for p, v in enumerate(outputs) if set(storage_bytes(v)) & saved_keys - fixed]
+            input_keys = set(storage_bytes(taped_inputs))
+            output_new = sum(b for k, b in storage_bytes(outputs).items() if k not in input_keys | fixed)
             values.update(zip(spec.out_names, _detached(outputs)))
             del outputs, taped_inputs, saved
             nxt = at + 1 if at + 1 < len(traced.stages) else None
@@ -212,7 +175,7 @@ def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
                 if last_read[name] == at and name not in spec.out_names:
                     del values[name]
     stages.warn_fallbacks(stacklevel=4)  # at the caller of anode_plan.compile
-    new_stages = _with_rng_restore(new_stages, device)
+    new_stages = with_rng_restore(new_stages, device)  # the RNG replay of re-runs, as the eager chain charges it
     return dataclasses.replace(chain, stages=tuple(new_stages), cost_unit="ms")
 
 
@@ -274,9 +237,3 @@ def _measured_stage(stage: Stage, at: int, fn: StageFn, inputs: tuple, params: l
         bwd_bytes=probe.peak("after", "alone", "accumulating"), fwd_untaped_workspace_bytes=0,
         fwd_taped_workspace_bytes=0, rerun_workspace_bytes=0, bwd_workspace_bytes=0,
         workspace_kernels=("", "", "", ""))
-
-
-def _with_rng_restore(stages: list[Stage], device: torch.device) -> list[Stage]:
-    """The RNG replay of re-runs, as the eager cost model charges it (``costmodel._with_rng_restore``)."""
-    from anode_plan.costmodel import _with_rng_restore as charge  # one rule for both chains
-    return charge(stages, device)

@@ -87,7 +87,7 @@ def _storage_key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-def _storages(values: Any) -> dict[int, int]:
+def storage_bytes(values: Any) -> dict[int, int]:
     """Unique storages among the tensors in ``values``: key -> bytes."""
     found: dict[int, int] = {}
     for value in tree_flatten(values)[0]:
@@ -102,8 +102,8 @@ class _StageProfile:
     def __init__(self, fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor],
                  fixed_storages: set[int], tracker: LiveStorageTracker, stat_copies: dict[int, int]) -> None:
         inputs = fresh_inputs(inputs)  # a state value may be a tuple of tensors
-        input_keys = set(_storages(inputs))
-        self.input_bytes = sum(b for k, b in _storages(inputs).items() if k not in fixed_storages)
+        input_keys = set(storage_bytes(inputs))
+        self.input_bytes = sum(b for k, b in storage_bytes(inputs).items() if k not in fixed_storages)
 
         base, random_before = tracker.reset_peak(), tracker.random_ops
         run_untaped(fn, inputs)
@@ -128,15 +128,15 @@ class _StageProfile:
             if tensor is not None and tensor._version != version and _storage_key(tensor) not in fixed_storages:
                 raise _SavedTensorOverwritten(tensor)
         self.outputs = outputs
-        output_keys = set(_storages(outputs))
-        saved_storages = _storages([ref() for ref in saved])
+        output_keys = set(storage_bytes(outputs))
+        saved_storages = storage_bytes([ref() for ref in saved])
         self.saves_input = bool(input_keys & saved_storages.keys())
         self.saves_output = bool(output_keys & saved_storages.keys())
         self.saved_inputs = _positions(inputs, saved_storages)
         self.saved_outputs = _positions(outputs, saved_storages)
         excluded = input_keys | output_keys | fixed_storages
         self.tape_bytes = sum(b for k, b in saved_storages.items() if k not in excluded)
-        self.output_bytes = sum(b for k, b in _storages(outputs).items() if k not in fixed_storages)
+        self.output_bytes = sum(b for k, b in storage_bytes(outputs).items() if k not in fixed_storages)
 
         differentiable = needing_grad(outputs)
         wrt = needing_grad(inputs) + params
@@ -251,7 +251,7 @@ def _measure(spec: StageSpec, traced: TracedModel, *args: Any) -> _StageProfile:
 
 def _positions(values: Sequence[Any], storages: dict[int, int]) -> tuple[int, ...]:
     """Positions in ``values`` of the values (tensors, or tuples of them) with a storage among ``storages``."""
-    return tuple(p for p, v in enumerate(values) if _storages(v).keys() & storages.keys())
+    return tuple(p for p, v in enumerate(values) if storage_bytes(v).keys() & storages.keys())
 
 
 def _same_role(name: str, measured: StageSpec, spec: StageSpec, match: BlockMatch) -> tuple[str, ...]:
@@ -287,7 +287,7 @@ class _Values:
         found = []
         for name in names:
             if name not in self.id_of:
-                size = sum(b for k, b in _storages(self.fakes[name]).items() if k not in self.fixed)
+                size = sum(b for k, b in storage_bytes(self.fakes[name]).items() if k not in self.fixed)
                 self.id_of[name] = len(self.nbytes)
                 self.nbytes.append(size)
             found.append(self.id_of[name])
@@ -319,6 +319,18 @@ class BackwardSource:
     fake_bytes: int
 
 
+def accumulating_stages(param_ids: Sequence[Sequence[int]]) -> list[bool]:
+    """Per stage (its parameters' indices): whether its backward adds into gradients that a later stage other
+    than the next one started (two blocks sharing an ODE function), so that backward is measured apart."""
+    found = [False] * len(param_ids)
+    touched: set[int] = set()
+    for index in reversed(range(len(param_ids))):
+        following = set(param_ids[index + 1]) if index + 1 < len(param_ids) else set()
+        found[index] = bool(touched.intersection(param_ids[index]) - following)
+        touched.update(param_ids[index])
+    return found
+
+
 def _place_backwards(make: Callable, measured: list[_Measured], traced: TracedModel, fake_model: nn.Module,
                      values: dict[str, Any],
                      params: list[torch.Tensor], tracker: LiveStorageTracker, ids: _Values,
@@ -334,11 +346,7 @@ def _place_backwards(make: Callable, measured: list[_Measured], traced: TracedMo
     """
     positions = {id(spec): at for at, spec in enumerate(traced.stages)}
     param_ids = [m.match.param_ids(m.profile.param_ids) for m in measured]
-    later: list[set[int]] = [set() for _ in measured]
-    touched: set[int] = set()
-    for index in reversed(range(len(measured))):
-        later[index] = touched.intersection(param_ids[index])
-        touched.update(param_ids[index])
+    accumulating = accumulating_stages(param_ids)
     after: dict[Hashable, tuple[int, int]] = {}  # (kind of the stage, of the next) -> (position measured, bytes)
     probe = _TrackerProbe(tracker)
     stages, sources = [], []
@@ -360,7 +368,7 @@ def _place_backwards(make: Callable, measured: list[_Measured], traced: TracedMo
                                                  make(fake_model, traced, second), second.in_names, inputs,
                                                  params, probe))
             found = [BackwardSource("after", *after[key])]
-            if later[index] - set(param_ids[index + 1]):
+            if accumulating[index]:
                 found.append(BackwardSource("accumulating", positions[id(measured_spec)],
                                             profile.bwd_accumulating_bytes()))
         stages.append(profile.stage(spec, ids, measured_spec, bwd_bytes=max(s.fake_bytes for s in found), match=match))
@@ -395,7 +403,7 @@ def _with_offer(stage: Stage, offer: Reconstruction | None, error_per_step: floa
                                                                       error_per_step=error_per_step))
 
 
-def _with_rng_restore(stages: list[Stage], device: torch.device) -> list[Stage]:
+def with_rng_restore(stages: list[Stage], device: torch.device) -> list[Stage]:
     """Charge the RNG replay of re-runs, when some stage draws random numbers.
 
     A region whose stages draw random numbers re-runs from the generator states its
@@ -550,7 +558,7 @@ def measure_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequenc
     stages = [_with_offer(stage, offer_at.get(at), drift.get(stage.block, 0.0),
                           found.excess("reconstruct", forward[at]).nbytes if calibrate else 0)
               for at, stage in enumerate(stages)]
-    stages = _with_rng_restore(stages, example_inputs[0].device)
+    stages = with_rng_restore(stages, example_inputs[0].device)
     progress.done(f"{len(stages)} stages, {len(traced.blocks) - blocks_alike} of {len(traced.blocks)} ODE blocks "
                   f"measured ({blocks_alike} share a block built alike)" + (", calibrated" if calibrate else ""))
     # The loss value and its gradient's seed: scalars the caller and autograd hold through

@@ -5,7 +5,7 @@ Inductor's fused kernels under a byte budget. Each stage (a layer group, or one 
 step of an ODE block) is compiled on its own, with ``torch.compile(fullgraph=True,
 dynamic=False)``; the checkpoint regions, their nesting and their re-runs stay eager
 (:mod:`anode_plan.runtime`), so what is kept, what is recomputed and when is exactly
-the plan. Why this route, measured on torch 2.14.1 (``docs/algorithms.md`` §11):
+the plan. Why this route, from the measurements in issue #16 (torch 2.14.1; ``docs/algorithms.md`` §11):
 whole-graph compilation of nested non-reentrant checkpoints flattens the nest into its
 outer region (a 3-level schedule's peak went from 2.84 to 6.78 MiB); single-level
 regions survive it, but with weights shared across steps Inductor's backward keeps each
@@ -41,10 +41,10 @@ from torch import fx, nn
 
 from anode_plan.errors import BackendSpecError, CompileFallbackWarning
 from anode_plan.runtime import norm_layers_with_stats
+from anode_plan.stagerun import StageFn
 from anode_plan.trace import StageSpec, TracedModel, run_step, stage_function
 
 BACKENDS = ("eager", "inductor")
-StageFn = Callable[[tuple], tuple]
 
 
 def check_backend(backend: Any, *, approximate: Any = None, calibrate: bool = True) -> str:

@@ -35,6 +35,16 @@ class Probe(Protocol):
     def end(self, label: str) -> int: ...
 
 
+class Unmeasured:
+    """A :class:`Probe` that measures nothing: for runs made only to warm up (cuDNN autotuning, compiling)."""
+
+    def begin(self) -> None:
+        pass
+
+    def end(self, label: str) -> int:
+        return 0
+
+
 def needing_grad(values: Any) -> list[torch.Tensor]:
     """The tensors among ``values`` (any nesting of tuples and lists) that require a gradient."""
     return [v for v in tree_flatten(values)[0] if isinstance(v, torch.Tensor) and v.requires_grad]
