@@ -42,6 +42,8 @@ def stage_layers(root: nn.Module, traced: TracedModel) -> dict[str, tuple[str, .
     """Per stage name, the convolutions it runs that can be sketched (stages without any are left out)."""
     found: dict[str, tuple[str, ...]] = {}
     for spec in traced.stages:
+        if spec.block is not None and root.get_submodule(spec.block_target).adaptive:
+            continue  # an adaptive solve runs whole, unsketched (its profile is measured for real, exact)
         names = tuple(dict.fromkeys(f"{target}.{name}".rstrip(".") for target in _stage_modules(traced, spec)
                                     for name in sketchable_layers(root.get_submodule(target))))
         if names:
@@ -145,5 +147,5 @@ def _group_errors(root: nn.Module, traced: TracedModel, group: list[StageSpec], 
             sketch.op(root, name).step = draw
         for i, (estimate, true) in enumerate(zip(gradients(True), exact)):
             squared[i] += float((estimate - true).double().norm() ** 2)
-    return {name: (math.sqrt(total / draws) / float(true.double().norm()) if float(true.norm()) else 0.0)
-            for name, total, true in zip(names, squared, exact)}
+    norms = [float(true.double().norm()) for true in exact]
+    return {name: math.sqrt(total / draws) / norm if norm else 0.0 for name, total, norm in zip(names, squared, norms)}

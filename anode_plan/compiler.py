@@ -141,9 +141,7 @@ def runner_for(traced: TracedModel, plan: Plan, model: nn.Module, sketch_ops: di
     sketch = None
     if plan.schedule.sketched:
         offers = {plan.chain.stages[i].name: plan.chain.stages[i].sketch for i in plan.schedule.sketched}
-        first = next(iter(offers.values()))
-        sketch = SketchedLayers(XConv(first.probes, first.seed), {name: o.layers for name, o in offers.items()},
-                                ops=sketch_ops)
+        sketch = SketchedLayers(approximation_of(plan), {name: o.layers for name, o in offers.items()}, ops=sketch_ops)
     return ScheduleRunner(traced, plan.schedule.ops, model, random_stages, sketch, dict(plan.adaptive_checkpoints),
                           compiled=compiled.view(plan.chain) if compiled is not None and plan.backend == "inductor"
                           else None)

@@ -44,8 +44,9 @@ from anode_plan.trace import stage_function
 
 
 def supports(conv: nn.Module) -> bool:
-    """Whether ``conv`` can be sketched: a 2-d convolution without groups or dilation, zero padding of ints."""
-    return (isinstance(conv, nn.Conv2d) and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
+    """Whether ``conv`` can be sketched: a 2-d convolution without groups or dilation, zero padding of ints,
+    running ``nn.Conv2d``'s own ``forward`` (a subclass with its own, e.g. weight standardisation, stays exact)."""
+    return (isinstance(conv, nn.Conv2d) and type(conv).forward is nn.Conv2d.forward and conv.groups == 1 and tuple(conv.dilation) == (1, 1)
             and conv.padding_mode == "zeros" and not isinstance(conv.padding, str))
 
 
@@ -201,9 +202,9 @@ def check_approximation(approximate: Any) -> None:
             "exact gradients")
 
 
-def sketchable_layers(module: nn.Module, prefix: str = "") -> tuple[str, ...]:
+def sketchable_layers(module: nn.Module) -> tuple[str, ...]:
     """The qualified names of the convolutions in ``module`` that can be sketched (trainable, :func:`supports`)."""
-    return tuple(f"{prefix}{name}" for name, sub in module.named_modules()
+    return tuple(name for name, sub in module.named_modules()
                  if supports(sub) and sub.weight.requires_grad)
 
 

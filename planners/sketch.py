@@ -1,4 +1,7 @@
-"""Choose where to sketch convolutions (XConv, inexact, opt-in): only where it lets the budget be met or saves recompute.
+"""Choose where to sketch convolutions (XConv, inexact, opt-in): only where it lets the budget be met or saves
+recompute, as the chain's costs count it. The costs are the cost model's nominal ones, which under-rate a sketched
+stage's time: ``benchmarks/RESULTS.md`` ("XConv") measured sketched schedules slower than the exact ones at the same
+budget (1.41x against 1.25x plain autograd on one model, 1.45-1.54x against 1.13x on the other).
 
 A stage whose convolutions can be sketched offers a :class:`~planners.chain.Sketch`: the
 same stage keeping ``probes`` projections of each convolution's input instead of the
@@ -13,8 +16,8 @@ groups are added one at a time, those keeping the most bytes first: while nothin
 each is added, since each lowers the memory needed; once a schedule fits a group stays
 only when the schedule found with it is cheaper. A last pass drops every group the
 schedule can do without at no extra cost, least saving first, so no layer is
-approximated without a reason. Each attempt is one exact planning run, so this costs at
-most about three times the groups' number of plans.
+approximated without a reason. Each attempt is one exact planning run: at most ``2·G + 1``
+plans for ``G`` groups.
 """
 
 from __future__ import annotations
