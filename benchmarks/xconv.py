@@ -122,21 +122,26 @@ def probes_table(kind: str, batch: int, rounds: int) -> tuple[list[str], int, in
     store_all = anode_plan.compile(model, "1GB", (x,)).plan.predicted_peak_bytes
     budget = int(store_all * 0.6)
     exact_min = minimum(model, x)
+    exact_min_peak = step_peak(anode_plan.compile(model, exact_min, (x,)), model, x, y)
     exact = anode_plan.compile(model, budget, (x,))
     rows, forwards, compiled_by = [], {"exact": exact}, {}
     for probes in PROBES:
         config = anode_plan.XConv(probes=probes)
         compiled = anode_plan.compile(model, budget, (x,), approximate=config)
-        compiled_by[probes] = (compiled, minimum(model, x, config))
+        low = minimum(model, x, config)
+        compiled_by[probes] = (compiled, low, step_peak(anode_plan.compile(model, low, (x,), approximate=config),
+                                                        model, x, y))
         forwards[f"ps={probes}"] = compiled
         log(f"probes {probes}: {len(compiled.plan.approximated)} layers sketched")
     times = timing(model, forwards, x, y, rounds)
-    rows.append(f"| {kind} | exact (no XConv) | {mib(store_all)} | {mib(budget)} | {mib(exact_min)} | {mib(step_peak(exact, model, x, y))} | "
+    rows.append(f"| {kind} | exact (no XConv) | {mib(store_all)} | {mib(budget)} | {mib(exact_min)} | "
+                f"{mib(exact_min_peak)} | {mib(step_peak(exact, model, x, y))} | "
                 f"{exact.plan.recompute_overhead:+.0%} | {times['exact']:.2f}x | 0 | 0 | 0 |")
-    for probes, (compiled, low) in compiled_by.items():
+    for probes, (compiled, low, low_peak) in compiled_by.items():
         plan = compiled.plan
         measured_error = max((layer.relative_error for layer in plan.approximated), default=0.0)
-        rows.append(f"| {kind} | XConv(probes={probes}) | {mib(store_all)} | {mib(budget)} | {mib(low)} | {mib(step_peak(compiled, model, x, y))} | "
+        rows.append(f"| {kind} | XConv(probes={probes}) | {mib(store_all)} | {mib(budget)} | {mib(low)} | "
+                    f"{mib(low_peak)} | {mib(step_peak(compiled, model, x, y))} | "
                     f"{plan.recompute_overhead:+.0%} | {times[f'ps={probes}']:.2f}x | {len(plan.approximated)} | "
                     f"{measured_error:.2f} | {weight_errors(model, compiled, x, y):.2f} |")
     return rows, store_all, budget, exact_min
@@ -163,6 +168,8 @@ def training(kind: str, batch: int, steps: int, every: int) -> tuple[list[str], 
             forward = anode_plan.compile(model, budget, (example,), approximate=config)
             notes.append(", ".join(f"{layer.layer} (error {layer.relative_error:.2f})"
                                    for layer in forward.plan.approximated))
+            notes.append(f"its first step's measured peak {mib(step_peak(forward, model, example, train_y[:batch]))} "
+                         "MiB")
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
         losses = []
         for step in range(steps):
@@ -198,15 +205,17 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"`python benchmarks/xconv.py --write` ({source_version()}; {machine_info(2)}; {time.time() - began:.0f} s).",
         f"Models, float32, batch {batch} of 1x16x16 synthetic images: `norm` = {MODELS['norm']}; `tanh` = "
-        f"{MODELS['tanh']}. The budget of the table is 60% of the exact store-all peak. Peaks: the allocator's, one "
-        f"training step. Time: median over {rounds} "
+        f"{MODELS['tanh']}. The budget of the table is 60% of the exact store-all peak. Lowest budget: the smallest "
+        "`compile` accepts. Peaks: the allocator's, one training step (store-all's is the plan's prediction). "
+        f"Time: median over {rounds} "
         "interleaved rounds of the step time over plain autograd's. Errors: the largest over the sketched layers of "
         "‖ĝ − g‖/‖g‖ for the weight gradient, as the plan measured it on the example batch (random output gradient, "
         "3 draws of the probes) and as one training step with the cross-entropy loss gives it against exact autograd.",
         "",
-        "| model | compile | store-all (MiB) | budget (MiB) | lowest budget (MiB) | peak at the budget (MiB) | "
-        "recompute | step time | layers sketched | error (plan) | error (training step) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | compile | store-all, predicted (MiB) | budget (MiB) | lowest budget (MiB) | peak at the lowest "
+        "budget (MiB) | peak at the budget (MiB) | recompute | step time | layers sketched | error (plan) | error "
+        "(training step) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Training the `tanh` model, {steps} SGD steps (lr 0.05, momentum 0.9), mean loss over the last {every} steps; the XConv run's "

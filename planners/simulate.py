@@ -394,9 +394,9 @@ def _check_reconstructible(chain: Chain, ops: tuple[Op, ...]) -> None:
 
 def _sketched_chain(chain: Chain, sketched: tuple[int, ...]) -> Chain:
     """``chain`` with the stages a schedule sketches replaced by their sketched numbers."""
-    bad = [i for i in sketched if not 0 <= i < len(chain.stages) or chain.stages[i].sketch is None]
-    if bad:
-        raise PlanInvariantError(
-            f"the schedule sketches stages {bad}, which offer no sketch: only stages with supported convolutions "
-            "offer one, and only when compiled with approximate=anode_plan.XConv(...)")
-    return chain.with_sketches(sketched)
+    try:
+        return chain.with_sketches(sketched)
+    except ValueError as error:
+        raise PlanInvariantError(f"the schedule sketches stages that offer no sketch ({error}): only stages with "
+                                 "supported convolutions offer one, and only when compiled with "
+                                 "approximate=anode_plan.XConv(...)") from None

@@ -1,7 +1,7 @@
 """Choose where to sketch convolutions (XConv, inexact, opt-in): only where it lets the budget be met or saves
 recompute, as the chain's costs count it. The costs are the cost model's nominal ones, which under-rate a sketched
-stage's time: ``benchmarks/RESULTS.md`` ("XConv") measured sketched schedules slower than the exact ones at the same
-budget (1.41x against 1.25x plain autograd on one model, 1.45-1.54x against 1.13x on the other).
+stage's time: ``benchmarks/RESULTS.md`` ("XConv") measured sketched schedules slower than the exact one at the same
+budget on one model (1.73-1.94x against 1.35x plain autograd), and on the other at 16 probes (1.45x against 1.26x).
 
 A stage whose convolutions can be sketched offers a :class:`~planners.chain.Sketch`: the
 same stage keeping ``probes`` projections of each convolution's input instead of the
@@ -28,7 +28,7 @@ from typing import Callable
 from planners.chain import Chain
 from planners.errors import InfeasibleBudgetError
 from planners.schedule import Schedule
-from planners.simulate import simulate_plan
+from planners.simulate import Simulation, simulate_plan
 
 
 def sketch_groups(chain: Chain) -> tuple[tuple[int, ...], ...]:
@@ -56,22 +56,23 @@ def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, i
     nothing fits even with every offered sketch taken.
     """
     groups = sketch_groups(chain)
-    smallest: list[InfeasibleBudgetError] = []
-    overshoot: list[int] = []
+    smallest: InfeasibleBudgetError | None = None
+    overshoot: int | None = None
 
     def infeasible() -> InfeasibleBudgetError:
-        if smallest:
-            return smallest[0]
+        if smallest is not None:
+            return smallest
         return InfeasibleBudgetError(f"no schedule of {chain.name} fits {budget_bytes} bytes, with or without "
-                                     "sketches", budget_bytes=budget_bytes, min_budget_bytes=overshoot[0])
+                                     "sketches", budget_bytes=budget_bytes, min_budget_bytes=overshoot)
 
-    def attempt(chosen: list[tuple[int, ...]]) -> tuple[float, Schedule] | None:
+    def attempt(chosen: list[tuple[int, ...]]) -> tuple[Simulation, Schedule] | None:
+        nonlocal smallest, overshoot
         stages = tuple(sorted(i for group in chosen for i in group))
         try:
             schedule = plan(chain.with_sketches(stages), budget_bytes)
         except InfeasibleBudgetError as error:
-            if not smallest or error.min_budget_bytes < smallest[0].min_budget_bytes:
-                smallest[:] = [error]
+            if smallest is None or error.min_budget_bytes < smallest.min_budget_bytes:
+                smallest = error
             return None
         if stages:
             layers = sorted({layer for i in stages for layer in chain.stages[i].sketch.layers})
@@ -80,20 +81,19 @@ def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, i
                                            f"({', '.join(layers)})")
         simulation = simulate_plan(chain, schedule)
         if simulation.peak_bytes > budget_bytes:  # a planner's schedule over its budget: not expected
-            overshoot[:] = [min(overshoot + [simulation.peak_bytes])]
+            overshoot = simulation.peak_bytes if overshoot is None else min(overshoot, simulation.peak_bytes)
             return None
-        # Compared by compute alone: a sketch that only lowers a peak already within the budget buys nothing.
-        return simulation.compute_cost, schedule
+        return simulation, schedule  # compared by compute alone: lowering a peak already within budget buys nothing
 
     best = attempt([])
-    if not groups or (best is not None and simulate_plan(chain, best[1]).recompute_cost == 0):
+    if not groups or (best is not None and best[0].recompute_cost == 0):
         if best is None:
             raise infeasible()
         return best[1]
     chosen: list[tuple[int, ...]] = []
     for group in groups:
         trial = attempt(chosen + [group])
-        if best is None or (trial is not None and trial[0] < best[0]):
+        if best is None or (trial is not None and trial[0].compute_cost < best[0].compute_cost):
             chosen.append(group)
             best = trial if trial is not None else best
     if best is None:
@@ -101,6 +101,6 @@ def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, i
     for group in reversed(list(chosen)):
         rest = [g for g in chosen if g != group]
         trial = attempt(rest)
-        if trial is not None and trial[0] <= best[0]:
+        if trial is not None and trial[0].compute_cost <= best[0].compute_cost:
             chosen, best = rest, trial
     return best[1]
