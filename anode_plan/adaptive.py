@@ -42,7 +42,8 @@ from torch import nn
 
 from anode_plan.budget import parse_memory_budget
 from anode_plan.errors import InfeasibleBudgetError, SolverConfigError
-from anode_plan.memory import LiveStorageTracker, allocated_bytes, measure_peak_memory
+from anode_plan.calibrate import generator_states
+from anode_plan.memory import AllocatorMeter, LiveStorageTracker, allocated_bytes, measure_peak_memory
 from anode_plan.runtime import RestoreRunningStats, norm_layers_with_stats
 from anode_plan.rk import (TABLEAUS, Tableau, error_ratio, initial_step, interpolate, interpolation, next_step,
                            rk_step, rms_norm)
@@ -95,7 +96,7 @@ def odeint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch
         rtol, atol: the error tolerances.
         method: the embedded Runge–Kutta pair.
         options: ``memory_budget`` (``"64MB"``, ``"1GiB"`` or bytes; ``None``, the default,
-            keeps every step's state and recomputes nothing), or ``checkpoints`` (a count,
+            keeps every accepted state, so backward only re-runs each step once with its tape), or ``checkpoints`` (a count,
             slot 0 the initial state's, as diffrax and equinox take it), ``max_num_steps``
             (default ``2**31 - 1``), ``first_step`` (default: chosen from ``func`` at ``y0``).
         params: the tensors needing gradients that ``func`` uses (default: its parameters).
@@ -334,10 +335,10 @@ class _OdeintFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, problem: _Problem, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
         slots = checkpoint_slots(problem, y0)
-        before = _generator_states(y0.device)
+        before = generator_states(y0.device)
         with torch.no_grad():
             out, solve = _forward(problem, y0, slots)
-        if any(not torch.equal(a, b) for a, b in zip(before, _generator_states(y0.device))):
+        if any(not torch.equal(a, b) for a, b in zip(before, generator_states(y0.device))):
             raise SolverConfigError(
                 "odeint: func draws random numbers (dropout, randn), and the backward re-runs its steps, which would "
                 "draw other numbers and give wrong gradients; make func deterministic (dropout outside the solve, "
@@ -392,13 +393,6 @@ def _backward(ctx: Any, problem: _Problem, solve: Solve, y0: torch.Tensor, grad_
     return (None, g_y0 if ctx.needs_input_grad[1] else None, *param_grads)
 
 
-def _generator_states(device: torch.device) -> list[torch.Tensor]:
-    states = [torch.default_generator.get_state()]
-    if device.type == "cuda":
-        states.append(torch.cuda.get_rng_state(device))
-    return states
-
-
 def _quiet(step: Step) -> Step:
     """The step without its outputs: an advance in backward only needs the end state."""
     return Step(step.t0, step.dt, step.t1, ())
@@ -432,8 +426,8 @@ class StepCosts:
         fixed_bytes: the rest of a solve's peak, as charged: the outputs and their gradient, what the loss is
             allowed (three outputs' worth, as :func:`anode_plan.compile` allows), the parameters' gradients
             twice (the running sum, and a margin of one copy), the live state and its two gradients, and the
-            larger of the two peaks above. Conservative: measured peaks were 0.61 to 0.91 of the budget in the
-            review's probes and 91% in ``tests/test_adaptive.py``'s flat-peak test (832,488 of 914,072 bytes).
+            larger of the two peaks above. Conservative by design; ``tests/test_adaptive.py`` checks that the
+            allocator's peak stays within the budget it gives.
     """
 
     slot_bytes: int
@@ -450,9 +444,10 @@ _COSTS: dict[tuple, tuple[Callable[[], Any], StepCosts]] = {}
 
 
 def _peak(fn: Callable[[], Any], device: torch.device) -> int:
-    """The allocator's peak of ``fn()``; inside a profiler already running (a measurement of the caller's),
-    the storage view's (kernel workspaces unseen)."""
-    if device.type == "cpu" and torch.autograd.profiler._is_profiler_enabled:
+    """The allocator's peak of ``fn()``. Inside an allocator meter (:class:`~anode_plan.memory.AllocatorMeter`
+    nests) too; inside a profiler of the caller's own, which cannot be nested, the storage view's (kernel
+    workspaces unseen)."""
+    if device.type == "cpu" and torch.autograd.profiler._is_profiler_enabled and not AllocatorMeter._active:
         with LiveStorageTracker() as tracker:
             base = tracker.reset_peak()
             fn()

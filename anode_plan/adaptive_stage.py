@@ -5,7 +5,8 @@ when it runs, so the cost model cannot run it on fake tensors (its loop reads va
 the planners cannot count its steps. It is one stage of the chain, measured at its
 minimum (:class:`AdaptiveProfile`): a solve keeping one checkpoint, the initial state's,
 run and differentiated for real on random values of the state's shape, as the allocator
-counts it (its memory does not depend on the values or on the step count). The planners
+counts it (the online checkpointer keeps a step's live memory the same whatever the step count;
+``tests/test_adaptive.py`` checks the peak stays flat as the interval grows). The planners
 never recompute it (its cost is set far above any stage's).
 
 How the budget is shared (:func:`plan_sharing_adaptive`, :func:`adaptive_checkpoints`): the
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import _disable_current_modes
 
+from anode_plan.calibrate import state_restored
 from anode_plan.memory import AllocatorMeter, allocated_bytes
 from anode_plan.ode import ADAPTIVE
 from planners import Chain, Schedule, Simulation, Stage
@@ -76,10 +78,9 @@ def _measure_minimum_solve(block: nn.Module, like: tuple, tuple_state: bool, inp
     start = parts if tuple_state else parts[0]
     params = [p for p in block.parameters() if p.requires_grad]
     wrt = (list(parts) if input_grad else []) + params
-    saved = [(buffer, buffer.detach().clone()) for buffer in block.buffers()]
     before, block.checkpoints = block.checkpoints, 1
     try:
-        with AllocatorMeter(device) as meter:
+        with state_restored(block, device), AllocatorMeter(device) as meter:
             began = meter.mark()
             out = block(start)
             outputs = out if isinstance(out, tuple) else (out,)
@@ -93,9 +94,6 @@ def _measure_minimum_solve(block: nn.Module, like: tuple, tuple_state: bool, inp
         return meter.peak_bytes(began, solved), max(0, kept), meter.peak_bytes(solved, done)
     finally:
         block.checkpoints = before
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
 
 
 def adaptive_stages(chain: Chain) -> tuple[int, ...]:

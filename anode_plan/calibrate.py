@@ -223,7 +223,7 @@ def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Se
             if at in wanted:
                 fresh = fresh_inputs(inputs, tuple(like[name] for name in spec.in_names))
                 found.update(_measure_runs(wanted[at], at, traced, twin, fresh, params, device, make))
-            before = _generator_states(device)
+            before = generator_states(device)
             with torch.no_grad():
                 values.update(zip(spec.out_names, stage_function(twin, traced, spec)(inputs)))
                 if spec.block is not None and twin.get_submodule(spec.block_target).reversible:
@@ -233,7 +233,7 @@ def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Se
                         drift[spec.block] = reconstruction_drift(
                             twin, traced, spec.block, block_start.pop(spec.block),
                             tuple(values[name] for name in spec.out_names))
-            if any(not torch.equal(a, b) for a, b in zip(before, _generator_states(device))):
+            if any(not torch.equal(a, b) for a, b in zip(before, generator_states(device))):
                 random.add(at)
             for name in spec.in_names:
                 if last_read[name] == at and name not in spec.out_names:
@@ -271,7 +271,7 @@ def reconstruction_drift(root: nn.Module, traced: TracedModel, block: int, first
     return max(one_step, relative(state, first) / len(stages))
 
 
-def _generator_states(device: torch.device) -> list[torch.Tensor]:
+def generator_states(device: torch.device) -> list[torch.Tensor]:
     """The states of the default generators a stage on ``device`` can draw from."""
     states = [torch.default_generator.get_state()]
     if device.type == "cuda":

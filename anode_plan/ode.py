@@ -23,6 +23,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake_tensor
 
 from anode_plan.errors import NonFiniteStateError, ODEBlockConfigError, ODEFunctionError
+from anode_plan.rk import TABLEAUS
 
 METHODS = {"euler": 1, "rk2": 2, "rk4": 4, "reversible_heun": 1, "alf": 1}
 #: Methods whose steps can be inverted: the state before a step is computed from the state
@@ -31,7 +32,7 @@ REVERSIBLE = frozenset({"reversible_heun", "alf"})
 #: What a reversible method carries from step to step, in order (the first is the solution).
 CARRIED = {"reversible_heun": ("y", "z_hat", "f"), "alf": ("y", "v")}
 #: Adaptive methods (:mod:`anode_plan.rk`): the block is one stage, solved by :func:`anode_plan.odeint`.
-ADAPTIVE = ("dopri5", "bosh3", "tsit5")
+ADAPTIVE = tuple(TABLEAUS)
 
 State = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -143,8 +144,9 @@ class ODEBlock(nn.Module):
 
     @property
     def stages_per_step(self) -> int:
-        """Evaluations of ``func`` per step: 1 (Euler), 2 (RK2) or 4 (RK4); per accepted step when adaptive."""
-        return METHODS.get(self.method, 6)
+        """Evaluations of ``func`` per step: 1 (Euler), 2 (RK2) or 4 (RK4); per accepted step when adaptive (the
+        tableau's stages less the one shared with the next step: 6 for dopri5 and tsit5, 3 for bosh3)."""
+        return TABLEAUS[self.method].stages - 1 if self.adaptive else METHODS[self.method]
 
     def time(self, step_idx: int) -> float:
         return self.t_span[0] + step_idx * self.dt

@@ -27,7 +27,8 @@ import time
 import torch
 from torch import nn
 
-from _common import RESULTS_PATH, log, machine_info, mib, publish_section, quick_or_write_args, source_version
+from _common import (RESULTS_PATH, gradients, log, machine_info, max_relative_grad_error, mib, publish_section,
+                     quick_or_write_args, source_version)
 
 import anode_plan
 
@@ -98,15 +99,11 @@ def step(solve, field, y) -> None:
     solve(field, y).square().mean().backward()
 
 
-def gradients(field) -> list[torch.Tensor]:
-    return [p.grad.detach().clone() for p in field.parameters()]
-
-
 def run(name: str, field: nn.Module, y: torch.Tensor, rounds: int) -> list[str]:
     reference = copy.deepcopy(field).double()
     step(lambda f, x: torchdiffeq.odeint(f, x, torch.tensor([0.0, 1.0], dtype=torch.float64), rtol=RTOL,
                                          atol=ATOL)[-1], reference, y.double())
-    exact = gradients(reference)
+    exact = gradients(reference.parameters())
     adjoint = solvers(None)["torchdiffeq odeint_adjoint"]
     step(adjoint, field, y)  # warm up
     field.zero_grad(set_to_none=True)
@@ -120,9 +117,9 @@ def run(name: str, field: nn.Module, y: torch.Tensor, rounds: int) -> list[str]:
         field.nfe = 0
         peak = anode_plan.measure_peak_memory(lambda: step(solve, field, y)).peak_bytes
         nfe = field.nfe
-        got = gradients(field)
+        got = gradients(field.parameters())
         field.zero_grad(set_to_none=True)
-        error = max(float((g.double() - w).abs().max() / w.abs().max()) for g, w in zip(got, exact))
+        error = max_relative_grad_error(got, exact)
         rows[label] = {"peak": peak, "nfe": nfe, "error": error, "times": []}
         log(f"{name} / {label}: peak {mib(peak)} MiB, nfe {nfe}, error {error:.2e}")
     for _ in range(rounds):
