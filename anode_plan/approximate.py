@@ -89,8 +89,7 @@ def offer_sketches(chain: Chain, model: nn.Module, traced: TracedModel, example_
             stages.append(dataclasses.replace(exact, bwd_bytes=max(exact.bwd_bytes, other.bwd_bytes)))
             continue
         names = layers[spec.name]
-        offer = dataclasses.replace(other, uses_rng=exact.uses_rng)  # the probes come from the op's own generator
-        stages.append(dataclasses.replace(exact, sketch=Sketch(offer, names, tuple(errors[n] for n in names),
+        stages.append(dataclasses.replace(exact, sketch=Sketch(other, names, tuple(errors[n] for n in names),
                                                                approximate.probes, approximate.seed)))
     return dataclasses.replace(chain, stages=tuple(stages))
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -31,9 +33,9 @@ from anode_plan.budget import parse_memory_budget
 from anode_plan.calibrate import UNCALIBRATED_MARGIN
 from anode_plan.compiler import Plan, plan_for_budget
 from anode_plan.costmodel import lower_to_chain
-from anode_plan.errors import ExampleInputsError, InfeasibleBudgetError
+from anode_plan.errors import AnodePlanError, ExampleInputsError, InfeasibleBudgetError
 from anode_plan.trace import TracedModel, trace_model
-from planners import Chain, Stage
+from planners import Chain, format_bytes
 from planners.chain import WORKSPACE_FIELDS
 
 _log = logging.getLogger("anode_plan.batch")
@@ -154,7 +156,7 @@ def batch_inputs(example_inputs: Sequence[torch.Tensor], batch: int) -> tuple[to
     return tuple(out)
 
 
-def search_batch_size(model: nn.Module, memory_budget: int | str, example_inputs: Sequence[torch.Tensor], *,
+def search_batch_size(model: nn.Module, memory_budget: int | float | str, example_inputs: Sequence[torch.Tensor], *,
                       max_overhead: float | None = None, planner: Any = None, leaf_modules: Sequence[type] = (),
                       calibrate: bool = True, max_batch: int = 1 << 20) -> BatchSearch:
     """:func:`max_batch_size`, with the plan at the answer and every batch evaluated on the way."""
@@ -251,7 +253,7 @@ def _check_batched(example_inputs: Sequence[torch.Tensor]) -> None:
                                  f"{shapes}); max_batch_size needs inputs of one batch size")
 
 
-def max_batch_size(model: nn.Module, memory_budget: int | str, example_inputs: Sequence[torch.Tensor], *,
+def max_batch_size(model: nn.Module, memory_budget: int | float | str, example_inputs: Sequence[torch.Tensor], *,
                    max_overhead: float | None = None, planner: Any = None, leaf_modules: Sequence[type] = (),
                    calibrate: bool = True) -> int:
     """The largest batch (dimension 0 of every input) whose training step fits ``memory_budget``.

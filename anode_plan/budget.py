@@ -25,14 +25,23 @@ _UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 _PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
-_FORMS = '"4GB", "512MiB", "1.5 GiB" or an int number of bytes'
+_FORMS = '"4GB", "512MiB", "1.5 GiB" or a number of bytes'
 
 
-def parse_memory_budget(budget: int | str) -> int:
-    """Return ``budget`` in bytes, or raise :class:`BudgetFormatError` saying what is wrong."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, str)):
+def parse_memory_budget(budget: int | float | str) -> int:
+    """Return ``budget`` in bytes, or raise :class:`BudgetFormatError` saying what is wrong.
+
+    A float is a number of bytes, rounded down (``0.8 * total_memory``, as budgets are
+    often written); it must be finite and at least 1.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
         raise BudgetFormatError(f"memory_budget={budget!r} ({type(budget).__name__}) is not a budget; "
                                 f"give {_FORMS}")
+    if isinstance(budget, float):
+        if not math.isfinite(budget) or budget < 1:
+            raise BudgetFormatError(f"memory_budget={budget!r} bytes is not a budget: a float budget is a number "
+                                    f"of bytes, finite and at least 1 (it is rounded down); give {_FORMS}")
+        return int(budget)
     if isinstance(budget, int):
         if budget <= 0:
             raise BudgetFormatError(f"memory_budget={budget} bytes must be positive; give {_FORMS}")

@@ -292,7 +292,7 @@ class CompiledModel(nn.Module):
                 f"predicted_peak_bytes={plan.predicted_peak_bytes}")
 
 
-def compile(model: nn.Module, memory_budget: int | str | None = None,
+def compile(model: nn.Module, memory_budget: int | float | str | None = None,
             example_inputs: Sequence[torch.Tensor] | None = None, *, planner: Any = None,
             leaf_modules: Sequence[type] = (), plan: "str | os.PathLike | Plan | None" = None,
             calibrate: bool = True, approximate: XConv | None = None, backend: str | None = None) -> CompiledModel:
@@ -304,7 +304,8 @@ def compile(model: nn.Module, memory_budget: int | str | None = None,
             so Python that reads shapes traces (:mod:`anode_plan.capture`); only control
             flow on a tensor's value cannot. Put it in the mode (train/eval), dtype and
             device you will train in.
-        memory_budget: ``"4GB"`` (SI), ``"512MiB"`` (IEC) or an int of bytes: the peak a
+        memory_budget: ``"4GB"`` (SI), ``"512MiB"`` (IEC), or a number of bytes (an int, or a
+            finite float rounded down, such as ``0.8 * total_memory``): the peak a
             training step may allocate on top of what is allocated when forward starts
             (parameters, optimizer state and the batch excluded; activations, recompute
             and parameter gradients included).
@@ -428,7 +429,7 @@ def plan_schedule(chain: Chain, usable: int, planner: Any) -> Schedule:
 
 
 def plan_for_budget(chain: Chain, traced: TracedModel, example_inputs: Sequence[torch.Tensor],
-                    memory_budget: int | str, planner: Any = None, *, workspace_margin: float = 0.0) -> Plan:
+                    memory_budget: int | float | str, planner: Any = None, *, workspace_margin: float = 0.0) -> Plan:
     """Plan an already measured chain for one budget (what :func:`compile` does after tracing).
 
     Use it to compare several budgets or planners without tracing again.
@@ -480,7 +481,7 @@ def load_plan(path: str | os.PathLike) -> Plan:
                                                           usable_bytes(saved.budget_bytes, saved.workspace_margin)))
 
 
-def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budget: int | str | None,
+def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budget: int | float | str | None,
                 example_inputs: Sequence[torch.Tensor] | None, planner: Any,
                 leaf_modules: Sequence[type], calibrate: bool, approximate: XConv | None,
                 backend: str | None = None) -> CompiledModel:

@@ -78,8 +78,11 @@ class LiveStorageTracker(TorchDispatchMode):
     kernel allocates inside itself, so it is no measure of a budget: use
     :func:`measure_peak_memory` for that.
 
-    ``random_ops`` counts the operators run that draw from a random generator (those
-    tagged ``nondeterministic_seeded``: dropout's ``bernoulli_``, ``rand_like``, ...).
+    ``random_ops`` counts the operators run that draw from a default random generator
+    (those tagged ``nondeterministic_seeded``: dropout's ``bernoulli_``, ``rand_like``,
+    ...). A draw from a generator passed explicitly (``torch.randn(..., generator=g)``, as
+    XConv's probes are drawn) is not counted: replaying a re-run's random numbers restores
+    the default generators only, and such a draw needs no replay.
     """
 
     def __init__(self) -> None:
@@ -97,7 +100,7 @@ class LiveStorageTracker(TorchDispatchMode):
         self.live_bytes -= self._live.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if torch.Tag.nondeterministic_seeded in func.tags:
+        if torch.Tag.nondeterministic_seeded in func.tags and (kwargs or {}).get("generator") is None:
             self.random_ops += 1
         out = func(*args, **(kwargs or {}))
         inputs = {t.untyped_storage()._cdata for t in tree_flatten((args, kwargs))[0]

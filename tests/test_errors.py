@@ -61,12 +61,26 @@ class _Net(nn.Module):
     (-(2**20), "must be positive"),
     (True, "is not a budget"),
     (None, "is not a budget"),
-    (3.5e9, "is not a budget"),
+    (float("nan"), "finite and at least 1"),
+    (float("inf"), "finite and at least 1"),
+    (0.0, "finite and at least 1"),
+    (-1e6, "finite and at least 1"),
+    (0.5, "finite and at least 1"),
+    ([10**9], "is not a budget"),
 ])
 def test_bad_budget_raises_budget_format_error_with_the_accepted_forms(budget, fragment):
     with pytest.raises(anode_plan.BudgetFormatError, match=fragment) as info:
         anode_plan.compile(_mlp(), budget, (_x(),))
     assert "4GB" in str(info.value) or "byte" in str(info.value)
+
+
+def test_a_finite_float_budget_is_bytes_rounded_down():
+    """``0.8 * torch.cuda.get_device_properties(0).total_memory`` is how budgets are written."""
+    model, x = _mlp(), _x()
+    assert anode_plan.parse_memory_budget(3.5e9) == 3_500_000_000
+    assert anode_plan.parse_memory_budget(0.8 * 1000.9) == 800
+    compiled = anode_plan.compile(model, 1e9 + 0.75, (x,))
+    assert compiled.plan.budget_bytes == 10**9
 
 
 def test_budget_below_minimum_names_the_minimum_its_parts_and_the_fix():

@@ -154,3 +154,17 @@ def test_meters_nest_and_each_sees_its_whole_window():
         del first, third
     assert inner.peak_bytes() == 2 * MIB
     assert outer.peak_bytes() == 6 * MIB
+
+
+def test_the_storage_tracker_counts_draws_from_the_default_generators_only():
+    """Replaying a re-run's random numbers restores the default generators (5 KB of Mersenne Twister
+    state on the CPU, charged to every re-run); a draw from a generator of its own needs none."""
+    own = torch.Generator().manual_seed(0)
+    with LiveStorageTracker() as tracker:
+        torch.randn(3, generator=own)
+        torch.rand(3, generator=own)
+    assert tracker.random_ops == 0
+    with LiveStorageTracker() as tracker:
+        torch.randn(3)
+        torch.nn.functional.dropout(torch.ones(4), 0.5)
+    assert tracker.random_ops == 2
