@@ -19,8 +19,12 @@ it into its intra-op workers; measured on torch 2.14.1 with two threads, of eigh
 buffers allocated in an ``at::parallel_for`` body, the four made on the calling thread
 were recorded and the four made on the worker were not (``tests/test_memory.py``
 documents the experiment). The kernels of the test models allocate on the calling thread, so their steps are seen
-whole: the training-step peaks of an ODE-ResNet, the MNIST ODE-net of the tests and an
-MLP-ODE are the same to the byte with one thread and with two. Memory outside c10's
+whole. What they allocate there depends on the thread count all the same: oneDNN's
+convolutions take a scratch buffer per thread (plain autograd's step on the tiny ODE-net
+of ``tests/factories.py``, batch 4 at 8×8: 144,492 bytes with one thread and 152,380 with
+two, on an AVX-512 CPU; 125,468 and 152,380 under ``ONEDNN_MAX_CPU_ISA=AVX2``), so a plan
+holds for the thread count it was measured at, and a compiled model plans again when
+it changes (:mod:`anode_plan.plan_cache`). Memory outside c10's
 allocator (malloc inside a third-party library) is not counted either, on any device.
 
 :class:`LiveStorageTracker`, a ``TorchDispatchMode`` that counts tensor storages, cannot

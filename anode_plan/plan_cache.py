@@ -9,7 +9,10 @@ weights), a parameter that was frozen when it was planned and now trains, a modu
 switched between train and eval (BatchNorm saves other tensors, dropout draws random
 numbers only in training), or, on CUDA,
 other cuDNN and TF32 settings (``cudnn.benchmark`` picks algorithms with other
-workspaces, and the plan was calibrated under the settings it saw). So
+workspaces, and the plan was calibrated under the settings it saw), or, on the CPU,
+another intra-op thread count or oneDNN switched on or off (oneDNN's convolutions take a
+scratch buffer per thread: the MNIST-sized test ODE-net's smallest schedule measured
+63,843 bytes with one thread and 71,732 with two). So
 :class:`CompiledModel` describes each training call by a :class:`PlanKey` plus its batch
 sizes, runs the cached plan with the same key and the smallest batch that covers the
 call, and otherwise measures and plans again (about as long as ``compile`` took). A
@@ -35,16 +38,17 @@ class PlanKey:
         tensors: the (dtype, device) pairs of the model's parameters and buffers.
         trainable: ``requires_grad`` of each parameter, in module order.
         autocast: the (device type, dtype) of every enabled autocast context.
-        kernels: on CUDA, the settings that choose kernels and so their workspaces:
+        kernels: the settings that choose kernels and so their workspaces: on CUDA
             ``cudnn.enabled``, ``cudnn.benchmark``, ``cudnn.deterministic``,
-            ``cudnn.allow_tf32``, ``cuda.matmul.allow_tf32``; empty elsewhere.
+            ``cudnn.allow_tf32``, ``cuda.matmul.allow_tf32``; on the CPU
+            ``torch.get_num_threads()`` and ``mkldnn.enabled``.
     """
 
     inputs: tuple[tuple[tuple[int, ...], int, str], ...]
     tensors: frozenset
     trainable: tuple[bool, ...]
     autocast: tuple[tuple[str, str], ...]
-    kernels: tuple[bool, ...] = ()
+    kernels: tuple[int | bool, ...] = ()
     training: tuple[bool, ...] = ()
 
 
@@ -67,13 +71,16 @@ def _autocast_state(tensors: frozenset) -> tuple[tuple[str, str], ...]:
                  if torch.is_autocast_enabled(device))
 
 
-def _kernel_settings(tensors: frozenset) -> tuple[bool, ...]:
-    """The global settings that choose CUDA kernels (and so their workspaces), when the model is on CUDA."""
-    if not any(device.type == "cuda" for _, device in tensors):
-        return ()
-    cudnn = torch.backends.cudnn
-    return (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32,
-            torch.backends.cuda.matmul.allow_tf32)
+def _kernel_settings(tensors: frozenset) -> tuple[int | bool, ...]:
+    """The global settings that choose the kernels of the model's devices (and so their workspaces)."""
+    settings: tuple[int | bool, ...] = ()
+    if any(device.type == "cpu" for _, device in tensors):
+        settings += (torch.get_num_threads(), torch.backends.mkldnn.enabled)
+    if any(device.type == "cuda" for _, device in tensors):
+        cudnn = torch.backends.cudnn
+        settings += (cudnn.enabled, cudnn.benchmark, cudnn.deterministic, cudnn.allow_tf32,
+                     torch.backends.cuda.matmul.allow_tf32)
+    return settings
 
 
 def _model_state(modules: Sequence[nn.Module]) -> tuple[frozenset, tuple[bool, ...]]:

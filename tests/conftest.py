@@ -3,8 +3,10 @@ import os
 # One thread per process: the tests use tiny models, and several test processes
 # (subprocess CLIs, two-process DDP) share a 2-core CI machine, where spinning OpenMP
 # threads slow small steps by orders of magnitude. Set before torch is imported, so
-# subprocesses inherit it.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+# subprocesses inherit it, and set whatever the environment said: a kernel's workspace
+# depends on the thread count (oneDNN's convolutions keep a buffer per thread), so a
+# subprocess CLI must measure at the test process's count to give the same numbers.
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
