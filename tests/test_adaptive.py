@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torchdiffeq  # the reference solver; the [test] extra installs it
 from torch import nn
 
 import anode_plan
 from anode_plan import adaptive
 from anode_plan.adaptive import checkpoint_budget, solve_taped
 from planners.online import OnlineCheckpointing, recomputed_steps, reverse_actions
-
-torchdiffeq = pytest.importorskip("torchdiffeq")
 
 # ------------------------------------------------------------------------------------------- the schedule
 
