@@ -61,6 +61,69 @@ class BatchPoint:
     overhead: float | None = None
     min_budget_bytes: int | None = None
 
+    @property
+    def excluded_by(self) -> str | None:
+        """Why the batch does not fit: ``"budget"`` (no schedule fits), ``"max_overhead"`` (one fits, recomputing
+        more than allowed), or ``None`` when it fits."""
+        if self.fits:
+            return None
+        return "budget" if self.peak_bytes is None else "max_overhead"
+
+    @property
+    def step_bytes(self) -> int:
+        """What a training step at this batch needs, the inputs aside: the plan's peak, or the smallest budget."""
+        return self.peak_bytes if self.peak_bytes is not None else self.min_budget_bytes
+
+
+@dataclass(frozen=True)
+class MachineMemory:
+    """The memory a device has free now, and where the number comes from (``source``)."""
+
+    available_bytes: int
+    device: str
+    source: str
+
+
+@dataclass(frozen=True)
+class MachineMemoryStop:
+    """Where :func:`search_batch_size` stopped short of the budget: ``batch`` needs more memory than the device has.
+
+    ``step_peak_bytes`` is the plan's predicted peak at ``batch`` (or, where no plan fits
+    the budget, the smallest budget one needs), predicted on the line through the measured
+    chains; ``input_bytes`` the batch of inputs, which a budget excludes. Their sum,
+    ``needed_bytes``, is over ``memory.available_bytes``, read before anything at
+    ``batch`` was allocated.
+    """
+
+    batch: int
+    step_peak_bytes: int
+    input_bytes: int
+    memory: MachineMemory
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.step_peak_bytes + self.input_bytes
+
+    def describe(self) -> str:
+        """``batch 30511 needs 16.42 GiB (...) and the cpu has 11.20 GiB available (MemAvailable in /proc/meminfo)``."""
+        return (f"batch {self.batch} needs {format_bytes(self.needed_bytes)} (predicted step peak "
+                f"{format_bytes(self.step_peak_bytes)} + input batch {format_bytes(self.input_bytes)}) and the "
+                f"{self.memory.device} has {format_bytes(self.memory.available_bytes)} available "
+                f"({self.memory.source})")
+
+
+class MachineMemoryError(AnodePlanError, MemoryError):
+    """:func:`max_batch_size` stopped at the machine's memory before it reached the budget.
+
+    ``batch`` is the largest batch confirmed to fit the budget; ``stop`` says which batch
+    would not fit the device, with the numbers.
+    """
+
+    def __init__(self, message: str, batch: int, stop: MachineMemoryStop) -> None:
+        super().__init__(message)
+        self.batch = batch
+        self.stop = stop
+
 
 @dataclass(frozen=True)
 class BatchSearch:
@@ -68,7 +131,15 @@ class BatchSearch:
 
     ``batch`` is the answer (0: not one sample fits) and ``plan`` the plan measured at it;
     ``points`` every batch evaluated, predicted or measured; ``measured_chains`` the chains
-    measured (at ``measured_batches``), from which :func:`batch_curve` predicts others.
+    measured (at ``measured_batches``), from which :func:`batch_curve` predicts others, and
+    ``measure_seconds`` how long each measurement took.
+
+    ``limited_by`` says what ends the search above ``batch``: ``"budget"`` or
+    ``"max_overhead"`` (the measured chain at ``batch + 1`` does not fit them),
+    ``"max_batch"`` (the search's upper bound), or ``"machine memory"``: the next batch
+    to measure needs more memory than the device has free (``stopped`` has the numbers),
+    so ``batch`` is the largest confirmed before the search stopped, and a larger one may
+    fit the budget on a machine with more memory.
     """
 
     batch: int
@@ -80,10 +151,42 @@ class BatchSearch:
     max_overhead: float | None
     workspace_margin: float
     example_inputs: tuple[torch.Tensor, ...]  # meta tensors: the inputs' shapes and dtypes
+    limited_by: str = "budget"
+    stopped: MachineMemoryStop | None = None
+    measure_seconds: tuple[tuple[int, float], ...] = ()
 
     @property
     def measured_batches(self) -> tuple[int, ...]:
         return tuple(batch for batch, _ in self.measured_chains)
+
+
+def available_memory(device: torch.device | str) -> MachineMemory | None:
+    """The memory ``device`` has free now, or ``None`` where it cannot be read.
+
+    CPU: ``MemAvailable`` in ``/proc/meminfo`` on Linux (free memory plus what the kernel
+    can reclaim), else the free pages of ``os.sysconf`` (which leaves out the page cache,
+    so it reads low). CUDA: ``torch.cuda.mem_get_info``'s free bytes plus what PyTorch's
+    caching allocator holds reserved but unused.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return MachineMemory(free + cached, str(device), "torch.cuda.mem_get_info, with the allocator's free cache")
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return MachineMemory(int(line.split()[1]) * 1024, "cpu", "MemAvailable in /proc/meminfo")
+    except OSError:
+        pass
+    try:
+        pages, page_bytes = os.sysconf("SC_AVPHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return MachineMemory(pages * page_bytes, "cpu", "free pages, os.sysconf('SC_AVPHYS_PAGES')")
 
 
 def chain_at(measured: dict[int, Chain], batch: int) -> Chain:
@@ -176,14 +279,20 @@ def search_batch_size(model: nn.Module, memory_budget: int | float | str, exampl
         return traced_at[batch]
 
     measured: dict[int, Chain] = {}
+    seconds: dict[int, float] = {}
     points: dict[tuple[int, bool], BatchPoint] = {}
     plans: dict[int, Plan] = {}
+    device = example_inputs[0].device
+    sample_bytes = sum(x.numel() // x.shape[0] * x.element_size() for x in example_inputs)
 
     def measure(batch: int) -> Chain:
         if batch not in measured:
-            _log.info("measuring the chain at batch %d", batch)
+            _log.info("max batch: measuring the chain at batch %d%s", batch, _expected_time(batch, seconds))
+            began = time.perf_counter()
             measured[batch] = lower_to_chain(model, traced_for(batch), batch_inputs(example_inputs, batch),
                                              calibrate=calibrate)
+            seconds[batch] = time.perf_counter() - began
+            _log.info("max batch: measured batch %d in %s", batch, _duration(seconds[batch]))
         return measured[batch]
 
     def predicted(batch: int) -> BatchPoint:
@@ -197,32 +306,67 @@ def search_batch_size(model: nn.Module, memory_budget: int | float | str, exampl
                 plans[batch] = plan
         return points[(batch, real)]
 
-    def confirmed(batch: int) -> bool:
-        measure(batch)
-        return predicted(batch).fits
+    def over_machine(batch: int) -> MachineMemoryStop | None:
+        """Whether measuring ``batch`` needs more memory than the device has free, as predicted (nothing allocated)."""
+        free = available_memory(device)
+        stop = MachineMemoryStop(batch, predicted(batch).step_bytes, batch * sample_bytes, free) if free else None
+        return stop if stop is not None and stop.needed_bytes > free.available_bytes else None
 
     base = example_inputs[0].shape[0]
     measure(base)
     measure(base + max(1, base // 2))
-    # Every round predicts the boundary between the largest batch measured to fit and the
-    # smallest measured not to, then measures there: the bracket narrows until they are
-    # neighbours, and the predictions sharpen as measured points come closer.
-    fit, fail = 0, max_batch + 1
+    # The bracket: the largest batch measured to fit and the smallest measured not to.
+    fail = min([b for b in measured if b <= max_batch and not predicted(b).fits], default=max_batch + 1)
+    fit = max([b for b in measured if b < fail and predicted(b).fits], default=0)
+    stopped = None
+    # Every round predicts the boundary between them, then measures there: the bracket
+    # narrows until they are neighbours, and the predictions sharpen as measured points
+    # come closer. A batch that would not fit the device's memory is not measured.
     while fail - fit > 1:
         high = max(fit, 1)
         while high < fail and predicted(high).fits:
             high = min(2 * high, fail)
         # The last batch predicted to fit, but at least one past the bracket's fitting end.
         candidate = max(_bisect(fit, high, lambda b: predicted(b).fits), fit + 1) if high < fail else fail - 1
-        if confirmed(candidate):
+        if candidate not in measured:
+            stopped = over_machine(candidate)
+            if stopped is not None:
+                _log.info("max batch: stopped at the machine's memory, not the budget: %s; the largest batch "
+                          "confirmed is %d", stopped.describe(), fit)
+                break
+        measure(candidate)
+        if predicted(candidate).fits:
             fit = candidate
         else:
             fail = candidate
+    limited_by = "machine memory" if stopped is not None else \
+        "max_batch" if fail > max_batch else predicted(fail).excluded_by
     ordered = tuple(sorted(points.values(), key=lambda p: (p.batch, p.measured)))
-    _log.info("largest batch under %d bytes: %d (%d chains measured, %d points)", budget, fit, len(measured),
-              len(ordered))
+    _log.info("max batch: largest batch under %s: %d, limited by %s (%d chains measured in %s, %d points)",
+              format_bytes(budget), fit, limited_by, len(measured), _duration(sum(seconds.values())), len(ordered))
     return BatchSearch(fit, plans.get(fit), ordered, traced_for(fit) if fit else first_trace,
-                       tuple(sorted(measured.items())), budget, max_overhead, margin, _shaped(example_inputs, 1))
+                       tuple(sorted(measured.items())), budget, max_overhead, margin, _shaped(example_inputs, 1),
+                       limited_by=limited_by, stopped=stopped, measure_seconds=tuple(sorted(seconds.items())))
+
+
+def _expected_time(batch: int, seconds: dict[int, float]) -> str:
+    """``" (expect about 12 s: batch 48 took 1.3 s, scaled by batch)"``, from the nearest batch measured."""
+    if not seconds:
+        return ""
+    nearest = min(seconds, key=lambda b: (abs(b - batch), -b))
+    expected = seconds[nearest] * batch / nearest
+    return f" (expect about {_duration(expected)}: batch {nearest} took {_duration(seconds[nearest])}, scaled by batch)"
+
+
+def _duration(seconds: float) -> str:
+    """``0.4 s``, ``12 s``, ``7.5 min``, ``2.1 h``."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _bisect(low: int, high: int, fits: Callable[[int], bool]) -> int:
@@ -261,9 +405,20 @@ def max_batch_size(model: nn.Module, memory_budget: int | float | str, example_i
     ``max_overhead`` (e.g. ``0.3``) also asks that the plan at that batch recompute at
     most that share of a step's compute (predicted, as :attr:`Plan.recompute_overhead`).
     The answer is confirmed on measured chains: ``compile`` at it fits, and one batch
-    more does not. 0 means not even one sample fits. The other arguments are
+    more does not. 0 means not even one sample fits. Raises :class:`MachineMemoryError` (with
+    the largest batch confirmed) when the search reaches a batch that needs more memory than
+    the device has free before it reaches the budget. The other arguments are
     :func:`anode_plan.compile`'s; :func:`search_batch_size` also returns the plan and the
     batch/overhead points it evaluated (``tools/plan_report.py --max-batch`` prints them).
     """
-    return search_batch_size(model, memory_budget, example_inputs, max_overhead=max_overhead, planner=planner,
-                             leaf_modules=leaf_modules, calibrate=calibrate).batch
+    found = search_batch_size(model, memory_budget, example_inputs, max_overhead=max_overhead, planner=planner,
+                              leaf_modules=leaf_modules, calibrate=calibrate)
+    if found.stopped is not None:
+        free = found.stopped.memory.available_bytes
+        raise MachineMemoryError(
+            f"max_batch_size(memory_budget={memory_budget!r}) stopped at this machine's memory, not the budget: "
+            f"{found.stopped.describe()}, so it was not measured. The largest batch confirmed to fit the budget is "
+            f"{found.batch}; a larger one may fit it on a device with more memory. Give a memory_budget below "
+            f"{format_bytes(free)} ({free} bytes) to find the largest batch this machine trains, or search on the "
+            f"machine the budget is for.", found.batch, found.stopped)
+    return found.batch

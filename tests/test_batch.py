@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import re
 
 import pytest
 import torch
 
 import anode_plan
+import factories
 import planners
 import published
-from anode_plan.batch import batch_inputs, interpolate_chain
+from anode_plan.batch import MachineMemoryError, available_memory, batch_inputs, interpolate_chain
 from promise import assert_budget_promise, step_peak
 
 BUDGET = 12 * 2**20
@@ -26,7 +30,7 @@ def test_the_largest_batch_fits_as_the_allocator_counts_and_five_percent_more_do
     model, x = mnist
     found = anode_plan.search_batch_size(model, BUDGET, (x,))
     batch = found.batch
-    assert batch > x.shape[0]
+    assert batch > x.shape[0] and found.limited_by == "budget" and found.stopped is None
     assert len(found.measured_batches) <= 6  # two to fit the lines, then confirmations; not one per candidate
     big = batch_inputs((x,), batch)[0]
     compiled = anode_plan.compile(model, BUDGET, (big,))
@@ -44,6 +48,9 @@ def test_a_recompute_limit_gives_a_smaller_batch_within_it(mnist):
     limited = anode_plan.search_batch_size(model, BUDGET, (x,), max_overhead=0.0)
     assert 0 < limited.batch < free.batch
     assert limited.plan.recompute_overhead == 0
+    assert limited.limited_by == "max_overhead"
+    above = next(p for p in limited.points if p.measured and p.batch == limited.batch + 1)
+    assert above.excluded_by == "max_overhead" and above.peak_bytes is not None  # a plan fits, recomputing
     above = anode_plan.compile(model, BUDGET, batch_inputs((x,), limited.batch + 1))
     assert above.plan.recompute_overhead > 0  # it fits only by recomputing
     curve = [p for p in free.points if p.fits and p.overhead is not None]
@@ -77,3 +84,57 @@ def test_bad_arguments_are_named(mnist):
         anode_plan.max_batch_size(model, BUDGET, (x,), max_overhead=-0.1)
     with pytest.raises(anode_plan.ExampleInputsError, match="disagree"):
         anode_plan.max_batch_size(model, BUDGET, (x, torch.randn(3, 2)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return factories.tiny_odenet(channels=4, nt=2), torch.randn(4, 3, 8, 8)
+
+
+def test_a_budget_beyond_the_machine_stops_at_its_memory_before_measuring_there(tiny, caplog):
+    """A budget eight times the memory free: the search measures the two small batches it starts from, predicts
+    the next on their line, finds it needs more than the machine has and stops without allocating it."""
+    model, x = tiny
+    free = available_memory(x.device)
+    assert free is not None  # Linux reads /proc/meminfo; elsewhere os.sysconf
+    budget = 8 * free.available_bytes
+    with caplog.at_level(logging.INFO, logger="anode_plan.batch"):
+        found = anode_plan.search_batch_size(model, budget, (x,), max_batch=1 << 50)
+    stop = found.stopped
+    assert found.limited_by == "machine memory" and stop is not None
+    assert found.measured_batches == (4, 6)  # nothing measured past the examples' batch and the line's second point
+    assert found.batch == 6 and found.plan is not None and found.plan.budget_bytes == budget
+    assert stop.batch > 6 and stop.batch not in found.measured_batches
+    assert stop.needed_bytes == stop.step_peak_bytes + stop.input_bytes > stop.memory.available_bytes
+    assert stop.input_bytes == stop.batch * x[0].numel() * x.element_size()
+    predicted = next(p for p in found.points if p.batch == stop.batch and not p.measured)
+    assert predicted.fits and stop.step_peak_bytes == predicted.peak_bytes <= budget
+    lines = [record.getMessage() for record in caplog.records if record.name == "anode_plan.batch"]
+    assert lines[0] == "max batch: measuring the chain at batch 4"
+    assert re.fullmatch(r"max batch: measuring the chain at batch 6 \(expect about [\d.]+ s: batch 4 took [\d.]+ s, "
+                        r"scaled by batch\)", lines[2]), lines
+    assert any(line.startswith(f"max batch: stopped at the machine's memory, not the budget: batch {stop.batch} "
+                               f"needs ") and "the largest batch confirmed is 6" in line for line in lines), lines
+
+
+def test_max_batch_size_says_where_the_machine_stopped_it(tiny, monkeypatch):
+    """With less memory free than one more sample needs, max_batch_size raises, naming the batch confirmed."""
+    model, x = tiny
+    scarce = anode_plan.batch.MachineMemory(1, "cpu", "a test's reading")
+    monkeypatch.setattr(anode_plan.batch, "available_memory", lambda device: scarce)
+    with pytest.raises(MachineMemoryError) as info:
+        anode_plan.max_batch_size(model, BUDGET, (x,))
+    error = info.value
+    assert error.batch == 6 and error.stop.memory is scarce and error.stop.batch > 6
+    assert isinstance(error, anode_plan.AnodePlanError)
+    message = str(error)
+    assert f"batch {error.stop.batch} needs {planners.format_bytes(error.stop.needed_bytes)}" in message
+    assert "stopped at this machine's memory, not the budget" in message
+    assert "The largest batch confirmed to fit the budget is 6" in message and "Give a memory_budget below" in message
+
+
+def test_available_memory_is_at_most_the_machine_has():
+    free = available_memory("cpu")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < free.available_bytes <= total and free.device == "cpu"
+    assert available_memory("meta") is None
