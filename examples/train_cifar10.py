@@ -89,6 +89,17 @@ class EpochRecord:
     epoch_s: float
 
 
+@dataclass(frozen=True)
+class TrainedEpoch:
+    """What one pass over the training set gave: its mean loss and accuracy, and what was measured."""
+
+    loss: float
+    accuracy: float
+    measured: anode_plan.MemoryMeasurement  # the first step's forward and backward
+    step_ms: float  # mean over the other steps: forward, backward and optimizer step
+    timed_steps: int
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget", help="memory budget of a training step, e.g. 300MB, 256MiB or bytes (default: "
@@ -103,7 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--norm", default="batch", choices=["batch", "group"], help="normalisation (default batch)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights, data order and augmentation (default 0)")
     p.add_argument("--epochs", type=int, default=200, help="epochs to train in all (default 350, as ANODE)")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch, the planned size (default 256, as ANODE)")
+    p.add_argument("--batch-size", type=int, default=256,
+                   help="training batch, the planned size (default 256, as ANODE)")
     p.add_argument("--lr", type=float, default=0.1, help="initial learning rate (default 0.1)")
     p.add_argument("--schedule", default="step", choices=["step", "cosine"],
                    help="step: MultiStepLR, lr/10 after each of --milestones (ANODE's); cosine: "
@@ -201,10 +213,10 @@ def load_checkpoint(path: str, args: argparse.Namespace) -> dict:
     return saved
 
 
-def default_budget(model, x: torch.Tensor) -> tuple[int, anode_plan.BudgetLandmarks]:
-    """The default budget, a fraction of the way from the minimum to store-all, measured on ``x``."""
+def default_budget(model, x: torch.Tensor, planner: str) -> tuple[int, anode_plan.BudgetLandmarks]:
+    """The default budget, a fraction of the way from ``planner``'s minimum to store-all, measured on ``x``."""
     traced = anode_plan.trace_model(model, (x,))
-    marks = anode_plan.find_landmarks(anode_plan.lower_to_chain(model, traced, (x,)))
+    marks = anode_plan.find_landmarks(anode_plan.lower_to_chain(model, traced, (x,)), PLANNER_NAMES[planner]())
     span = marks.store_all_bytes - marks.minimum_bytes
     return marks.minimum_bytes + int(span * DEFAULT_BUDGET_FRACTION), marks
 
@@ -219,8 +231,8 @@ def progress_bar(loader: DataLoader, desc: str, args: argparse.Namespace) -> tqd
     return tqdm(loader, desc=desc, leave=False, disable=True if args.no_progress else None, dynamic_ncols=True)
 
 
-def train_epoch(compiled, optimizer, loader, device, epoch: int, args: argparse.Namespace):
-    """One epoch; returns (loss, accuracy, peak measurement of the first step, mean ms of the other steps, count)."""
+def train_epoch(compiled, optimizer, loader, device, epoch: int, args: argparse.Namespace) -> TrainedEpoch:
+    """One epoch: the first step measured by the allocator meter, the others timed."""
     compiled.train()
     loss_sum, correct, seen, step_ms = 0.0, 0, 0, []
     measured = None
@@ -253,7 +265,7 @@ def train_epoch(compiled, optimizer, loader, device, epoch: int, args: argparse.
     if measured is None:
         raise TrainScriptError(f"the training set gives no full batch of {args.batch_size}; lower --batch-size")
     mean_ms = sum(step_ms) / len(step_ms) if step_ms else measured.time_ms
-    return loss_sum / seen, correct / seen, measured, mean_ms, len(step_ms)
+    return TrainedEpoch(loss_sum / seen, correct / seen, measured, mean_ms, len(step_ms))
 
 
 @torch.no_grad()
@@ -304,11 +316,11 @@ def run(args: argparse.Namespace) -> int:
     x = next(iter(DataLoader(train_set, batch_size=args.batch_size)))[0].to(device)
     marks = None
     if budget is None:
-        budget, marks = default_budget(model, x)
+        budget, marks = default_budget(model, x, args.planner)
     compiled = anode_plan.compile(model, memory_budget=budget, example_inputs=(x,), planner=args.planner)
     plan = compiled.plan
     if marks is None:
-        marks = anode_plan.find_landmarks(plan.chain)
+        marks = anode_plan.find_landmarks(plan.chain, PLANNER_NAMES[args.planner]())
     print(anode_plan.format_report(plan, marks), flush=True)
 
     optimizer = torch.optim.SGD(compiled.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
@@ -321,7 +333,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nresumed from {args.resume}: {saved['epoch']} epochs done, best test accuracy {best_acc:.2%}; "
               f"continuing at epoch {start} with lr {optimizer.param_groups[0]['lr']:.4g} (the saved schedule)")
     milestones = getattr(scheduler, "milestones", None)
-    print(f"\ntraining from epoch {start} to {args.epochs} on {len(train_set)} {'fake' if args.fake_data else 'CIFAR-10'} "
+    source = "fake" if args.fake_data else "CIFAR-10"
+    print(f"\ntraining from epoch {start} to {args.epochs} on {len(train_set)} {source} "
           f"images (batch {args.batch_size}, {len(train_set) // args.batch_size} steps an epoch) on {device}; "
           f"SGD lr {args.lr:g} momentum 0.9 weight decay 5e-4, "
           + (f"lr/10 after epochs {sorted(milestones)}" if milestones is not None else "cosine schedule") + "; "
@@ -337,14 +350,15 @@ def run(args: argparse.Namespace) -> int:
             began = time.perf_counter()
             torch.manual_seed(args.seed * 1_000_003 + epoch)  # the main process's augmentation (--workers 0)
             lr = optimizer.param_groups[0]["lr"]
-            train_loss, train_acc, measured, step_ms, timed = train_epoch(
-                compiled, optimizer, train_loader(train_set, args, epoch), device, epoch, args)
+            trained = train_epoch(compiled, optimizer, train_loader(train_set, args, epoch), device, epoch, args)
             test_loss, test_acc = evaluate(compiled, test_loader, device, epoch, args)
             scheduler.step()
             best_acc = max(best_acc, test_acc)
-            record = EpochRecord(epoch, args.epochs, lr, train_loss, train_acc, test_loss, test_acc,
+            measured = trained.measured
+            record = EpochRecord(epoch, args.epochs, lr, trained.loss, trained.accuracy, test_loss, test_acc,
                                  measured.peak_bytes, compiled.plan.budget_bytes, compiled.plan.predicted_peak_bytes,
-                                 measured.method, measured.kernel, step_ms, timed, time.perf_counter() - began)
+                                 measured.method, measured.kernel, trained.step_ms, trained.timed_steps,
+                                 time.perf_counter() - began)
             over += record.peak_bytes > record.budget_bytes
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": epoch, "best_acc": best_acc,
