@@ -1,6 +1,6 @@
 """Draw plans: the memory/compute trade-off curve, and the memory timeline of one training step.
 
-Both functions return a ``matplotlib.figure.Figure`` (made without ``pyplot``, so no
+Every function returns a ``matplotlib.figure.Figure`` (made without ``pyplot``, so no
 global state or GUI backend is touched); save it with ``figure.savefig("out.png")``.
 matplotlib is an optional extra: ``pip install "anode-plan[plot]"``. Without it, the
 functions raise :class:`~anode_plan.errors.PlotUnavailableError`; the rest of
@@ -11,7 +11,10 @@ anode-plan never imports it.
   drawn as vertical lines and the infeasible budgets shaded.
 * :func:`plot_timeline` — live memory over one simulated training step of a plan
   (``plan.simulation.timeline``), the x axis in the cost model's time, each operation
-  coloured by phase (forward, loss, recompute, backward), with the budget line.
+  coloured by phase (forward, loss, recompute, backward), with the budget and the
+  predicted peak as lines told apart in the legend.
+* :func:`plot_batch_curve` — recompute overhead and peak against the batch size, from
+  :func:`anode_plan.batch_curve`, the batches that do not fit shaded by why.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ from planners import format_bytes
 
 PHASE_COLORS = {"forward": "#4C72B0", "loss": "#8172B3", "recompute": "#DD8452", "reconstruct": "#C44E52",
                 "backward": "#55A868"}
+# The budget and the predicted peak, in every plot: told apart by colour and line style as well as by the legend.
+BUDGET_COLOR, PEAK_COLOR = "#C44E52", "#333333"
+# Batches left out of the largest batch, by why (BatchPoint.excluded_by): shade and legend label.
+EXCLUDED_SHADES = {"budget": ("#DDDDDD", "excluded: over the budget (no schedule fits)"),
+                   "max_overhead": ("#F2E2C4", "excluded: fits, but recomputes over the cap")}
 _MIB = 2**20
 
 
@@ -112,9 +120,9 @@ def plot_timeline(plan: Any, *, title: str = "") -> Any:
     ax.bar(edges[:-1], heights, width=widths, align="edge", color=colors, linewidth=0)
     ax.stairs(lives, edges, color="black", linewidth=1.0, label="live after each operation")
     budget = plan.budget_bytes / _MIB
-    ax.axhline(budget, color="#C44E52", linestyle="--", linewidth=1.5,
+    ax.axhline(budget, color=BUDGET_COLOR, linestyle="--", linewidth=1.5,
                label=f"budget {format_bytes(plan.budget_bytes)}")
-    ax.axhline(sim.peak_bytes / _MIB, color="#C44E52", linestyle=":", linewidth=1.0,
+    ax.axhline(sim.peak_bytes / _MIB, color=PEAK_COLOR, linestyle=":", linewidth=1.5,
                label=f"predicted peak {format_bytes(sim.peak_bytes)}")
     for phase, color in PHASE_COLORS.items():
         if any(event.phase == phase for event in sim.timeline):
@@ -130,28 +138,46 @@ def plot_timeline(plan: Any, *, title: str = "") -> Any:
     return figure
 
 
-def plot_batch_curve(points: Sequence[Any], *, batch: int, budget_bytes: int, title: str = "") -> Any:
+def plot_batch_curve(points: Sequence[Any], *, batch: int, budget_bytes: int, max_overhead: float | None = None,
+                     title: str = "") -> Any:
     """Predicted recompute overhead and peak against the batch size, under one budget.
 
     ``points`` are :class:`anode_plan.BatchPoint` (from :func:`anode_plan.batch_curve`);
     ``batch`` is the largest batch that fits (:func:`anode_plan.max_batch_size`), marked
-    with a line, and batches that do not fit are shaded.
+    with a line. Batches that do not fit are shaded by why (``BatchPoint.excluded_by``):
+    grey over the budget, sand where a plan fits but recomputes more than ``max_overhead``
+    (the search's cap, drawn as a line when given). The legend names the budget, the peak,
+    the cap and each shade.
     """
     figure = _new_figure(8.0, 4.5)
     ax = figure.subplots()
-    feasible = sorted((p for p in points if p.overhead is not None), key=lambda p: p.batch)
+    ordered = sorted(points, key=lambda p: p.batch)
+    feasible = [p for p in ordered if p.overhead is not None]
     ax.plot([p.batch for p in feasible], [100.0 * p.overhead for p in feasible], "o-", color="#DD8452",
             markersize=3.5, linewidth=2, label="predicted recompute overhead")
+    if max_overhead is not None:
+        ax.axhline(100.0 * max_overhead, color="#DD8452", linestyle="--", linewidth=1.0,
+                   label=f"recompute cap: {max_overhead:.0%}")
     ax.set_xlabel("batch size")
     ax.set_ylabel("recompute overhead (% of a step without recompute)")
-    right = max([p.batch for p in points] + [batch + 1])
-    ax.axvspan(batch + 0.5, right + 0.5, color="#DDDDDD", zorder=0, label="does not fit the budget")
-    ax.axvline(batch, color="#C44E52", linestyle="--", label=f"largest batch: {batch}")
+    labelled = set()
+    for index, point in enumerate(ordered):
+        if point.fits:
+            continue
+        # Each excluded batch shades the half-way marks to its neighbours on the curve.
+        left = (ordered[index - 1].batch + point.batch) / 2 if index else point.batch - 0.5
+        right = (point.batch + ordered[index + 1].batch) / 2 if index + 1 < len(ordered) else point.batch + 0.5
+        color, label = EXCLUDED_SHADES[point.excluded_by]
+        ax.axvspan(left, right, color=color, zorder=0, linewidth=0,
+                   label=None if point.excluded_by in labelled else label)
+        labelled.add(point.excluded_by)
+    ax.axvline(batch, color="#55A868", linestyle="-", linewidth=1.5, label=f"largest batch: {batch}")
     twin = ax.twinx()
-    twin.plot([p.batch for p in feasible], [p.peak_bytes / _MIB for p in feasible], ":", color="#4C72B0",
-              label="predicted peak (MiB)")
-    twin.axhline(budget_bytes / _MIB, color="#4C72B0", linewidth=0.8, alpha=0.6)
-    twin.set_ylabel(f"predicted peak, MiB (budget {format_bytes(budget_bytes)})")
+    twin.plot([p.batch for p in feasible], [p.peak_bytes / _MIB for p in feasible], ":", color=PEAK_COLOR,
+              label="predicted peak")
+    twin.axhline(budget_bytes / _MIB, color=BUDGET_COLOR, linestyle="--", linewidth=1.0,
+                 label=f"budget {format_bytes(budget_bytes)}")
+    twin.set_ylabel("predicted peak (MiB)")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="upper left", fontsize=8)
     ax.set_title(title or f"the largest batch under {format_bytes(budget_bytes)}")

@@ -221,7 +221,7 @@ def format_landmarks(landmarks: BudgetLandmarks, indent: str = "  ") -> str:
             ("minimum", landmarks.minimum_bytes, "the smallest budget any schedule of the planner fits")]
     lines = [f"{indent}landmarks"]
     for name, nbytes, meaning in rows:
-        lines.append(f"{indent}  {name:<10}{format_bytes(nbytes):>12}  ({nbytes} bytes)  {meaning}")
+        lines.append(f"{indent}  {name:<10}{format_bytes(nbytes):>12}  ({_count(nbytes, 'byte')})  {meaning}")
     return "\n".join(lines)
 
 
@@ -231,7 +231,8 @@ def format_breakdown(simulation: Simulation, indent: str = "  ") -> str:
     lines = [f"{indent}memory at the predicted peak"]
     for kind, label, meaning in _KINDS:
         lines.append(f"{indent}  {label:<11}{format_bytes(found.get(kind, 0)):>12}  {meaning}")
-    lines.append(f"{indent}  {'total':<11}{format_bytes(simulation.peak_bytes):>12}  ({simulation.peak_bytes} bytes)")
+    total = simulation.peak_bytes
+    lines.append(f"{indent}  {'total':<11}{format_bytes(total):>12}  ({_count(total, 'byte')})")
     return "\n".join(lines)
 
 
@@ -268,18 +269,18 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
     sim, chain = plan.simulation, plan.chain
     used = sim.peak_bytes / plan.budget_bytes
     lines = [
-        f"anode-plan: {chain.name}, budget {format_bytes(plan.budget_bytes)} ({plan.budget_bytes} bytes)",
+        f"anode-plan: {chain.name}, budget {format_bytes(plan.budget_bytes)} ({_count(plan.budget_bytes, 'byte')})",
         f"  schedule     {plan.schedule.planner}: {plan.schedule.description}"
         + ("  [proven optimal]" if plan.schedule.proven_optimal else ""),
         f"  predicted    peak {format_bytes(sim.peak_bytes)} ({used:.0%} of budget), step cost "
         f"{sim.compute_cost:.1f} {chain.cost_unit} ({'measured' if _backend(plan) == 'inductor' else 'nominal'})",
-        f"  recompute    {sim.recomputed_forwards} extra stage forwards, overhead {_percent(sim.recompute_overhead)} "
-        f"over a step without recompute ({sim.baseline_cost:.1f} {chain.cost_unit})",
+        f"  recompute    {_count(sim.recomputed_forwards, 'extra stage forward')}, overhead "
+        f"{_percent(sim.recompute_overhead)} over a step without recompute ({sim.baseline_cost:.1f} {chain.cost_unit})",
     ]
     if _backend(plan) == "inductor":
         compiled = len(chain.stages) - len(plan.eager_stages)
-        lines.append(f"  backend      inductor: {compiled} of {len(chain.stages)} stages compiled by torch.compile, "
-                     f"each measured on the device (compile {plan.compile_seconds:.1f} s for this plan"
+        lines.append(f"  backend      inductor: {compiled} of {_count(len(chain.stages), 'stage')} compiled by "
+                     f"torch.compile, each measured on the device (compile {plan.compile_seconds:.1f} s for this plan"
                      + (", the stages were compiled already)" if plan.compile_seconds == 0 else ")"))
         lines += [f"    eager: {name} ({why})" for name, why in plan.eager_stages]
     else:
@@ -287,12 +288,12 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
     if plan.schedule.sketched:
         lines.append("  INEXACT      weight gradients estimated by XConv sketches (approximate=XConv); input, bias "
                      "and other gradients exact:")
-        lines += [f"    {layer.layer}: {layer.probes} probes, in {layer.stages} stages, relative weight-gradient "
-                  f"error {layer.relative_error:.2f} on the example batch" for layer in plan.approximated]
+        lines += [f"    {layer.layer}: {_count(layer.probes, 'probe')}, in {_count(layer.stages, 'stage')}, relative "
+                  f"weight-gradient error {layer.relative_error:.2f} on the example batch" for layer in plan.approximated]
     for name, checkpoints in getattr(plan, "adaptive_checkpoints", ()):
         method = next(b.method for b in chain.blocks if b.name == name)
-        lines.append(f"  adaptive     {name} ({method}): solved with {checkpoints} checkpoints of (y, f), placed online "
-                     "whatever its step count")
+        lines.append(f"  adaptive     {name} ({method}): solved with {_count(checkpoints, 'checkpoint')} of (y, f), "
+                     "placed online whatever its step count")
     if chain.unsketchable_layers:
         lines.append(f"  exact convs  XConv cannot sketch (groups, dilation, not 2-d): {', '.join(chain.unsketchable_layers)}")
     lines += [
@@ -323,6 +324,11 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
 
 def _backend(plan) -> str:
     return getattr(plan, "backend", "eager")
+
+
+def _count(number: int, noun: str) -> str:
+    """``1 stage``, ``0 stages``, ``3 extra stage forwards``: the number and the noun, plural unless it is one."""
+    return f"{number} {noun if number == 1 else noun + 's'}"
 
 
 def _percent(fraction: float) -> str:
