@@ -250,7 +250,8 @@ def test_max_batch_prints_the_search_the_curve_and_the_plan_at_the_answer(tool, 
     args = ["--kwargs", "width=4", "stages=2", "nt=2", "--batch", "4", "--input-shape", "3,16,16"]
     assert tool.main([*args, "--budget", str(budget), "--max-batch", "--max-overhead", "0.5",
                       "--plot", str(tmp_path / "b.png")]) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     found = int(re.search(r"largest batch under [\d.]+ \w+ \(600000 bytes\) within 50% recompute overhead: (\d+)",
                           out).group(1))
     torch.manual_seed(0)
@@ -258,10 +259,32 @@ def test_max_batch_prints_the_search_the_curve_and_the_plan_at_the_answer(tool, 
     assert found == anode_plan.max_batch_size(model, budget, (torch.randn(4, 3, 16, 16),), max_overhead=0.5)
     assert f"batch {found} fits, batch {found + 1} does not" in out
     assert re.search(rf"^\s+{found}\s+[\d.]+ \w+\s+\+[\d.]+%\s+yes \(measured\)", out, re.MULTILINE)
-    assert re.search(rf"^\s+{found + 1}\s+(needs [\d.]+ \w+\s+-|[\d.]+ \w+\s+\+[\d.]+%)\s+no \(measured\)", out,
-                     re.MULTILINE)
+    assert re.search(rf"^\s+{found + 1}\s+(needs [\d.]+ \w+\s+-\s+no, over the budget|[\d.]+ \w+\s+\+[\d.]+%\s+no, "
+                     rf"over the recompute cap) \(measured\)", out, re.MULTILINE)
     assert f"ODEResNet (batch {found})" in out  # the report of the plan at the answer
     assert (tmp_path / "b-batch.png").read_bytes()[:4] == b"\x89PNG"
+    progress = captured.err
+    measured = re.findall(r"^max batch: measuring the chain at batch (\d+)", progress, re.MULTILINE)
+    assert measured[:2] == ["4", "6"] and str(found + 1) in measured  # each batch measured, as it starts
+    assert re.search(r"^max batch: measuring the chain at batch 6 \(expect about [\d.]+ s: batch 4 took [\d.]+ s",
+                     progress, re.MULTILINE)
+
+
+def test_max_batch_past_the_machines_memory_says_where_it_stopped(tool, capsys, monkeypatch):
+    """When the next batch to measure needs more memory than the machine has free, the tool stops there and says so
+    (here a reading of 1 MB free against a 1 GB budget: the batch the search would measure after the examples' batch
+    and the line's second point is near the budget)."""
+    scarce = anode_plan.batch.MachineMemory(1_000_000, "cpu", "a test's reading")
+    monkeypatch.setattr(anode_plan.batch, "available_memory", lambda device: scarce)
+    assert tool.main([*TINY, "--budget", "1GB", "--max-batch"]) == 1
+    captured = capsys.readouterr()
+    found = re.search(r"the search stopped at this machine's memory, not the budget: batch (\d+) needs ([\d.]+ \w+) "
+                      r"\(predicted step peak [\d.]+ \w+ \+ input batch [\d.]+ \w+\) and the cpu has 976.56 KiB "
+                      r"available \(a test's reading\), so it was not measured", captured.out)
+    assert found and int(found.group(1)) > 6, captured.out
+    assert "largest batch confirmed under 953.67 MiB (1000000000 bytes): 6 (chains measured at batches 4" in captured.out
+    assert "give a --budget below 976.56 KiB" in captured.out
+    assert "max batch: stopped at the machine's memory, not the budget" in captured.err
 
 
 def test_max_batch_needs_one_budget(tool, capsys):

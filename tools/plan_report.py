@@ -21,6 +21,9 @@ out-timeline.png (needs matplotlib). With --max-batch (one budget), --batch is w
 search starts: it prints the largest batch that fits (with --max-overhead, within that
 recompute overhead), the batches it measured, the batch/overhead curve and the report of
 the plan at that batch; --plot out.png then writes out-batch.png and out-timeline.png.
+Each batch it measures is shown on stderr as it starts, with the time it is expected to
+take; a batch that would need more memory than the machine has free is not measured: the
+search stops there and prints the largest batch confirmed (exit status 1).
 """
 
 from __future__ import annotations
@@ -201,6 +204,9 @@ def _report_budgets(args: argparse.Namespace, planner, budgets: list[int]) -> in
 
 # ------------------------------------------------------------------------------- the largest batch
 
+# Why a batch does not fit, from BatchPoint.excluded_by and BatchSearch.limited_by.
+_EXCLUDED = {"budget": "over the budget", "max_overhead": "over the recompute cap"}
+
 
 def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
     args.dtype = args.dtype or "float32"
@@ -212,11 +218,25 @@ def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
     limit = "" if args.max_overhead is None else f" within {args.max_overhead:.0%} recompute overhead"
     print(f"model {label}{' ' + str(kwargs) if kwargs else ''}, input {tuple(x.shape[1:])} per sample, "
           f"{args.dtype}, planner {args.planner}")
+    timings = ", ".join(f"{batch} ({seconds:.1f} s)" for batch, seconds in found.measure_seconds)
+    if found.stopped is not None:
+        free = found.stopped.memory.available_bytes
+        print(f"\nthe search stopped at this machine's memory, not the budget: {found.stopped.describe()}, so it "
+              f"was not measured")
+        print(f"  largest batch confirmed under {format_bytes(budget)} ({budget} bytes){limit}: {found.batch} "
+              f"(chains measured at batches {timings})")
+        print(f"  a larger batch may fit {format_bytes(budget)} on a device with more memory; give a --budget below "
+              f"{format_bytes(free)} to find the largest batch this machine trains")
+        return 1
     print(f"\nlargest batch under {format_bytes(budget)} ({budget} bytes){limit}: {found.batch}")
     measured = {p.batch: p for p in found.points if p.measured}
-    fits = f"batch {found.batch} fits, batch {found.batch + 1} does not" if found.batch else "batch 1 does not fit"
-    print(f"  confirmed on measured chains: {fits} (chains measured at batches "
-          f"{', '.join(map(str, found.measured_batches))})")
+    if found.limited_by == "max_batch":
+        fits = f"batch {found.batch} fits, and the search goes no higher"
+    elif found.batch:
+        fits = f"batch {found.batch} fits, batch {found.batch + 1} does not ({_EXCLUDED[found.limited_by]})"
+    else:
+        fits = f"batch 1 does not fit ({_EXCLUDED[found.limited_by]})"
+    print(f"  confirmed on measured chains: {fits}; chains measured at batches {timings}")
     batches = sorted({max(1, round(found.batch * k / 8)) for k in range(1, 11)} | {found.batch, found.batch + 1})
     curve = anode_plan.batch_curve(found, batches, planner)
     print("\n  batch  predicted peak  recompute overhead  fits")
@@ -225,7 +245,8 @@ def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
         peak = format_bytes(point.peak_bytes) if point.peak_bytes is not None else \
             f"needs {format_bytes(point.min_budget_bytes)}"
         overhead = f"{point.overhead:+.1%}" if point.overhead is not None else "-"
-        mark = ("yes" if point.fits else "no") + (" (measured)" if point.measured else "")
+        mark = ("yes" if point.fits else f"no, {_EXCLUDED[point.excluded_by]}") + \
+            (" (measured)" if point.measured else "")
         print(f"  {point.batch:>5}  {peak:>14}  {overhead:>18}  {mark}")
     if found.plan is None:
         print(f"\nnot one sample fits {format_bytes(budget)}: give a larger budget")
@@ -235,7 +256,7 @@ def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
     if args.plot:
         stem, suffix = os.path.splitext(args.plot)
         batch_path, timeline_path = f"{stem}-batch{suffix or '.png'}", f"{stem}-timeline{suffix or '.png'}"
-        anode_plan.plot_batch_curve(curve, batch=found.batch, budget_bytes=budget,
+        anode_plan.plot_batch_curve(curve, batch=found.batch, budget_bytes=budget, max_overhead=args.max_overhead,
                                     title=f"{label}: the largest batch under {format_bytes(budget)}{limit}"
                                     ).savefig(batch_path)
         anode_plan.plot_timeline(found.plan).savefig(timeline_path)
