@@ -44,7 +44,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from anode_plan.ode import ODEBlock
 
 
-class _Unknown:
+class Unknown:
     """The fake value of a node that could not be computed (it needs tensor values), and why."""
 
     def __init__(self, error: BaseException) -> None:
@@ -251,17 +251,17 @@ class ShapeTracer(fx.Tracer):
         return super().to_bool(obj)
 
     def _evaluate(self, node: fx.Node) -> Any:
-        """The fake value of ``node``, from those of its arguments (an :class:`_Unknown` when it needs values)."""
+        """The fake value of ``node``, from those of its arguments (an :class:`Unknown` when it needs values)."""
         args = fx.node.map_arg(node.args, lambda n: self.values.get(n))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self.values.get(n))
-        unknown = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, _Unknown)]
+        unknown = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, Unknown)]
         if unknown:
             return unknown[0]
         try:
             with self.fake_mode:
                 if node.op == "placeholder":  # the placeholders come first, in order
                     index = len(self.values)
-                    return self.example_inputs[index] if index < len(self.example_inputs) else _Unknown(
+                    return self.example_inputs[index] if index < len(self.example_inputs) else Unknown(
                         TypeError("no example input for this argument"))
                 if node.op == "get_attr":
                     value = fetch_attr(self.root, node.target)
@@ -281,7 +281,7 @@ class ShapeTracer(fx.Tracer):
                 if node.op == "call_method":
                     return getattr(args[0], node.target)(*args[1:], **kwargs)
         except Exception as error:  # the value stays unknown; only a shape query on it will fail
-            return _Unknown(error)
+            return Unknown(error)
         return None
 
     def _fake_module(self, module: nn.Module) -> nn.Module:
@@ -290,6 +290,21 @@ class ShapeTracer(fx.Tracer):
             with FakeCopyMode(self.fake_mode):
                 self._fake_modules[id(module)] = copy.deepcopy(module)
         return self._fake_modules[id(module)]
+
+
+def user_line(node: fx.Node) -> str | None:
+    """Where the user's code made ``node``: ``file:line (code)`` of the innermost frame outside torch and anode-plan."""
+    lines = (node.stack_trace or "").splitlines()
+    found = None
+    for index, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("File ") and "/torch/" not in text and "/anode_plan/" not in text:
+            path, _, rest = text[len("File "):].partition(", line ")
+            number = rest.split(",")[0]
+            code = lines[index + 1].strip() if index + 1 < len(lines) else ""
+            code = "" if code.startswith("File ") else code  # no source (stdin, a notebook cell)
+            found = f"{path.strip(chr(34))}:{number}" + (f" ({code})" if code else "")
+    return found
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:

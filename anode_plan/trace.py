@@ -24,7 +24,8 @@ from torch import fx, nn
 
 from anode_plan.errors import (CompiledModuleError, ExampleInputsError, InPlaceModificationError,
                                UntraceableModelError)
-from anode_plan.capture import ShapeTracer, fetch_attr, graph_signature
+from anode_plan.capture import ShapeTracer, fetch_attr, graph_signature, user_line
+from anode_plan.example_check import check_example_fits
 from anode_plan.ode import CARRIED, ODEBlock
 
 
@@ -183,25 +184,11 @@ def trace_model(model: nn.Module, example_inputs: Sequence[Any], *,
                                  f"{len(example_inputs)}")
     placeholders = placeholders[:len(example_inputs)]
     stages, blocks = _cut(model, graph, placeholders)
+    check_example_fits(model, graph, tracer.values, example_inputs)
     batch = _batch_size(example_inputs)
     specialised = _batch_dependence(model, graph, example_inputs, leaf_modules) if tracer.read_shape else None
     return TracedModel(graph, stages, blocks, tuple(p.name for p in placeholders), name,
                        batch_specialised=specialised, batch=batch)
-
-
-def user_line(node: fx.Node) -> str | None:
-    """Where the user's code made ``node``: ``file:line (code)`` of the innermost frame outside torch and anode-plan."""
-    lines = (node.stack_trace or "").splitlines()
-    found = None
-    for index, line in enumerate(lines):
-        text = line.strip()
-        if text.startswith("File ") and "/torch/" not in text and "/anode_plan/" not in text:
-            path, _, rest = text[len("File "):].partition(", line ")
-            number = rest.split(",")[0]
-            code = lines[index + 1].strip() if index + 1 < len(lines) else ""
-            code = "" if code.startswith("File ") else code  # no source (stdin, a notebook cell)
-            found = f"{path.strip(chr(34))}:{number}" + (f" ({code})" if code else "")
-    return found
 
 
 def _batch_size(inputs: Sequence[torch.Tensor]) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -374,6 +375,34 @@ def test_bad_example_inputs(example_inputs, fragment):
         if isinstance(example_inputs, str) else example_inputs
     with pytest.raises(anode_plan.ExampleInputsError, match=fragment):
         anode_plan.compile(_mlp(), 10**9, example_inputs)
+
+
+@pytest.mark.parametrize("case, needs, got, cause", [
+    ("channels", r"it needs a 4-d input \(N, 3, H, W\) of torch.float32: in_channels=3", r"\[2, 1, 8, 8\] \(torch.float32\)",
+     "expected input.*to have 3 channels"),
+    ("dtype", r"it needs a 4-d input \(N, 3, H, W\) of torch.float32", r"\[2, 3, 8, 8\] \(torch.float64\)",
+     "input dtype torch.float64 and parameter dtype torch.float32 differ"),
+])
+def test_an_example_that_does_not_fit_a_layer_names_the_layer_its_line_and_what_it_needs(case, needs, got, cause):
+    """A 1-channel batch for a 3-channel stem, float64 inputs for float32 weights: the first layer that cannot run
+    them, the line of forward that calls it, what it got and needs, PyTorch's error chained, and a short traceback."""
+    import traceback
+
+    from models import ode_resnet
+    model = ode_resnet(width=4, stages=1, nt=1)
+    x = torch.randn(2, 1, 8, 8) if case == "channels" else torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(anode_plan.ExampleInputsError) as info:
+        anode_plan.compile(model, 10**9, (x,))
+    message = str(info.value)
+    assert "layer 'stem.0' (Conv2d(3, 4" in message and "models/odenet.py:" in message
+    assert re.search(needs, message) and re.search(f"got {got}", message) and re.search(cause, message)
+    assert re.search(cause, str(info.value.__cause__))
+    assert len(traceback.format_exception(info.value)) < 30  # not the fake-tensor machinery's 100 lines
+
+
+def test_an_example_with_too_few_features_for_a_linear_layer():
+    with pytest.raises(anode_plan.ExampleInputsError, match=r"in_features=6 of torch.float64.*got \[5, 4\]"):
+        anode_plan.compile(_mlp(), 10**9, (_x(features=4),))
 
 
 def test_missing_example_inputs():
