@@ -14,6 +14,23 @@ one, ``tests/test_batch.py``, not equal), so the answer is then *confirmed* by m
 the chain for real at it and at one more: the search ends only when the measured chain at the
 answer fits and the measured chain one batch above does not. Each confirmation that
 fails becomes a measured point for the next prediction.
+
+Measuring a chain runs the model at that batch for real, so its time and memory grow with
+the batch. Each measurement is logged before it starts (``"anode_plan.batch"`` logger at
+``INFO``; ``tools/plan_report.py`` prints it) with the time it is expected to take (the
+nearest measured batch's, scaled by the batch) and the memory, and after it with what it
+took. Measuring allocates more than a training step under a tight plan: the cost model's
+runs tape whole stages (the default ODE-ResNet's measurement at batch 1,200 allocated
+1,139 MiB at once, 1.9 times its smallest schedule's budget and half its store-all one,
+on the 2-core EPYC CPU with torch 2.14.1 and two threads),
+so each measurement's peak is metered (:class:`~anode_plan.memory.AllocatorMeter`) and
+the next one's is predicted on their line, which grows with the batch as the chains do.
+Before measuring a batch the search predicts what it needs, to measure it and to train it
+(the plan's step peak plus the batch of inputs, which a budget excludes), and compares
+that with the memory the device has free (:func:`available_memory`). When it needs more,
+nothing is allocated: the search stops there, at the largest batch confirmed so far, and
+says so (:attr:`BatchSearch.limited_by` is ``"machine memory"``; :attr:`BatchSearch.stopped`
+has the numbers and a budget that keeps a search within the machine).
 """
 
 from __future__ import annotations
@@ -34,6 +51,7 @@ from anode_plan.calibrate import UNCALIBRATED_MARGIN
 from anode_plan.compiler import Plan, plan_for_budget
 from anode_plan.costmodel import lower_to_chain
 from anode_plan.errors import AnodePlanError, ExampleInputsError, InfeasibleBudgetError
+from anode_plan.memory import AllocatorMeter
 from anode_plan.trace import TracedModel, trace_model
 from planners import Chain, format_bytes
 from planners.chain import WORKSPACE_FIELDS
@@ -88,28 +106,60 @@ class MachineMemory:
 class MachineMemoryStop:
     """Where :func:`search_batch_size` stopped short of the budget: ``batch`` needs more memory than the device has.
 
-    ``step_peak_bytes`` is the plan's predicted peak at ``batch`` (or, where no plan fits
-    the budget, the smallest budget one needs), predicted on the line through the measured
-    chains; ``input_bytes`` the batch of inputs, which a budget excludes. Their sum,
-    ``needed_bytes``, is over ``memory.available_bytes``, read before anything at
-    ``batch`` was allocated.
+    Predicted on the measured chains' line, before anything at ``batch`` was allocated:
+    ``measuring_bytes``, the most that measuring its chain would allocate at once (on the
+    line through what measuring the smaller batches did; ``None`` where it cannot be
+    metered), and ``step_peak_bytes`` + ``input_bytes``, what a training step under its
+    plan needs (the plan's peak, or where no plan fits the budget the smallest budget one
+    needs, plus the batch of inputs, which a budget excludes). ``needed_bytes``, the larger,
+    is over ``memory.available_bytes``. ``largest_batch_within`` is the largest batch
+    predicted to fit the memory (at least the largest confirmed). Where it is larger,
+    ``budget_within_bytes`` is the smallest budget the batch below it needs: a search
+    under at most that budget answers below ``largest_batch_within``, and the batch past
+    its answer that it measures to confirm it fits the memory too.
     """
 
     batch: int
     step_peak_bytes: int
     input_bytes: int
+    measuring_bytes: int | None
     memory: MachineMemory
+    largest_batch_within: int
+    budget_within_bytes: int | None
 
     @property
     def needed_bytes(self) -> int:
-        return self.step_peak_bytes + self.input_bytes
+        return max(self.step_peak_bytes + self.input_bytes, self.measuring_bytes or 0)
 
     def describe(self) -> str:
-        """``batch 30511 needs 16.42 GiB (...) and the cpu has 11.20 GiB available (MemAvailable in /proc/meminfo)``."""
-        return (f"batch {self.batch} needs {format_bytes(self.needed_bytes)} (predicted step peak "
-                f"{format_bytes(self.step_peak_bytes)} + input batch {format_bytes(self.input_bytes)}) and the "
-                f"{self.memory.device} has {format_bytes(self.memory.available_bytes)} available "
-                f"({self.memory.source})")
+        """``batch 30511 needs 28.39 GiB to measure and 15.26 GiB (...) to train, and the cpu has 20.80 GiB ...``."""
+        measure = "" if self.measuring_bytes is None else f"{format_bytes(self.measuring_bytes)} to measure and "
+        return (f"batch {self.batch} needs {measure}{format_bytes(self.step_peak_bytes + self.input_bytes)} to train "
+                f"(predicted step peak {format_bytes(self.step_peak_bytes)} + input batch "
+                f"{format_bytes(self.input_bytes)}), and the {self.memory.device} has "
+                f"{format_bytes(self.memory.available_bytes)} available ({self.memory.source})")
+
+    def advice(self) -> str:
+        """How to search within this machine: the budget that its largest batch within memory needs."""
+        if self.budget_within_bytes is None:
+            return f"no batch above {self.largest_batch_within} fits this machine's memory"
+        return (f"batches up to about {self.largest_batch_within} fit this machine's memory; a budget up to "
+                f"{format_bytes(self.budget_within_bytes)} ({self.budget_within_bytes} bytes, the least batch "
+                f"{self.largest_batch_within - 1} needs) keeps the search within it")
+
+
+@dataclass(frozen=True)
+class BatchMeasurement:
+    """One chain :func:`search_batch_size` measured: how long it took, and the most it allocated at once.
+
+    ``peak_bytes`` is the allocator's count of the whole measurement (inputs, the cost
+    model's runs, calibration) on the CPU; on CUDA, what the caching allocator holds
+    reserved after it, beyond what was allocated before (a bound); ``None`` elsewhere.
+    """
+
+    batch: int
+    seconds: float
+    peak_bytes: int | None
 
 
 class MachineMemoryError(AnodePlanError, MemoryError):
@@ -132,7 +182,7 @@ class BatchSearch:
     ``batch`` is the answer (0: not one sample fits) and ``plan`` the plan measured at it;
     ``points`` every batch evaluated, predicted or measured; ``measured_chains`` the chains
     measured (at ``measured_batches``), from which :func:`batch_curve` predicts others, and
-    ``measure_seconds`` how long each measurement took.
+    ``measurements`` what each measurement took (time, memory).
 
     ``limited_by`` says what ends the search above ``batch``: ``"budget"`` or
     ``"max_overhead"`` (the measured chain at ``batch + 1`` does not fit them),
@@ -153,7 +203,7 @@ class BatchSearch:
     example_inputs: tuple[torch.Tensor, ...]  # meta tensors: the inputs' shapes and dtypes
     limited_by: str = "budget"
     stopped: MachineMemoryStop | None = None
-    measure_seconds: tuple[tuple[int, float], ...] = ()
+    measurements: tuple[BatchMeasurement, ...] = ()
 
     @property
     def measured_batches(self) -> tuple[int, ...]:
@@ -279,20 +329,27 @@ def search_batch_size(model: nn.Module, memory_budget: int | float | str, exampl
         return traced_at[batch]
 
     measured: dict[int, Chain] = {}
-    seconds: dict[int, float] = {}
+    measurements: dict[int, BatchMeasurement] = {}
     points: dict[tuple[int, bool], BatchPoint] = {}
     plans: dict[int, Plan] = {}
     device = example_inputs[0].device
     sample_bytes = sum(x.numel() // x.shape[0] * x.element_size() for x in example_inputs)
 
+    def measuring_bytes(batch: int) -> int | None:
+        """What measuring the chain at ``batch`` allocates at once, on the line through the measurements so far."""
+        peaks = {m.batch: m.peak_bytes for m in measurements.values() if m.peak_bytes is not None}
+        return _on_line(peaks, batch) if peaks else None
+
     def measure(batch: int) -> Chain:
         if batch not in measured:
-            _log.info("max batch: measuring the chain at batch %d%s", batch, _expected_time(batch, seconds))
+            _log.info("max batch: measuring the chain at batch %d%s", batch,
+                      _expectation(batch, measurements, measuring_bytes(batch)))
             began = time.perf_counter()
-            measured[batch] = lower_to_chain(model, traced_for(batch), batch_inputs(example_inputs, batch),
-                                             calibrate=calibrate)
-            seconds[batch] = time.perf_counter() - began
-            _log.info("max batch: measured batch %d in %s", batch, _duration(seconds[batch]))
+            measured[batch], peak = _metered(lambda: lower_to_chain(
+                model, traced_for(batch), batch_inputs(example_inputs, batch), calibrate=calibrate), device)
+            measurements[batch] = BatchMeasurement(batch, time.perf_counter() - began, peak)
+            _log.info("max batch: measured batch %d in %s%s", batch, _duration(measurements[batch].seconds),
+                      "" if peak is None else f", {format_bytes(peak)} at the peak")
         return measured[batch]
 
     def predicted(batch: int) -> BatchPoint:
@@ -306,11 +363,23 @@ def search_batch_size(model: nn.Module, memory_budget: int | float | str, exampl
                 plans[batch] = plan
         return points[(batch, real)]
 
+    def needed_bytes(batch: int) -> int:
+        """Measuring or training ``batch``, whichever needs more, as predicted (nothing allocated)."""
+        return max(predicted(batch).step_bytes + batch * sample_bytes, measuring_bytes(batch) or 0)
+
     def over_machine(batch: int) -> MachineMemoryStop | None:
-        """Whether measuring ``batch`` needs more memory than the device has free, as predicted (nothing allocated)."""
+        """Where ``batch`` needs more memory than the device has free, why; else ``None``."""
         free = available_memory(device)
-        stop = MachineMemoryStop(batch, predicted(batch).step_bytes, batch * sample_bytes, free) if free else None
-        return stop if stop is not None and stop.needed_bytes > free.available_bytes else None
+        if free is None or needed_bytes(batch) <= free.available_bytes:
+            return None
+        within = _bisect(fit, batch, lambda b: needed_bytes(b) <= free.available_bytes)
+        smallest = None
+        if within > fit:  # a search whose answer is within - 1 measures within to confirm it
+            below = within - 1
+            smallest = _evaluate(chain_at(measured, below), first_trace, example_inputs, below, 1, planner, margin,
+                                 None, below in measured)[0].min_budget_bytes
+        return MachineMemoryStop(batch, predicted(batch).step_bytes, batch * sample_bytes, measuring_bytes(batch),
+                                 free, within, smallest)
 
     base = example_inputs[0].shape[0]
     measure(base)
@@ -342,20 +411,53 @@ def search_batch_size(model: nn.Module, memory_budget: int | float | str, exampl
     limited_by = "machine memory" if stopped is not None else \
         "max_batch" if fail > max_batch else predicted(fail).excluded_by
     ordered = tuple(sorted(points.values(), key=lambda p: (p.batch, p.measured)))
+    spent = sum(m.seconds for m in measurements.values())
     _log.info("max batch: largest batch under %s: %d, limited by %s (%d chains measured in %s, %d points)",
-              format_bytes(budget), fit, limited_by, len(measured), _duration(sum(seconds.values())), len(ordered))
+              format_bytes(budget), fit, limited_by, len(measured), _duration(spent), len(ordered))
     return BatchSearch(fit, plans.get(fit), ordered, traced_for(fit) if fit else first_trace,
                        tuple(sorted(measured.items())), budget, max_overhead, margin, _shaped(example_inputs, 1),
-                       limited_by=limited_by, stopped=stopped, measure_seconds=tuple(sorted(seconds.items())))
+                       limited_by=limited_by, stopped=stopped,
+                       measurements=tuple(measurements[b] for b in sorted(measurements)))
 
 
-def _expected_time(batch: int, seconds: dict[int, float]) -> str:
-    """``" (expect about 12 s: batch 48 took 1.3 s, scaled by batch)"``, from the nearest batch measured."""
-    if not seconds:
+def _metered(measure: Callable[[], Chain], device: torch.device) -> tuple[Chain, int | None]:
+    """``measure()``, and the most memory it allocated at once on ``device`` (:class:`BatchMeasurement`)."""
+    if device.type == "cpu":
+        with AllocatorMeter(device) as meter:
+            chain = measure()
+        return chain, meter.peak_bytes()
+    if device.type == "cuda":
+        # The cost model's own meters reset the allocator's peak statistics, so the peak is
+        # bounded instead by what the caching allocator holds reserved afterwards (it keeps
+        # the blocks it reserved until empty_cache), from a cache emptied first.
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_allocated(device)
+        chain = measure()
+        torch.cuda.synchronize(device)
+        return chain, torch.cuda.memory_reserved(device) - before
+    return measure(), None
+
+
+def _on_line(values: dict[int, int], batch: int) -> int:
+    """The value at ``batch`` on the line through the two nearest batches of ``values`` (in proportion, with one)."""
+    nearest = sorted(values, key=lambda b: (abs(b - batch), -b))[:2]
+    if len(nearest) == 1:
+        return math.ceil(values[nearest[0]] * batch / nearest[0])
+    (a, value_a), (b, value_b) = ((n, values[n]) for n in nearest)
+    return max(0, math.ceil(value_a + (value_b - value_a) * (batch - a) / (b - a)))
+
+
+def _expectation(batch: int, measurements: dict[int, BatchMeasurement], peak_bytes: int | None) -> str:
+    """``" (expect about 12 s and 45.60 MiB: batch 48 took 8.1 s, time scaled by batch, memory on the line)"``."""
+    if not measurements:
         return ""
-    nearest = min(seconds, key=lambda b: (abs(b - batch), -b))
-    expected = seconds[nearest] * batch / nearest
-    return f" (expect about {_duration(expected)}: batch {nearest} took {_duration(seconds[nearest])}, scaled by batch)"
+    nearest = min(measurements, key=lambda b: (abs(b - batch), -b))
+    expected = measurements[nearest].seconds * batch / nearest
+    memory = "" if peak_bytes is None else f" and {format_bytes(peak_bytes)}"
+    line = "" if peak_bytes is None else ", memory on the line through the measured batches"
+    return (f" (expect about {_duration(expected)}{memory}: batch {nearest} took "
+            f"{_duration(measurements[nearest].seconds)}, time scaled by batch{line})")
 
 
 def _duration(seconds: float) -> str:
@@ -414,11 +516,9 @@ def max_batch_size(model: nn.Module, memory_budget: int | float | str, example_i
     found = search_batch_size(model, memory_budget, example_inputs, max_overhead=max_overhead, planner=planner,
                               leaf_modules=leaf_modules, calibrate=calibrate)
     if found.stopped is not None:
-        free = found.stopped.memory.available_bytes
         raise MachineMemoryError(
             f"max_batch_size(memory_budget={memory_budget!r}) stopped at this machine's memory, not the budget: "
             f"{found.stopped.describe()}, so it was not measured. The largest batch confirmed to fit the budget is "
-            f"{found.batch}; a larger one may fit it on a device with more memory. Give a memory_budget below "
-            f"{format_bytes(free)} ({free} bytes) to find the largest batch this machine trains, or search on the "
-            f"machine the budget is for.", found.batch, found.stopped)
+            f"{found.batch}; a larger one may fit it on a device with more memory. Search on the machine the budget "
+            f"is for, or within this one: {found.stopped.advice()}.", found.batch, found.stopped)
     return found.batch

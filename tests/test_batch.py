@@ -105,14 +105,23 @@ def test_a_budget_beyond_the_machine_stops_at_its_memory_before_measuring_there(
     assert found.measured_batches == (4, 6)  # nothing measured past the examples' batch and the line's second point
     assert found.batch == 6 and found.plan is not None and found.plan.budget_bytes == budget
     assert stop.batch > 6 and stop.batch not in found.measured_batches
-    assert stop.needed_bytes == stop.step_peak_bytes + stop.input_bytes > stop.memory.available_bytes
+    assert stop.needed_bytes > stop.memory.available_bytes
     assert stop.input_bytes == stop.batch * x[0].numel() * x.element_size()
     predicted = next(p for p in found.points if p.batch == stop.batch and not p.measured)
     assert predicted.fits and stop.step_peak_bytes == predicted.peak_bytes <= budget
+    # Measuring a chain allocates in proportion to the batch: the stop's figure is on the line through the two.
+    (small, large) = [(m.batch, m.peak_bytes) for m in found.measurements]
+    slope = (large[1] - small[1]) / (large[0] - small[0])
+    assert slope > 0 and stop.measuring_bytes == pytest.approx(large[1] + slope * (stop.batch - large[0]), rel=1e-6)
+    assert stop.needed_bytes == max(stop.measuring_bytes, stop.step_peak_bytes + stop.input_bytes)
+    # The advice: the largest batch within the memory, and the smallest budget it needs, which keeps a search there.
+    assert 6 <= stop.largest_batch_within < stop.batch and stop.budget_within_bytes < budget
     lines = [record.getMessage() for record in caplog.records if record.name == "anode_plan.batch"]
     assert lines[0] == "max batch: measuring the chain at batch 4"
-    assert re.fullmatch(r"max batch: measuring the chain at batch 6 \(expect about [\d.]+ s: batch 4 took [\d.]+ s, "
-                        r"scaled by batch\)", lines[2]), lines
+    assert re.fullmatch(r"max batch: measured batch 4 in [\d.]+ s, [\d.]+ [KM]iB at the peak", lines[1]), lines
+    assert re.fullmatch(r"max batch: measuring the chain at batch 6 \(expect about [\d.]+ s and [\d.]+ [KM]iB: batch "
+                        r"4 took [\d.]+ s, time scaled by batch, memory on the line through the measured batches\)",
+                        lines[2]), lines
     assert any(line.startswith(f"max batch: stopped at the machine's memory, not the budget: batch {stop.batch} "
                                f"needs ") and "the largest batch confirmed is 6" in line for line in lines), lines
 
@@ -130,7 +139,8 @@ def test_max_batch_size_says_where_the_machine_stopped_it(tiny, monkeypatch):
     message = str(error)
     assert f"batch {error.stop.batch} needs {planners.format_bytes(error.stop.needed_bytes)}" in message
     assert "stopped at this machine's memory, not the budget" in message
-    assert "The largest batch confirmed to fit the budget is 6" in message and "Give a memory_budget below" in message
+    assert "The largest batch confirmed to fit the budget is 6" in message
+    assert message.endswith("or within this one: no batch above 6 fits this machine's memory.")
 
 
 def test_available_memory_is_at_most_the_machine_has():

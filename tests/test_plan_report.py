@@ -266,25 +266,35 @@ def test_max_batch_prints_the_search_the_curve_and_the_plan_at_the_answer(tool, 
     progress = captured.err
     measured = re.findall(r"^max batch: measuring the chain at batch (\d+)", progress, re.MULTILINE)
     assert measured[:2] == ["4", "6"] and str(found + 1) in measured  # each batch measured, as it starts
-    assert re.search(r"^max batch: measuring the chain at batch 6 \(expect about [\d.]+ s: batch 4 took [\d.]+ s",
-                     progress, re.MULTILINE)
+    assert re.search(r"^max batch: measuring the chain at batch 6 \(expect about [\d.]+ s and [\d.]+ KiB: batch 4 took "
+                     r"[\d.]+ s", progress, re.MULTILINE)
+    assert "chains measured at batches 4 (" in out and re.search(rf"{found} \([\d.]+ s, [\d.]+ KiB at the peak\)", out)
 
 
 def test_max_batch_past_the_machines_memory_says_where_it_stopped(tool, capsys, monkeypatch):
     """When the next batch to measure needs more memory than the machine has free, the tool stops there and says so
     (here a reading of 1 MB free against a 1 GB budget: the batch the search would measure after the examples' batch
-    and the line's second point is near the budget)."""
+    and the line's second point is near the budget), with a budget that keeps the search within the machine."""
     scarce = anode_plan.batch.MachineMemory(1_000_000, "cpu", "a test's reading")
     monkeypatch.setattr(anode_plan.batch, "available_memory", lambda device: scarce)
     assert tool.main([*TINY, "--budget", "1GB", "--max-batch"]) == 1
     captured = capsys.readouterr()
-    found = re.search(r"the search stopped at this machine's memory, not the budget: batch (\d+) needs ([\d.]+ \w+) "
-                      r"\(predicted step peak [\d.]+ \w+ \+ input batch [\d.]+ \w+\) and the cpu has 976.56 KiB "
-                      r"available \(a test's reading\), so it was not measured", captured.out)
+    found = re.search(r"the search stopped at this machine's memory, not the budget: batch (\d+) needs [\d.]+ \w+ to "
+                      r"measure and [\d.]+ \w+ to train \(predicted step peak [\d.]+ \w+ \+ input batch [\d.]+ \w+\), "
+                      r"and the cpu has 976.56 KiB available \(a test's reading\), so it was not measured", captured.out)
     assert found and int(found.group(1)) > 6, captured.out
-    assert "largest batch confirmed under 953.67 MiB (1000000000 bytes): 6 (chains measured at batches 4" in captured.out
-    assert "give a --budget below 976.56 KiB" in captured.out
+    assert re.search(r"largest batch confirmed under 953.67 MiB \(1000000000 bytes\): 6 \(chains measured at batches "
+                     r"4 \([\d.]+ s, [\d.]+ KiB at the peak\), 6 \(", captured.out), captured.out
     assert "max batch: stopped at the machine's memory, not the budget" in captured.err
+    advice = re.search(r"a larger batch may fit 953.67 MiB on a device with more memory; batches up to about (\d+) "
+                       r"fit this machine's memory; a budget up to [\d.]+ \w+ \((\d+) bytes, the least batch (\d+) "
+                       r"needs\) keeps the search within it", captured.out)
+    assert advice and int(advice.group(3)) == int(advice.group(1)) - 1, captured.out
+    # The advice holds: under that budget the search answers within the machine's memory, as the budget limits it.
+    assert tool.main([*TINY, "--budget", advice.group(2), "--max-batch"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"largest batch under [\d.]+ \w+ \({advice.group(2)} bytes\): {advice.group(3)}\n", out), out
+    assert f"batch {advice.group(3)} fits, batch {advice.group(1)} does not (over the budget)" in out
 
 
 def test_max_batch_needs_one_budget(tool, capsys):

@@ -218,15 +218,14 @@ def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
     limit = "" if args.max_overhead is None else f" within {args.max_overhead:.0%} recompute overhead"
     print(f"model {label}{' ' + str(kwargs) if kwargs else ''}, input {tuple(x.shape[1:])} per sample, "
           f"{args.dtype}, planner {args.planner}")
-    timings = ", ".join(f"{batch} ({seconds:.1f} s)" for batch, seconds in found.measure_seconds)
+    measured_at = ", ".join(map(_format_measurement, found.measurements))
     if found.stopped is not None:
-        free = found.stopped.memory.available_bytes
         print(f"\nthe search stopped at this machine's memory, not the budget: {found.stopped.describe()}, so it "
               f"was not measured")
         print(f"  largest batch confirmed under {format_bytes(budget)} ({budget} bytes){limit}: {found.batch} "
-              f"(chains measured at batches {timings})")
-        print(f"  a larger batch may fit {format_bytes(budget)} on a device with more memory; give a --budget below "
-              f"{format_bytes(free)} to find the largest batch this machine trains")
+              f"(chains measured at batches {measured_at})")
+        print(f"  a larger batch may fit {format_bytes(budget)} on a device with more memory; "
+              f"{found.stopped.advice()}")
         return 1
     print(f"\nlargest batch under {format_bytes(budget)} ({budget} bytes){limit}: {found.batch}")
     measured = {p.batch: p for p in found.points if p.measured}
@@ -236,10 +235,10 @@ def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
         fits = f"batch {found.batch} fits, batch {found.batch + 1} does not ({_EXCLUDED[found.limited_by]})"
     else:
         fits = f"batch 1 does not fit ({_EXCLUDED[found.limited_by]})"
-    print(f"  confirmed on measured chains: {fits}; chains measured at batches {timings}")
+    print(f"  confirmed on measured chains: {fits}; chains measured at batches {measured_at}")
     batches = sorted({max(1, round(found.batch * k / 8)) for k in range(1, 11)} | {found.batch, found.batch + 1})
     curve = anode_plan.batch_curve(found, batches, planner)
-    print("\n  batch  predicted peak  recompute overhead  fits")
+    print("\n  batch    predicted peak  recompute overhead  fits")
     for point in curve:
         point = measured.get(point.batch, point)
         peak = format_bytes(point.peak_bytes) if point.peak_bytes is not None else \
@@ -247,7 +246,7 @@ def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
         overhead = f"{point.overhead:+.1%}" if point.overhead is not None else "-"
         mark = ("yes" if point.fits else f"no, {_EXCLUDED[point.excluded_by]}") + \
             (" (measured)" if point.measured else "")
-        print(f"  {point.batch:>5}  {peak:>14}  {overhead:>18}  {mark}")
+        print(f"  {point.batch:>5}  {peak:>16}  {overhead:>18}  {mark}")
     if found.plan is None:
         print(f"\nnot one sample fits {format_bytes(budget)}: give a larger budget")
         return 1
@@ -265,6 +264,12 @@ def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
         anode_plan.save_plan(found.plan, args.save)
         print(f"\nsaved the plan for batch {found.batch} to {args.save}")
     return 0
+
+
+def _format_measurement(measurement: anode_plan.batch.BatchMeasurement) -> str:
+    """``48 (4.1 s, 45.60 MiB at the peak)``: a measured batch, how long measuring took and the most it allocated."""
+    peak = "" if measurement.peak_bytes is None else f", {format_bytes(measurement.peak_bytes)} at the peak"
+    return f"{measurement.batch} ({measurement.seconds:.1f} s{peak})"
 
 
 # ------------------------------------------------------------------------------- a saved plan
