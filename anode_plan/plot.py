@@ -149,7 +149,7 @@ def plot_batch_curve(points: Sequence[Any], *, batch: int, budget_bytes: int, ma
     (the search's cap, drawn as a line when given). The legend names the budget, the peak,
     the cap and each shade.
     """
-    figure = _new_figure(8.0, 4.5)
+    figure = _new_figure(8.0, 5.0)
     ax = figure.subplots()
     ordered = sorted(points, key=lambda p: p.batch)
     feasible = [p for p in ordered if p.overhead is not None]
@@ -179,6 +179,7 @@ def plot_batch_curve(points: Sequence[Any], *, batch: int, budget_bytes: int, ma
                  label=f"budget {format_bytes(budget_bytes)}")
     twin.set_ylabel("predicted peak (MiB)")
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="upper left", fontsize=8)
+    # Below the axes, as the trade-off plot's: over them it would hide the curves at the budget.
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncols=3, fontsize=8, frameon=False)
     ax.set_title(title or f"the largest batch under {format_bytes(budget_bytes)}")
     return figure
