@@ -66,7 +66,7 @@ from planners.feasibility import infeasible_error
 from planners.rotor import ScheduleTable, dp_cuts
 from planners.rotor_events import HOLD_ALL, ChainEvents
 from planners.rotor_frontier import thinned
-from planners.schedule import Op, Region, Run, Schedule, count_regions, nesting_depth
+from planners.schedule import Op, Region, Run, Schedule, count_regions, counted, nesting_depth
 from planners.simulate import simulate_plan
 
 _log = logging.getLogger("anode_plan.planners.cpsat")
@@ -244,7 +244,7 @@ class CPSat:
 
     @staticmethod
     def _schedule(ops: tuple[Op, ...], model: "_Model", optimal: bool, peak: int) -> Schedule:
-        text = (f"CP-SAT over {len(model.cuts) - 1} positions: {count_regions(ops)} regions, nesting depth "
+        text = (f"CP-SAT over {len(model.cuts) - 1} positions: {counted(count_regions(ops), 'region')}, nesting depth "
                 f"{nesting_depth(ops)}, peak {peak} bytes" + ("" if optimal else " (feasible, not proven optimal)"))
         return Schedule(ops, planner="cp-sat", proven_optimal=optimal, description=text)
 

@@ -35,7 +35,7 @@ from planners.chain import Chain
 from planners.errors import InfeasibleBudgetError, format_bytes
 from planners.feasibility import infeasible_error
 from planners.revolve import fewest_snapshots, optimal_split, revolve_ops, useful_snapshots
-from planners.schedule import Op, Region, Run, Schedule, count_regions, nesting_depth
+from planners.schedule import Op, Region, Run, Schedule, count_regions, counted, nesting_depth
 from planners.simulate import Simulation, simulate_plan
 
 DP_UNIT_LIMIT = 40
@@ -132,7 +132,7 @@ class Nested:
             raise infeasible_error(chain, "nested", budget_bytes, smallest)
         _, peak, ops, what = best
         return Schedule(ops, planner="nested", proven_optimal=False,
-                        description=f"nested over {units} units ({what}): {count_regions(ops)} regions, nesting "
+                        description=f"nested over {units} units ({what}): {counted(count_regions(ops), 'region')}, nesting "
                                     f"depth {nesting_depth(ops)}, peak {format_bytes(peak)}")
 
 

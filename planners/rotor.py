@@ -70,7 +70,7 @@ from planners.revolve import revolve_ops
 from planners.rotor_events import HOLD_ALL, HOLD_NONE, ChainEvents
 from planners.rotor_frontier import Point, combined, lower_envelope, shifted, thinned
 from planners.rotor_two_level import BlockOptions, auto_block_chunks, macro_cuts
-from planners.schedule import Op, Region, Run, Schedule, count_regions, nesting_depth
+from planners.schedule import Op, Region, Run, Schedule, count_regions, counted, nesting_depth
 from planners.simulate import Simulation, simulate_plan
 
 FLAT_STAGE_LIMIT = 40
@@ -131,9 +131,9 @@ class ChainDP:
         # The two-level DP is exact too when every position is a cut (small blocks).
         exact_space = len(cuts) == len(chain.stages) + 1
         return Schedule(ops, planner="chain-dp", proven_optimal=exact_space and not table.thinned,
-                        description=f"{level}: {count_regions(ops)} regions, nesting depth {nesting_depth(ops)}, "
-                                    f"peak {format_bytes(simulation.peak_bytes)}, "
-                                    f"{simulation.recomputed_forwards} recomputed forwards")
+                        description=f"{level}: {counted(count_regions(ops), 'region')}, nesting depth "
+                                    f"{nesting_depth(ops)}, peak {format_bytes(simulation.peak_bytes)}, "
+                                    f"{counted(simulation.recomputed_forwards, 'recomputed forward')}")
 
 
 def dp_cuts(chain: Chain, two_level: bool | None = None, block_chunks: int | None = None) -> tuple[bool, list[int]]:

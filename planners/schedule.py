@@ -119,6 +119,11 @@ def _validate_ops(ops: tuple[Op, ...], start: int, stop: int, where: str) -> Non
         raise PlanInvariantError(f"{where}: covers stages [{start}, {cursor}) but must cover [{start}, {stop})")
 
 
+def counted(count: int, noun: str) -> str:
+    """``count`` and ``noun``, plural unless one: ``counted(1, "region")`` is ``"1 region"``."""
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def count_regions(ops: tuple[Op, ...]) -> int:
     """How many regions, nested ones included, a schedule has."""
     return sum(1 + count_regions(op.body) for op in ops if isinstance(op, Region))
