@@ -7,6 +7,8 @@ re-exported here so users need only this module.
 
 from __future__ import annotations
 
+from typing import Any
+
 from planners.errors import AnodePlanError, InfeasibleBudgetError, PlanInvariantError
 
 
@@ -103,7 +105,21 @@ class ApproximationSpecError(AnodePlanError, ValueError):
     """``compile(..., approximate=...)`` got something other than an approximation it knows (``anode_plan.XConv``)."""
 
 
+class MachineMemoryError(AnodePlanError, MemoryError):
+    """:func:`max_batch_size` stopped at the machine's memory before it reached the budget.
+
+    ``batch`` is the largest batch confirmed to fit the budget; ``stop`` (an
+    :class:`anode_plan.analysis.machine_memory.MachineMemoryStop`) says which batch would
+    not fit the device, with the numbers.
+    """
+
+    def __init__(self, message: str, batch: int, stop: Any) -> None:
+        super().__init__(message)
+        self.batch = batch
+        self.stop = stop
+
+
 __all__ = ["AnodePlanError", "ApproximationSpecError", "BackendSpecError", "CompileFallbackWarning", "SolverConfigError", "BudgetFormatError", "ExampleInputsError", "InfeasibleBudgetError",
            "InputMismatchError", "ODEBlockConfigError", "ODEFunctionError", "PlanFileError", "PlanInvariantError", "PlannerSpecError",
            "PlanMismatchError", "PlanOverBudgetError", "PlotUnavailableError", "UntraceableModelError",
-           "InPlaceModificationError", "NonFiniteStateError"]
+           "InPlaceModificationError", "NonFiniteStateError", "MachineMemoryError"]

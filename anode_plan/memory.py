@@ -24,7 +24,7 @@ convolutions take a scratch buffer per thread (plain autograd's step on the tiny
 of ``tests/factories.py``, batch 4 at 8×8: 144,492 bytes with one thread and 152,380 with
 two, on an AVX-512 CPU; 125,468 and 152,380 under ``ONEDNN_MAX_CPU_ISA=AVX2``), so a plan
 holds for the thread count it was measured at, and a compiled model plans again when
-it changes (:mod:`anode_plan.plan_cache`). Memory outside c10's
+it changes (:mod:`anode_plan.compiler.plan_cache`). Memory outside c10's
 allocator (malloc inside a third-party library) is not counted either, on any device.
 
 :class:`LiveStorageTracker`, a ``TorchDispatchMode`` that counts tensor storages, cannot

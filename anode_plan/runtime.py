@@ -16,9 +16,9 @@ schedule runs as written, with PyTorch's own machinery doing the bookkeeping, an
 * a re-run runs under the autocast state of the original forward;
 * BatchNorm running statistics are updated once per step: a re-run does not update
   them, by :class:`RestoreRunningStats` (the ``context_fn`` recompute context);
-* a :class:`planners.Reconstruct` runs as :func:`anode_plan.reconstruct.run_reconstruct`;
+* a :class:`planners.Reconstruct` runs as :func:`anode_plan.stages.reconstruct.run_reconstruct`;
 * a stage the schedule sketches (``Schedule.sketched``) runs its convolutions as XConv
-  (:class:`anode_plan.sketch.SketchedLayers`), in its first run and in every re-run;
+  (:class:`anode_plan.stages.sketch.SketchedLayers`), in its first run and in every re-run;
 * a region that writes into its own input in place (which would make its re-run start
   from the wrong values) raises :class:`~anode_plan.InPlaceModificationError` in forward.
   An input overwritten after the region ran is caught by autograd's version check when
@@ -42,86 +42,11 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import checkpoint
 
 from anode_plan.errors import InPlaceModificationError
-from anode_plan.reconstruct import run_reconstruct
-from anode_plan.sketch import SketchedLayers
-from anode_plan.trace import TracedModel, run_stage
+from anode_plan.model_state import RestoreRunningStats, norm_layers_with_stats
+from anode_plan.stages.reconstruct import run_reconstruct
+from anode_plan.stages.sketch import SketchedLayers
+from anode_plan.tracing.trace import TracedModel, run_stage
 from planners import Op, Reconstruct, Run
-
-
-class RestoreRunningStats:
-    """Keep a re-run forward from updating running statistics, allocating nothing where it can.
-
-    A re-run must compute exactly what the first run did but leave the running statistics
-    as the first run left them, and it must save the same tensors for backward (a
-    non-reentrant checkpoint matches saved tensors by position). Two ways, by layer:
-
-    * a BatchNorm layer with PyTorch's own ``_BatchNorm.forward`` (``BatchNorm1d/2d/3d``,
-      materialized lazy ones) is *frozen*: ``momentum`` 0 and ``num_batches_tracked``
-      hidden for the re-run, so it updates ``r <- 1·r + 0·batch = r`` in place and counts
-      nothing. Its output uses the batch's statistics either way, so it is unchanged,
-      and it saves the real buffers, so the re-run allocates nothing. (With a non-finite
-      batch statistic the step is lost anyway; ``0·inf`` would turn an infinite running
-      value into NaN.)
-    * any other layer that tracks running statistics (``SyncBatchNorm``, which insists on
-      ``num_batches_tracked``; ``InstanceNorm`` with ``track_running_stats``, whose update
-      averages over the batch; a subclass with its own ``forward``) gets throwaway copies
-      of ``running_mean``, ``running_var`` and ``num_batches_tracked`` for the re-run, and
-      the real buffers are put back, never written, on exit. The copies live until the
-      re-run's backward (BatchNorm saves them); :func:`copied_on_rerun` lists these layers
-      for the cost model, which charges them.
-
-    With ``in_place=True`` (compiled stages, ``backend="inductor"``) every layer instead
-    re-runs on its real buffers, which are copied first and written back on exit: a
-    compiled stage's guards see the same modules and buffers as in its first run, so the
-    re-run needs no compiled variant of its own. The copies (a few floats per channel)
-    live while the re-run runs.
-
-    Use it as the recompute context of a checkpoint region.
-    """
-
-    _NAMES = ("running_mean", "running_var", "num_batches_tracked")
-
-    def __init__(self, norm_layers: Sequence[nn.Module], *, in_place: bool = False) -> None:
-        self.norm_layers = norm_layers
-        self.in_place = in_place
-        self._real: list[tuple[nn.Module, str, torch.Tensor]] = []
-        self._frozen: list[tuple[nn.Module, Any]] = []
-        self._copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def __enter__(self) -> "RestoreRunningStats":
-        for layer in self.norm_layers:
-            if not layer.training:
-                continue
-            if self.in_place:
-                self._copies += [(buf, buf.detach().clone()) for name in self._NAMES
-                                 if (buf := layer._buffers.get(name)) is not None]
-                continue
-            if not updates_by_copy(layer):
-                self._frozen.append((layer, layer.momentum))
-                layer.momentum = 0.0
-                buf = layer._buffers.get("num_batches_tracked")
-                if buf is not None:
-                    self._real.append((layer, "num_batches_tracked", buf))
-                    layer._buffers["num_batches_tracked"] = None
-                continue
-            for name in self._NAMES:
-                buf = layer._buffers.get(name)
-                if buf is not None:
-                    self._real.append((layer, name, buf))
-                    layer._buffers[name] = buf.detach().clone()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        with torch.no_grad():
-            for buf, copy in self._copies:
-                buf.copy_(copy)
-        self._copies = []
-        for layer, name, buf in self._real:
-            layer._buffers[name] = buf
-        for layer, momentum in self._frozen:
-            layer.momentum = momentum
-        self._real = []
-        self._frozen = []
 
 
 class _Both(contextlib.AbstractContextManager):
@@ -144,22 +69,6 @@ class _Both(contextlib.AbstractContextManager):
             self.second.__exit__(*exc)
         finally:
             self.first.__exit__(*exc)
-
-
-def norm_layers_with_stats(root: nn.Module) -> list[nn.Module]:
-    """The norm layers whose forward updates running statistics."""
-    return [m for m in root.modules()
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats]
-
-
-def updates_by_copy(layer: nn.Module) -> bool:
-    """Whether :class:`RestoreRunningStats` re-runs ``layer`` on copies of its statistics (else frozen in place)."""
-    return type(layer).forward is not nn.modules.batchnorm._BatchNorm.forward
-
-
-def copied_on_rerun(root: nn.Module) -> list[nn.Module]:
-    """The norm layers a re-run in training mode gives copies of their running statistics."""
-    return [m for m in norm_layers_with_stats(root) if m.training and updates_by_copy(m)]
 
 
 class ReplayRandomState(contextlib.AbstractContextManager):
@@ -217,7 +126,7 @@ class ScheduleRunner:
         """``random_stages``: the stages that draw random numbers; regions holding one replay the RNG.
         ``sketch``: the stages that run with their convolutions sketched (XConv), and how.
         ``adaptive``: per adaptive ODE block, the checkpoints its solves keep.
-        ``compiled``: the stages as compiled functions (:class:`anode_plan.inductor.CompiledStages`), or ``None``."""
+        ``compiled``: the stages as compiled functions (:class:`anode_plan.stages.inductor.CompiledStages`), or ``None``."""
         self.adaptive = adaptive or {}
         self.compiled = compiled
         self.traced = traced

@@ -60,6 +60,8 @@ import logging
 from dataclasses import dataclass
 from math import inf
 
+from ortools.sat.python import cp_model
+
 from planners.chain import Chain, Stage, carries_values
 from planners.errors import AnodePlanError, PlanInvariantError
 from planners.feasibility import infeasible_error
@@ -353,8 +355,6 @@ class _Model:
     def solve(self, segments: list[_Segment], hint: list[int], budget_bytes: int | None
               ) -> tuple[tuple[Op, ...], bool] | None:
         """The cheapest path within the budget (``None``: the smallest peak); ``None`` if infeasible."""
-        from ortools.sat.python import cp_model  # imported here: the other planners need no OR-Tools
-
         planner, values = self.planner, self.values
         unit = planner.memory_unit_bytes
         up = lambda nbytes: -(-int(nbytes) // unit)  # noqa: E731 - sizes round up

@@ -1,0 +1,1 @@
+"""Looking at plans: reports, landmarks and trade-off curves, plots, and the largest batch for a budget."""

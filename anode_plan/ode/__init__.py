@@ -1,0 +1,1 @@
+"""The ODE block and the solvers: fixed-step tableaus, and the adaptive ``odeint`` with online checkpointing."""

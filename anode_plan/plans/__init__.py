@@ -1,0 +1,1 @@
+"""Plan: a schedule chosen for a budget on a measured chain, the checks it must pass, and plan files."""

@@ -1,0 +1,1 @@
+"""Capture: the model traced on fake tensors of the example's shapes and cut into stages (one per ODE step)."""
