@@ -34,7 +34,7 @@ def compiled_mode_section(report: CompareReport) -> list[str]:
         "",
         "`anode_plan.compile(model, <the peer's measured peak>, (x,), backend=\"inductor\")`: every stage compiled by "
         "`torch.compile(fullgraph=True, dynamic=False)` inside anode-plan's eager schedule, each compiled stage's "
-        "memory measured by the allocator and its time measured, then planned (`anode_plan/inductor.py`). "
+        "memory measured by the allocator and its time measured, then planned (`anode_plan/stages/inductor.py`). "
         f"Its first compile, before any torch.compile peer ran: {first.setup_s:.1f} s for the call, of which "
         f"{first.compile_s:.1f} s compiling its {first.stages} stages"
         + (f" ({len(first.eager_stages)} ran eager: " + "; ".join(f"{n}: {w}" for n, w in first.eager_stages) + ")"

@@ -1,7 +1,7 @@
 """Calibration cost (CPU): what ``compile(calibrate=True)`` adds, as a multiple of one training step.
 
 ``anode_plan.compile`` calibrates by default: it runs each distinct stage of the model once
-for real (:mod:`anode_plan.calibrate`) to measure what its kernels allocate inside
+for real (:mod:`anode_plan.measure.calibrate`) to measure what its kernels allocate inside
 themselves. This script times that on the demo model of ``tools/demo.py``
 (``ode_resnet(width=16, stages=3, nt=4, method='rk2', norm='batch', seed=0)``, batch 32,
 the demo's default budget: 40% of the way from the minimum to store-all), in one process,

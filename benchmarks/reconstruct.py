@@ -39,7 +39,6 @@ from torch import nn
 from _common import RESULTS_PATH, log, machine_info, mib, publish_section, source_version
 
 import anode_plan
-import planners
 
 SECTION_TITLE = "## Reversible blocks: reconstruct, checkpointing and Moonwalk"
 NTS = (8, 32, 128)

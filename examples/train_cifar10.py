@@ -52,7 +52,7 @@ from torchvision import transforms  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 import anode_plan  # noqa: E402
-from anode_plan.compiler import PLANNER_NAMES  # noqa: E402
+from anode_plan import PLANNER_NAMES  # noqa: E402
 from models import ModelConfigError, ode_resnet  # noqa: E402
 from planners import format_bytes  # noqa: E402
 

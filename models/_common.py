@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from anode_plan.errors import AnodePlanError
-from anode_plan.ode import METHODS
+from anode_plan.ode.block import METHODS
 
 NORMS = ("batch", "group")
 MAX_GROUPS = 8

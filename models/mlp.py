@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anode_plan.ode import ODEBlock
+from anode_plan import ODEBlock
 from models._common import ModelConfigError, build_seeded, check_positive_int, check_seed, check_solver
 
 

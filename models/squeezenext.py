@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anode_plan.ode import ODEBlock
+from anode_plan import ODEBlock
 from models._common import ModelConfigError, build_seeded, conv_norm_relu, make_norm
 from models.odenet import ODEClassifier, check_classifier_args, staged_body
 

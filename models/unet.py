@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from anode_plan.ode import ODEBlock
+from anode_plan import ODEBlock
 from models._common import (NORMS, build_seeded, check_choice, check_positive_int, check_seed, check_solver,
                             conv_norm_relu, make_norm)
 from models.odenet import ConvODEFunc

@@ -109,7 +109,7 @@ class Stage:
             bwd_workspace_bytes: the part of each of those four peaks that no tensor
             holds: memory kernels allocate and free inside themselves (convolution
             workspaces, internal copies), measured on the real device by
-            :mod:`anode_plan.calibrate`. Already included in the peaks; kept apart to say
+            :mod:`anode_plan.measure.calibrate`. Already included in the peaks; kept apart to say
             what a peak is made of.
         workspace_kernels: for each of those four workspaces, the kernel at its peak
             (``"aten::convolution_backward"``), or ``""``.

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 import anode_plan
 import planners
-from anode_plan.calibrate import UNCALIBRATED_MARGIN
+from anode_plan.measure.calibrate import UNCALIBRATED_MARGIN
 import published
 from models import ode_resnet
 from published import ODEfunc

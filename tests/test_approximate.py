@@ -13,7 +13,8 @@ from torch.nn import functional as F
 
 import anode_plan
 import planners
-from anode_plan.sketch import XConv2d, _layer_seed
+from anode_plan import XConv2d
+from anode_plan.stages.sketch import _layer_seed
 from factories import tiny_odenet
 from planners import Chain, Stage
 from planners.chain import Sketch

@@ -14,7 +14,8 @@ import anode_plan
 import factories
 import planners
 import published
-from anode_plan.batch import MachineMemoryError, available_memory, batch_inputs, interpolate_chain
+from anode_plan import MachineMemoryError, available_memory
+from anode_plan.analysis.batch_chains import batch_inputs, interpolate_chain
 from promise import assert_budget_promise, step_peak
 
 BUDGET = 12 * 2**20
@@ -98,7 +99,7 @@ def test_a_budget_beyond_the_machine_stops_at_its_memory_before_measuring_there(
     free = available_memory(x.device)
     assert free is not None  # Linux reads /proc/meminfo; elsewhere os.sysconf
     budget = 8 * free.available_bytes
-    with caplog.at_level(logging.INFO, logger="anode_plan.batch"):
+    with caplog.at_level(logging.INFO, logger="anode_plan.analysis.batch"):
         found = anode_plan.search_batch_size(model, budget, (x,), max_batch=1 << 50)
     stop = found.stopped
     assert found.limited_by == "machine memory" and stop is not None
@@ -116,7 +117,7 @@ def test_a_budget_beyond_the_machine_stops_at_its_memory_before_measuring_there(
     assert stop.needed_bytes == max(stop.measuring_bytes, stop.step_peak_bytes + stop.input_bytes)
     # The advice: the largest batch within the memory, and the smallest budget it needs, which keeps a search there.
     assert 6 <= stop.largest_batch_within < stop.batch and stop.budget_within_bytes < budget
-    lines = [record.getMessage() for record in caplog.records if record.name == "anode_plan.batch"]
+    lines = [record.getMessage() for record in caplog.records if record.name == "anode_plan.analysis.batch"]
     assert lines[0] == "max batch: measuring the chain at batch 4"
     assert re.fullmatch(r"max batch: measured batch 4 in [\d.]+ s, [\d.]+ [KM]iB at the peak", lines[1]), lines
     assert re.fullmatch(r"max batch: measuring the chain at batch 6 \(expect about [\d.]+ s and [\d.]+ [KM]iB: batch "
@@ -129,8 +130,8 @@ def test_a_budget_beyond_the_machine_stops_at_its_memory_before_measuring_there(
 def test_max_batch_size_says_where_the_machine_stopped_it(tiny, monkeypatch):
     """With less memory free than one more sample needs, max_batch_size raises, naming the batch confirmed."""
     model, x = tiny
-    scarce = anode_plan.batch.MachineMemory(1, "cpu", "a test's reading")
-    monkeypatch.setattr(anode_plan.batch, "available_memory", lambda device: scarce)
+    scarce = anode_plan.analysis.machine_memory.MachineMemory(1, "cpu", "a test's reading")
+    monkeypatch.setattr(anode_plan.analysis.batch, "available_memory", lambda device: scarce)
     with pytest.raises(MachineMemoryError) as info:
         anode_plan.max_batch_size(model, BUDGET, (x,))
     error = info.value

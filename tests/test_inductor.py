@@ -11,7 +11,6 @@ compiled once per module and its compiled stages are shared by the plans at ever
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch

@@ -275,8 +275,8 @@ def test_max_batch_past_the_machines_memory_says_where_it_stopped(tool, capsys, 
     """When the next batch to measure needs more memory than the machine has free, the tool stops there and says so
     (here a reading of 1 MB free against a 1 GB budget: the batch the search would measure after the examples' batch
     and the line's second point is near the budget), with a budget that keeps the search within the machine."""
-    scarce = anode_plan.batch.MachineMemory(1_000_000, "cpu", "a test's reading")
-    monkeypatch.setattr(anode_plan.batch, "available_memory", lambda device: scarce)
+    scarce = anode_plan.analysis.machine_memory.MachineMemory(1_000_000, "cpu", "a test's reading")
+    monkeypatch.setattr(anode_plan.analysis.batch, "available_memory", lambda device: scarce)
     assert tool.main([*TINY, "--budget", "1GB", "--max-batch"]) == 1
     captured = capsys.readouterr()
     found = re.search(r"the search stopped at this machine's memory, not the budget: batch (\d+) needs [\d.]+ \w+ to "

@@ -219,7 +219,7 @@ def test_a_missing_file_is_a_plan_file_error(tmp_path):
 
 def test_structure_digest_ignores_sizes_but_not_structure():
     x = torch.randn(2, 3, 8, 8)
-    digest = lambda model: anode_plan.planfile.structure_digest(anode_plan.trace_model(model, (x,)))  # noqa: E731
+    digest = lambda model: anode_plan.plans.serialise.structure_digest(anode_plan.trace_model(model, (x,)))  # noqa: E731
     base = digest(ode_resnet(width=4, stages=2, nt=3))
     assert base == digest(ode_resnet(width=8, stages=2, nt=3, seed=1))
     assert base != digest(ode_resnet(width=4, stages=2, nt=4))

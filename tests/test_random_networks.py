@@ -21,7 +21,7 @@ from torch.nn import functional as F
 import anode_plan
 import planners
 from promise import assert_budget_promise
-from anode_plan.ode import METHODS, REVERSIBLE
+from anode_plan.ode.block import METHODS, REVERSIBLE
 
 NORMS = ("none", "batch", "layer", "group")
 # The reversible methods are held to the promise on networks of their own

@@ -75,7 +75,7 @@ def test_the_batch_curve_says_why_each_batch_is_left_out():
     pytest.importorskip("matplotlib")
     from matplotlib.colors import to_rgba
 
-    from anode_plan.plot import EXCLUDED_SHADES
+    from anode_plan.analysis.plot import EXCLUDED_SHADES
     budget = 10 * 2**20
     points = [BatchPoint(b, True, b == 4, peak_bytes=2 * b * 2**20, overhead=0.05 * (b - 1)) for b in range(1, 5)]
     points.append(BatchPoint(5, False, True, peak_bytes=9 * 2**20, overhead=0.4))

@@ -1,6 +1,6 @@
 """Blocks built alike share one measurement, and the chain is the one measured block by block.
 
-The key (:mod:`anode_plan.sharing`) must separate anything that could change a step's
+The key (:mod:`anode_plan.measure.sharing`) must separate anything that could change a step's
 bytes or cost; these tests check the two halves of that: sharing gives the same chain,
 stage for stage, as measuring every block; and blocks that differ in a way shapes do
 not show (a hyper-parameter, train/eval mode, a parameter from outside the block) are
@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from torch import nn
 
 import anode_plan
-import anode_plan.costmodel as costmodel
+import anode_plan.measure.chain as costmodel
 from models import mlp_ode, ode_resnet, unet_ode
 from test_random_networks import build, net_specs
 from test_training import _SharedNet, _TupleStateNet
@@ -56,12 +56,12 @@ def test_sharing_is_sound_on_random_networks(spec):
     assert shared == alone
 
 
-_MEASURE = costmodel._measure
+_MEASURE = costmodel.measure_stage
 
 
 def _profiles_measured(model, x, monkeypatch, **kwargs):
     calls = []
-    monkeypatch.setattr(costmodel, "_measure", lambda spec, *a: calls.append(spec.name) or _MEASURE(spec, *a))
+    monkeypatch.setattr(costmodel, "measure_stage", lambda spec, *a: calls.append(spec.name) or _MEASURE(spec, *a))
     traced = anode_plan.trace_model(model, (x,))
     anode_plan.lower_to_chain(model, traced, (x,), calibrate=False, **kwargs)
     return calls

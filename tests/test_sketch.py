@@ -11,7 +11,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from anode_plan.sketch import XConv2d, expected_relative_error, supports
+from anode_plan import XConv2d
+
+from anode_plan.stages.sketch import expected_relative_error, supports
 
 
 def _layer(stride=1, padding=1, bias=True, shape=(3, 5, 3)):

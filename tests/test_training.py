@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import anode_plan
-import anode_plan.compiler as compiler_module
+import anode_plan.compiler.chains as compiler_module
 import anode_plan.runtime as runtime_module
 import planners
 from promise import assert_budget_promise

@@ -41,9 +41,10 @@ from torch.utils._pytree import tree_flatten
 from _common import input_shape, load_model, parse_budgets, parse_kwargs
 
 import anode_plan
-from anode_plan.compiler import PLANNER_NAMES as PLANNERS, measured_chain, with_backend
-from anode_plan.inductor import check_backend, compiled_stages_for
-from anode_plan.planfile import structure_digest
+from anode_plan import PLANNER_NAMES as PLANNERS
+from anode_plan.compiler.chains import measured_chain, with_backend
+from anode_plan.stages.inductor import check_backend, compiled_stages_for
+from anode_plan.plans.serialise import structure_digest
 from planners import format_bytes
 
 DEFAULT_MODEL = "ode_resnet"
@@ -266,7 +267,7 @@ def _report_max_batch(args: argparse.Namespace, planner, budget: int) -> int:
     return 0
 
 
-def _format_measurement(measurement: anode_plan.batch.BatchMeasurement) -> str:
+def _format_measurement(measurement: anode_plan.analysis.batch.BatchMeasurement) -> str:
     """``48 (4.1 s, 45.60 MiB at the peak)``: a measured batch, how long measuring took and the most it allocated."""
     peak = "" if measurement.peak_bytes is None else f", {format_bytes(measurement.peak_bytes)} at the peak"
     return f"{measurement.batch} ({measurement.seconds:.1f} s{peak})"
