@@ -9,7 +9,8 @@ Conventions (docs/guide.md states them for readers):
 * ```bash blocks: each command (lines joined at ``\\``, split at ``&&``) is a test of its own,
   run with ``subprocess`` in the block's folder, where ``tools/`` links to the checkout's.
   Commands are matched against ``COMMAND_RULES``: ``python tools/...`` and ``mkdir -p out`` run;
-  the commands ``SKIPPED_COMMANDS`` lists are skipped with its reason; any other command fails
+  the commands ``SKIPPED_COMMANDS`` lists (installing, the whole suite) are not run here, for
+  the reason it gives; any other command fails
   until a rule is added for it.
 * ```text blocks are output (reports, error messages, excerpts) and do not run; a
   ``<!-- output of the block above -->`` line before one lets ``tools/regen_docs.py`` reprint it.
@@ -272,6 +273,8 @@ class Runner:
 
 PROBLEMS: list[str] = []
 UNITS = collect_units(problems=PROBLEMS)
+NOT_RUN = [unit for unit in UNITS if unit.language == "bash" and skip_reason(unit.code)]
+RUN = [unit for unit in UNITS if unit not in NOT_RUN]
 
 
 @pytest.fixture(scope="module")
@@ -279,13 +282,20 @@ def runner(tmp_path_factory) -> Runner:
     return Runner(tmp_path_factory.mktemp("docs"))
 
 
-@pytest.mark.parametrize("unit", UNITS, ids=[unit.name for unit in UNITS])
+@pytest.mark.parametrize("unit", RUN, ids=[unit.name for unit in RUN])
 def test_block_runs(unit: Unit, runner: Runner) -> None:
-    reason = skip_reason(unit.code) if unit.language == "bash" else None
-    if reason:
-        pytest.skip(f"`{unit.code}`: {reason}")
     output = runner.run(unit)
     print(output)
+
+
+def test_the_commands_not_run_here_are_the_set_up_commands() -> None:
+    """Installing packages and the whole suite are not run by this test (``SKIPPED_COMMANDS`` says why); they are
+    the README's two set-up commands, which ``.ci/run`` runs, and their parts."""
+    assert NOT_RUN, "the README's set-up commands were not found"
+    for unit in NOT_RUN:
+        assert unit.code.startswith(tuple(SKIPPED_COMMANDS)), unit.name
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    assert 'pip install torch==2.14.1 torchvision==0.29.1 -e ".[test]" && python -m pytest -q' in ci
 
 
 def test_fences_are_labelled_and_chained() -> None:
