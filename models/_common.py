@@ -12,7 +12,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from anode_plan.errors import AnodePlanError
+from anode_plan import AnodePlanError
 from anode_plan.ode.block import METHODS
 
 NORMS = ("batch", "group")

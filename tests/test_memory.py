@@ -16,7 +16,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import anode_plan
-from anode_plan.memory import AllocatorMeter, LiveStorageTracker
+from anode_plan import AllocatorMeter, LiveStorageTracker
 
 MIB = 2**20
 

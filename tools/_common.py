@@ -15,7 +15,7 @@ if ROOT not in sys.path:
 
 import models  # noqa: E402  (needs ROOT on the path when run from a checkout)
 from anode_plan import parse_memory_budget  # noqa: E402
-from anode_plan.errors import BudgetFormatError  # noqa: E402
+from anode_plan import BudgetFormatError  # noqa: E402
 
 
 def parse_kwargs(pairs: list[str]) -> dict:
