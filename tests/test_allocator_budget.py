@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import copy
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -82,7 +84,9 @@ def test_allocator_peak_within_budget_from_the_minimum_to_store_all(lowered):
 
 
 def test_the_mnist_peak_is_a_convolution_backward_workspace():
-    """The stem's backward allocates two buffers the size of its activation inside the kernel."""
+    """The stem's backward allocates buffers inside the kernel, which calibration finds and the plan charges where
+    they occur. Their size is the CPU's kernel family's: with oneDNN's AVX2 and AVX-512 kernels two buffers the
+    size of the stem's activation (5.3 MiB each here), under SSE4.1 33 KB; so what is asserted follows from it."""
     model, x = mnist_odenet(), torch.randn(32, 1, 28, 28)
     traced = anode_plan.trace_model(model, (x,))
     chain = anode_plan.lower_to_chain(model, traced, (x,))
@@ -90,13 +94,16 @@ def test_the_mnist_peak_is_a_convolution_backward_workspace():
     stem = chain.stages[0]
     assert stem.workspace_kernels[3].startswith("aten::convolution_backward")
     assert stem.workspace_kernels[0].startswith("aten::conv2d")
-    assert stem.bwd_workspace_bytes >= activation  # two activation-sized buffers, one of which the storage view sees
+    assert stem.bwd_workspace_bytes > 0
     half = planners.simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=1 << 60)).peak_bytes // 2
     plan = anode_plan.plan_for_budget(chain, traced, (x,), half)
-    assert plan.simulation.breakdown()["workspace"] >= activation
-    assert plan.simulation.peak_kernel.startswith("aten::convolution_backward")
     measured = _step_peak(anode_plan.CompiledModel(model, traced, plan), model, x, torch.randint(0, 10, (32,)))
-    assert measured.kernel.startswith("aten::convolution_backward")
+    if stem.bwd_workspace_bytes >= activation:  # oneDNN's AVX2 / AVX-512 convolution backward: the step's peak
+        assert plan.simulation.breakdown()["workspace"] >= activation
+        assert plan.simulation.peak_kernel.startswith("aten::convolution_backward")
+        assert measured.kernel.startswith("aten::convolution_backward")
+    if plan.simulation.peak_kernel:  # a workspace in the predicted peak is the kernel the allocator saw peak
+        assert measured.kernel.startswith(plan.simulation.peak_kernel.split(" ")[0])
     assert_budget_promise(measured.peak_bytes, plan.predicted_peak_bytes, half, "mnist at half of store-all")
 
 
@@ -111,9 +118,12 @@ def test_a_budget_between_the_peaks_without_and_with_workspaces_names_the_kernel
         anode_plan.compile(model, budget, (x,))
     error = info.value
     assert error.min_budget_bytes == with_workspaces
-    assert error.breakdown["workspace"] > 0
     message = str(error)
-    assert "workspace" in message and "aten::convolution_backward" in message and str(with_workspaces) in message
+    assert str(with_workspaces) in message
+    if error.breakdown["workspace"] > 0:  # the smallest schedule peaks inside a kernel: the message names it
+        assert re.search(r"the workspace [\d.]+ \w+ is what aten::\w+( \(aten::\w+\))? allocates inside itself", message), message
+    if error.breakdown["workspace"] >= 32 * 64 * 26 * 26 * 4:  # oneDNN's AVX2 / AVX-512 convolution backward
+        assert "aten::convolution_backward" in message
 
 
 def test_a_plan_saved_without_workspaces_is_rechecked_and_refused(tmp_path):
