@@ -1,4 +1,4 @@
-"""Memory budgets: parse one (``"4GB"``, ``"512MiB"``, ``"1.5 GiB"`` or an int of bytes), and
+"""Memory budgets: parse one (``"4GB"``, ``"512MiB"``, ``"1.5 GiB"``, or a number of bytes), and
 say how much of it a plan may use.
 
 Decimal units are SI (``KB`` = 10³, ``MB`` = 10⁶, ``GB`` = 10⁹, ``TB`` = 10¹² bytes);
