@@ -196,11 +196,13 @@ class AllocatorMeter:
     synchronises the device and reads the caching allocator's statistics. Meters nest:
     one entered inside another (a training step that plans again, and so calibrates,
     while it is measured) suspends the outer one's profiling session and hands its
-    events back when it ends, so each sees everything in its window. See the module
-    docstring for what the CPU meter cannot see.
+    events back when it ends; on CUDA, each reset of the device's peak statistic first
+    folds the peak so far into every meter active on the device. So each sees
+    everything in its window. See the module docstring for what the CPU meter cannot see.
     """
 
     _active: list["AllocatorMeter"] = []  # the CPU meters entered and not yet left, innermost last
+    _active_cuda: list["AllocatorMeter"] = []  # the CUDA meters entered and not yet left
 
     def __init__(self, device: str | torch.device = "cpu") -> None:
         self.device = torch.device(device)
@@ -211,6 +213,7 @@ class AllocatorMeter:
         self._levels: list[int] = []           # CPU: bytes allocated after each allocation event
         self._positions: list[int] = []        # CPU: per mark, the number of allocation events before it
         self._profile: Any = None
+        self._peak_before_reset = 0  # CUDA: the most allocated since this meter's last mark, across others' resets
         self._done = False
         self._name = f"{_MARK}{id(self):x}#"
 
@@ -221,7 +224,8 @@ class AllocatorMeter:
     def __enter__(self) -> "AllocatorMeter":
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
+            self._active_cuda.append(self)
+            self._reset_cuda_peak()
         else:
             if self._active:
                 self._active[-1]._stop_session()
@@ -246,17 +250,28 @@ class AllocatorMeter:
         self._count += 1
         if self.is_cuda:
             torch.cuda.synchronize(self.device)
-            self._marks.append((torch.cuda.memory_allocated(self.device), torch.cuda.max_memory_allocated(self.device)))
-            torch.cuda.reset_peak_memory_stats(self.device)
+            peak = max(self._peak_before_reset, torch.cuda.max_memory_allocated(self.device))
+            self._marks.append((torch.cuda.memory_allocated(self.device), peak))
+            self._reset_cuda_peak()
+            self._peak_before_reset = 0
         else:
             with torch.profiler.record_function(f"{self._name}{index}"):
                 pass
         return index
 
+    def _reset_cuda_peak(self) -> None:
+        """Reset the device's peak statistic, keeping the peak so far for every meter active on the device."""
+        peak = torch.cuda.max_memory_allocated(self.device)
+        for meter in self._active_cuda:
+            if meter.device == self.device:
+                meter._peak_before_reset = max(meter._peak_before_reset, peak)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
     def __exit__(self, *exc: Any) -> None:
         self.mark()
         self._done = True
         if self.is_cuda:
+            self._active_cuda.remove(self)
             return
         self._stop_session()
         self._active.pop()

@@ -91,8 +91,7 @@ class BatchMeasurement:
     """One chain :func:`search_batch_size` measured: how long it took, and the most it allocated at once.
 
     ``peak_bytes`` is the allocator's count of the whole measurement (inputs, the cost
-    model's runs, calibration) on the CPU; on CUDA, what the caching allocator holds
-    reserved after it, beyond what was allocated before (a bound); ``None`` elsewhere.
+    model's runs, calibration) on the CPU and on CUDA; ``None`` on other devices.
     """
 
     batch: int

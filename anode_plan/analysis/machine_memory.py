@@ -106,22 +106,14 @@ def available_memory(device: torch.device | str) -> MachineMemory | None:
 
 
 def metered(measure: Callable[[], Chain], device: torch.device) -> tuple[Chain, int | None]:
-    """``measure()``, and the most memory it allocated at once on ``device`` (:class:`BatchMeasurement`)."""
-    if device.type == "cpu":
-        with AllocatorMeter(device) as meter:
-            chain = measure()
-        return chain, meter.peak_bytes()
-    if device.type == "cuda":
-        # The cost model's own meters reset the allocator's peak statistics, so the peak is
-        # bounded instead by what the caching allocator holds reserved afterwards (it keeps
-        # the blocks it reserved until empty_cache), from a cache emptied first.
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated(device)
+    """``measure()``, and the most memory it allocated at once on ``device``, as the allocator counts it
+    (:class:`~anode_plan.memory.AllocatorMeter`, which the cost model's own meters nest inside); ``None`` on a
+    device without one."""
+    if device.type not in ("cpu", "cuda"):
+        return measure(), None
+    with AllocatorMeter(device) as meter:
         chain = measure()
-        torch.cuda.synchronize(device)
-        return chain, torch.cuda.memory_reserved(device) - before
-    return measure(), None
+    return chain, meter.peak_bytes()
 
 
 def on_line(values: dict[int, int], batch: int) -> int:
