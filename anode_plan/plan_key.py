@@ -11,13 +11,11 @@ numbers only in training), or, on CUDA,
 other cuDNN and TF32 settings (``cudnn.benchmark`` picks algorithms with other
 workspaces, and the plan was calibrated under the settings it saw), or, on the CPU,
 another intra-op thread count or oneDNN switched on or off (oneDNN's convolutions take a
-scratch buffer per thread: the smallest schedule of the tiny ODE-net of
-``tests/factories.py``, batch 4 at 8×8, measured 63,843 bytes with one thread and 71,732
-with two, on an AVX-512 CPU). So
-:class:`CompiledModel` describes each training call by a :class:`PlanKey` plus its batch
-sizes, runs the cached plan with the same key and the smallest batch that covers the
-call, and otherwise measures and plans again (about as long as ``compile`` took). A
-plan that cannot fit raises :class:`~anode_plan.InfeasibleBudgetError` instead.
+scratch buffer per thread: plain autograd's step on the tiny ODE-net of
+``tests/factories.py`` peaks at 144,492 bytes with one thread and 152,380 with two, as
+the allocator counts it on an AVX-512 CPU; :mod:`anode_plan.memory`). A call is described
+by a :class:`PlanKey` plus its batch sizes; :mod:`anode_plan.compiler.plan_cache` finds
+the plan for it.
 """
 
 from __future__ import annotations

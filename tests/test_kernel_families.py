@@ -1,8 +1,9 @@
 """The budget promise under the other CPU kernel families, on whatever CPU runs the suite.
 
 oneDNN and ATen pick their kernels, and so their workspaces, by the instructions the CPU has:
-an AMD EPYC with AVX2 only and an AVX-512 machine measure different chains for one model
-(the tiny test ODE-net's smallest schedule: 44,817 B against 63,843 B). Every test derives its
+an AMD EPYC with AVX2 only and an AVX-512 machine measure different peaks for one model (plain
+autograd's step on the tiny test ODE-net, as the allocator counts it at one thread: 125,468 B under
+AVX2 kernels, 144,492 B under AVX-512; ``anode_plan/memory.py``). Every test derives its
 budgets from what it measures, so the promise must hold on any family; these runs hold the
 tests that once failed on an AVX2-only CPU, and the allocator-budget tests, to it on this
 machine by capping the instruction sets (``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``).

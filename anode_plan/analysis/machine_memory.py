@@ -1,9 +1,8 @@
 """The memory a device has free, and what measuring a chain at a batch allocates: where a batch search must stop.
 
 Measuring a chain runs the model at that batch for real, and allocates more than a training
-step under a tight plan (the default ODE-ResNet's measurement at batch 1,200 allocated
-1,139 MiB at once, 1.9 times its smallest schedule's budget, on the 2-core EPYC CPU with
-torch 2.14.1 and two threads), so :func:`anode_plan.analysis.batch.search_batch_size` meters
+step under a tight plan (:mod:`anode_plan.analysis.batch` gives the numbers), so
+:func:`anode_plan.analysis.batch.search_batch_size` meters
 each measurement (:func:`metered`) and compares what the next one needs with what is free
 (:func:`available_memory`) before allocating it.
 """
