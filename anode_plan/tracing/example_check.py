@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicO
 from torch.utils._pytree import tree_flatten
 
 from anode_plan.errors import ExampleInputsError
+from anode_plan.ode.block import ODEBlock
 from anode_plan.tracing.capture import Unknown, user_line
 
 _NEEDS_VALUES = (DataDependentOutputException, DynamicOutputShapeException)
@@ -35,7 +36,7 @@ def _dtype_mismatch(root: nn.Module, node: fx.Node, values: Mapping[fx.Node, Any
     if node.op != "call_module" or any(torch.is_autocast_enabled(d) for d in ("cpu", "cuda")):
         return None
     module = root.get_submodule(node.target)
-    if not (type(module).__module__.startswith("torch.nn") or type(module).__name__ == "ODEBlock"):
+    if not (type(module).__module__.startswith("torch.nn") or isinstance(module, ODEBlock)):
         return None
     params = {p.dtype for p in module.parameters() if p.is_floating_point()}
     inputs = {t.dtype for arg in node.all_input_nodes for t in tree_flatten(values.get(arg))[0]
