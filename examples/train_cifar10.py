@@ -296,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainScriptError("--device cuda was given but torch sees no CUDA device; use --device cpu")
-    budget = int(args.budget) if args.budget and args.budget.isdigit() else args.budget  # bare digits: bytes
+    budget = args.budget  # a string: "300MB", "256MiB", or bare digits (bytes)
     if budget is not None:
         anode_plan.parse_memory_budget(budget)  # a malformed budget fails before any data is read
     saved = load_checkpoint(args.resume, args) if args.resume else None
