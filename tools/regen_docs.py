@@ -25,6 +25,8 @@ from pathlib import Path
 
 os.environ["OMP_NUM_THREADS"] = "1"  # as the docs test runs; set before torch is imported
 
+import torch  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 _OUTPUT = re.compile(r"<!--\s*output of the block above(?:, first (\d+) lines)?\s*-->")
 
@@ -38,8 +40,6 @@ def _load_test_module():
 
 
 def machine_line() -> str:
-    import torch
-
     cpu = platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as stream:
