@@ -38,14 +38,19 @@ class Reconstruction:
             measured on the example input (0.0 when not measured).
         solution_bytes: the bytes of the solution part of the carried state (``y``): at the
             block's end only its gradient reaches the walk, and it stays live through it.
+        nominal_inverse_cost: the FLOP model's ``inverse_cost``, kept beside a measured one
+            (as :attr:`Stage.nominal_fwd_cost`); defaults to ``inverse_cost``.
     """
 
     step_bytes: int
     inverse_cost: float
     error_per_step: float = 0.0
     solution_bytes: int = 0
+    nominal_inverse_cost: float = -1.0
 
     def __post_init__(self) -> None:
+        if self.nominal_inverse_cost < 0:
+            object.__setattr__(self, "nominal_inverse_cost", self.inverse_cost)
         if self.step_bytes < 0 or self.inverse_cost < 0:
             raise ValueError(f"Reconstruction: step_bytes={self.step_bytes} and "
                              f"inverse_cost={self.inverse_cost} must be >= 0")
@@ -115,8 +120,14 @@ class Stage:
             (``"aten::convolution_backward"``), or ``""``.
         uses_rng: the stage draws random numbers (dropout), so a re-run must replay the
             generator's state.
-        fwd_cost: cost of one forward, in the chain's cost unit (model milliseconds).
-        bwd_cost: cost of one backward.
+        fwd_cost: cost of one forward, in milliseconds: measured on the device when the
+            chain is calibrated (:attr:`Chain.cost_source` ``"measured"``), else nominal
+            (FLOPs and bytes written at fixed rates).
+        bwd_cost: cost of one backward, likewise.
+        nominal_fwd_cost, nominal_bwd_cost: the FLOP model's costs of the same runs, kept
+            beside measured ones: they carry no timing noise, so a plan that they prefer
+            wins a tie (see ``anode_plan.plans.plan.plan_schedule``). Default to
+            ``fwd_cost`` and ``bwd_cost``.
         param_ids: indices into :attr:`Chain.param_grad_bytes` of the trainable
             parameters the stage uses; each one's gradient is allocated by the first
             backward that reaches it and then stays.
@@ -157,8 +168,16 @@ class Stage:
     uses_rng: bool = False
     reconstruct: Reconstruction | None = None
     sketch: Sketch | None = None
+    nominal_fwd_cost: float = -1.0
+    nominal_bwd_cost: float = -1.0
 
     def __post_init__(self) -> None:
+        if self.nominal_fwd_cost < 0:
+            object.__setattr__(self, "nominal_fwd_cost", self.fwd_cost)
+        if self.nominal_bwd_cost < 0:
+            object.__setattr__(self, "nominal_bwd_cost", self.bwd_cost)
+        if min(self.fwd_cost, self.bwd_cost) < 0:
+            raise ValueError(f"Stage {self.name!r}: fwd_cost={self.fwd_cost} and bwd_cost={self.bwd_cost} must be >= 0")
         for attr in ("input_bytes", "output_bytes", "tape_bytes", *WORKSPACE_FIELDS):
             if getattr(self, attr) < 0:
                 raise ValueError(f"Stage {self.name!r}: {attr} must be >= 0, got {getattr(self, attr)}")
@@ -218,6 +237,22 @@ class Chain:
             ODE block carries besides its solution, at its end: nothing reads them).
         unsketchable_layers: with sketches offered (XConv), the convolutions that cannot be
             sketched (groups, dilation, other padding modes, not 2-d) and always run exactly.
+        cost_unit: the unit of every cost (``"ms"``).
+        cost_source: ``"measured"`` when the stage costs were timed on the device,
+            ``"nominal"`` when they come from FLOP counts at fixed rates.
+        region_cost: the fixed cost of one checkpoint region, each time it is entered
+            (its forward and its re-run's setup in backward), fitted from whole measured
+            steps; 0 when not measured.
+        step_overhead: the fixed cost of a training step besides its stages (the loss,
+            backward's start), fitted from whole measured steps; 0 when not measured.
+        timing_noise: the relative uncertainty of the stage timings (their spread over the
+            square root of their repeats, weighted by time); predicted differences within
+            twice it are ties (:func:`tie_tolerance`).
+        time_scale: the factor the stage timings were scaled by to match whole measured steps
+            (``anode_plan.compiler.step_fit``); 1.0 when not fitted.
+        adaptive_steps: per adaptive ODE block's stage (one stage each), ``(stage, steps)``:
+            the accepted steps its measured solve took, from which its recompute at a given
+            number of checkpoints is predicted (``anode_plan.plans.adaptive_share``).
     """
 
     stages: tuple[Stage, ...]
@@ -231,10 +266,21 @@ class Chain:
     value_bytes: tuple[int, ...] = ()
     gradless_values: tuple[int, ...] = ()
     unsketchable_layers: tuple[str, ...] = ()
+    cost_source: str = "nominal"
+    region_cost: float = 0.0
+    step_overhead: float = 0.0
+    timing_noise: float = 0.0
+    adaptive_steps: tuple[tuple[int, int], ...] = ()
+    time_scale: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ValueError("a Chain needs at least one stage")
+        if self.cost_source not in ("measured", "nominal"):
+            raise ValueError(f"cost_source={self.cost_source!r}: use 'measured' (timed on the device) or 'nominal'")
+        if min(self.region_cost, self.step_overhead, self.timing_noise) < 0:
+            raise ValueError(f"region_cost={self.region_cost}, step_overhead={self.step_overhead} and "
+                             f"timing_noise={self.timing_noise} must be >= 0")
         if not self.state_values:
             object.__setattr__(self, "state_values", tuple((i,) for i in range(len(self.stages) + 1)))
             object.__setattr__(self, "value_bytes", tuple(s.input_bytes for s in self.stages)
@@ -301,6 +347,13 @@ class Chain:
             replaced[index] = replace(replaced[index].sketch.stage, reconstruct=None, sketch=None)
         return replace(self, stages=tuple(replaced))
 
+    def nominal(self) -> "Chain":
+        """This chain priced by the FLOP model (:attr:`Stage.nominal_fwd_cost`), without fitted overheads."""
+        if self.cost_source == "nominal":
+            return self
+        return replace(self, stages=tuple(_nominal_stage(stage) for stage in self.stages), cost_source="nominal",
+                       region_cost=0.0, step_overhead=0.0, timing_noise=0.0, time_scale=1.0)
+
     @classmethod
     def uniform(cls, n: int, *, state_bytes: int = 1, tape_bytes: int = 1, fwd_cost: float = 1.0,
                 bwd_cost: float = 1.0, as_block: bool = True) -> "Chain":
@@ -316,6 +369,27 @@ class Chain:
             for i in range(n))
         blocks = (Block("block0", 0, n),) if as_block else ()
         return cls(stages=stages, blocks=blocks, name=f"uniform{n}")
+
+
+TIE_FLOOR = 0.02
+"""The smallest relative difference in predicted step time that a measured chain's plans treat as real."""
+
+
+def tie_tolerance(chain: Chain) -> float:
+    """The relative difference in predicted step time below which two plans of ``chain`` tie.
+
+    0 for nominal costs (they carry no noise); for measured ones twice the timings'
+    uncertainty, at least :data:`TIE_FLOOR`: a choice inside it would flip from one
+    calibration to the next on a shared machine.
+    """
+    return 0.0 if chain.cost_source == "nominal" else max(TIE_FLOOR, 2 * chain.timing_noise)
+
+
+def _nominal_stage(stage: Stage) -> Stage:
+    sketch = stage.sketch and replace(stage.sketch, stage=_nominal_stage(stage.sketch.stage))
+    reconstruct = stage.reconstruct and replace(stage.reconstruct, inverse_cost=stage.reconstruct.nominal_inverse_cost)
+    return replace(stage, fwd_cost=stage.nominal_fwd_cost, bwd_cost=stage.nominal_bwd_cost, sketch=sketch,
+                   reconstruct=reconstruct)
 
 
 def carries_values(chain: Chain) -> bool:

@@ -58,7 +58,7 @@ def fit_per_block(chain: Chain, build: Callable[[Chain, list[int]], tuple[Op, ..
     counts = list(least)
     ops = build(chain, counts)
     current = require_fit(chain, ops, budget_bytes, planner)
-    best_key, best_counts, best_ops = (current.compute_cost, current.peak_bytes), counts, ops
+    best_key, best_counts, best_ops = (current.step_cost, current.peak_bytes), counts, ops
     while True:
         steps = []
         for block in range(len(counts)):
@@ -72,8 +72,8 @@ def fit_per_block(chain: Chain, build: Callable[[Chain, list[int]], tuple[Op, ..
         _, _, counts, ops, current = min(steps, key=lambda step: step[:2])
         if current.peak_bytes > budget_bytes:
             break
-        if (current.compute_cost, current.peak_bytes) < best_key:
-            best_key, best_counts, best_ops = (current.compute_cost, current.peak_bytes), counts, ops
+        if (current.step_cost, current.peak_bytes) < best_key:
+            best_key, best_counts, best_ops = (current.step_cost, current.peak_bytes), counts, ops
     return best_counts, best_ops
 
 
@@ -92,7 +92,7 @@ def _next_rung(count: int, least: int, most: int) -> int:
 
 def _step_rank(before: Simulation, after: Simulation) -> tuple[int, float, int]:
     """Order of preference of a step of :func:`fit_per_block`'s walk (smallest first)."""
-    saved = before.compute_cost - after.compute_cost
+    saved = before.step_cost - after.step_cost
     extra = after.peak_bytes - before.peak_bytes
     if extra <= 0:
         return 0, -saved, extra
@@ -102,7 +102,8 @@ def _step_rank(before: Simulation, after: Simulation) -> tuple[int, float, int]:
 def cheapest_fitting(chain: Chain, candidates: Sequence, budget_bytes: int) -> Schedule:
     """The cheapest schedule any of ``candidates`` (planners) plans within the budget.
 
-    Ties in simulated cost go to the smaller peak, then to the earlier candidate. If none
+    Cost is the whole step's (:attr:`~planners.Simulation.step_cost`, region overheads
+    included). Ties in simulated cost go to the smaller peak, then to the earlier candidate. If none
     fits, re-raises the candidates' :class:`InfeasibleBudgetError` with the smallest
     ``min_budget_bytes`` (it names the candidate in its message).
     """
@@ -115,7 +116,7 @@ def cheapest_fitting(chain: Chain, candidates: Sequence, budget_bytes: int) -> S
                 smallest = error
             continue
         simulation = simulate_plan(chain, schedule)
-        key = (simulation.compute_cost, simulation.peak_bytes, order)
+        key = (simulation.step_cost, simulation.peak_bytes, order)
         if best is None or key < best[0]:
             best = (key, schedule)
     if best is None:

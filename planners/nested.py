@@ -125,7 +125,7 @@ class Nested:
                     smallest = found
                 continue
             what, ops, simulation = found
-            key = (simulation.compute_cost, simulation.peak_bytes)
+            key = (simulation.step_cost, simulation.peak_bytes)
             if best is None or key < best[:2]:
                 best = (*key, ops, what)
         if best is None:
@@ -167,7 +167,7 @@ def _bisect(chain: Chain, budget_bytes: int, low: int, high: int, ops_for, descr
         simulation = simulate_plan(chain, ops)
         if simulation.peak_bytes <= budget_bytes:
             low = middle
-            if simulation.compute_cost <= found[2].compute_cost:
+            if simulation.step_cost <= found[2].step_cost:
                 found = (describe(middle), ops, simulation)
         else:
             high = middle - 1

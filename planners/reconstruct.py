@@ -189,7 +189,7 @@ def plan_with_reconstruct(chain: Chain, budget_bytes: int, plan: Callable[[Chain
         simulation = simulate_plan(chain, schedule)
         if simulation.peak_bytes > budget_bytes:  # the collapsed chain charges at least as much: not expected
             return False
-        key = (simulation.compute_cost, simulation.peak_bytes)
+        key = (simulation.step_cost, simulation.peak_bytes)
         if best_key is None or key < best_key:
             best, best_key = schedule, key
             return True

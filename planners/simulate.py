@@ -83,6 +83,10 @@ class Simulation:
         peak_stage: the stage of that operation (``len(chain)`` for the loss).
         peak_kernel: the kernel whose workspace is in the peak (``Stage.workspace_kernels``), or ``""``.
         inverse_counts: how many times each stage's inverse step runs (``Reconstruct``).
+        region_calls: how many times a checkpoint region is entered (its first run, and each
+            re-run of a region around it).
+        overhead_cost: what the step costs besides its stages: ``region_calls`` times the
+            chain's ``region_cost``, plus its ``step_overhead``.
     """
 
     peak_bytes: int
@@ -96,6 +100,19 @@ class Simulation:
     peak_stage: int = -1
     peak_kernel: str = ""
     inverse_counts: tuple[int, ...] = ()
+    region_calls: int = 0
+    overhead_cost: float = 0.0
+    baseline_overhead_cost: float = 0.0
+
+    @property
+    def step_cost(self) -> float:
+        """The whole training step's predicted cost: its stages, recompute included, and the fixed overheads."""
+        return self.compute_cost + self.overhead_cost
+
+    @property
+    def baseline_step_cost(self) -> float:
+        """:attr:`step_cost` of plain autograd's step: every stage once, no region."""
+        return self.baseline_cost + self.baseline_overhead_cost
 
     @property
     def reconstructed_steps(self) -> int:
@@ -177,6 +194,7 @@ class _Simulator:
         self.counts = [0] * len(chain.stages)
         self.inverse_counts = [0] * len(chain.stages)
         self.cost = 0.0
+        self.region_calls = 0
         self.grads_done: set[int] = set()
         self.grads: dict[int, int] = {}
         self.free_values = set(chain.state_values[0])
@@ -242,6 +260,7 @@ class _Simulator:
                         self.mem.incref(handle)
                     records.append(dict(state))
             else:
+                self.region_calls += 1
                 if taped:
                     for handle in state.values():
                         self.mem.incref(handle)
@@ -373,6 +392,9 @@ def simulate_plan(chain: Chain, schedule: Schedule | tuple[Op, ...], *, timeline
         peak_stage=sim.mem.peak_where[1],
         peak_kernel=sim.mem.peak_where[2],
         inverse_counts=tuple(sim.inverse_counts),
+        region_calls=sim.region_calls,
+        overhead_cost=sim.region_calls * chain.region_cost + chain.step_overhead,
+        baseline_overhead_cost=chain.step_overhead,
     )
 
 

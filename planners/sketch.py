@@ -1,7 +1,8 @@
-"""Choose where to sketch convolutions (XConv, inexact, opt-in): only where it lets the budget be met or saves
-recompute, as the chain's costs count it. The costs are the cost model's nominal ones, which under-rate a sketched
-stage's time: ``benchmarks/RESULTS.md`` ("XConv") measured sketched schedules slower than the exact one at the same
-budget on one model (1.73-1.94x against 1.35x plain autograd), and on the other at 16 probes (1.45x against 1.26x).
+"""Choose where to sketch convolutions (XConv, inexact, opt-in): only where it lets the budget be met or makes
+the step faster, as the chain's costs count it. On a calibrated chain those are the sketched and exact stages'
+times measured on the device, and a sketch must win by more than the timings' noise
+(:func:`~planners.chain.tie_tolerance`); FLOP counts alone under-rate a sketched stage's time
+(``benchmarks/RESULTS.md``, "XConv").
 
 A stage whose convolutions can be sketched offers a :class:`~planners.chain.Sketch`: the
 same stage keeping ``probes`` projections of each convolution's input instead of the
@@ -14,7 +15,7 @@ stage is a group of its own.
 and is kept when it fits with no recompute (a sketch could only add cost). Otherwise the
 groups are added one at a time, those keeping the most bytes first: while nothing fits
 each is added, since each lowers the memory needed; once a schedule fits a group stays
-only when the schedule found with it is cheaper. A last pass drops every group the
+only when the schedule found with it is cheaper (beyond the timings' noise). A last pass drops every group the
 schedule can do without at no extra cost, least saving first, so no layer is
 approximated without a reason. Each attempt is one exact planning run: at most ``2·G + 1``
 plans for ``G`` groups.
@@ -25,7 +26,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Callable
 
-from planners.chain import Chain
+from planners.chain import Chain, tie_tolerance
 from planners.errors import InfeasibleBudgetError
 from planners.schedule import Schedule
 from planners.simulate import Simulation, simulate_plan
@@ -56,6 +57,7 @@ def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, i
     nothing fits even with every offered sketch taken.
     """
     groups = sketch_groups(chain)
+    tie = tie_tolerance(chain)
     smallest: InfeasibleBudgetError | None = None
     overshoot: int | None = None
 
@@ -93,7 +95,7 @@ def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, i
     chosen: list[tuple[int, ...]] = []
     for group in groups:
         trial = attempt(chosen + [group])
-        if best is None or (trial is not None and trial[0].compute_cost < best[0].compute_cost):
+        if best is None or (trial is not None and trial[0].step_cost < best[0].step_cost * (1 - tie)):
             chosen.append(group)
             best = trial if trial is not None else best
     if best is None:
@@ -101,6 +103,6 @@ def plan_with_sketches(chain: Chain, budget_bytes: int, plan: Callable[[Chain, i
     for group in reversed(list(chosen)):
         rest = [g for g in chosen if g != group]
         trial = attempt(rest)
-        if trial is not None and trial[0].compute_cost <= best[0].compute_cost:
+        if trial is not None and trial[0].step_cost <= best[0].step_cost:
             chosen, best = rest, trial
     return best[1]

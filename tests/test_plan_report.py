@@ -60,7 +60,7 @@ def test_cli_with_no_arguments_reports_on_the_default_model():
     assert "model ode_resnet, input (32, 3, 32, 32) float32" in out
     x = torch.randn(32, 3, 32, 32)
     assert _printed_landmarks(out) == _api_landmarks(ode_resnet(), x)
-    assert "trade-off: budget -> predicted step cost" in out
+    assert "trade-off: budget -> predicted step time" in out
     assert "memory at the predicted peak" in out and "kept states (steps)" in out
 
 
@@ -95,10 +95,11 @@ def test_cli_on_a_module_factory_model_matches_the_api_and_writes_plan_and_pictu
     assert _printed_landmarks(out) == _api_landmarks(model, x)
     assert f"budget {planners.format_bytes(budget)} ({budget} bytes)" in out
     assert f"({plan.predicted_peak_bytes} bytes)" in out  # the predicted peak, in the memory breakdown
-    assert f"overhead {plan.recompute_overhead:+.1%}" in out
+    assert plan.schedule.description in out  # the same schedule (its milliseconds were timed afresh)
     for block in ("ode1", "ode2"):
         assert re.search(rf"^\s+{block}\s+3\s+rk2\s", out, re.MULTILINE)
-    assert anode_plan.load_plan(saved) == plan  # planned and measured in another process: the same plan
+    loaded = anode_plan.load_plan(saved)  # planned and measured in another process: the same plan, timed afresh
+    assert loaded.schedule == plan.schedule and loaded.chain.nominal() == plan.chain.nominal()
     for path in (tmp_path / "out-tradeoff.png", tmp_path / "out-timeline.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 200_000
 
@@ -336,4 +337,4 @@ def test_inductor_backend_reports_compiled_stages_and_holds_the_budget(tool, cap
     assert tool.main([*TINY, "--budget", "1MB", "--backend", "inductor", "--measure"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"backend\s+inductor: (\d+) of \1 stages compiled by torch\.compile", out)
-    assert "(measured)" in out and re.search(r"measured\s+peak [\d.]+ \w+ \(within budget", out)
+    assert "(measured on the device)" in out and re.search(r"measured\s+peak [\d.]+ \w+ \(within budget", out)

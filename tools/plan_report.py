@@ -300,8 +300,9 @@ def _report_saved(args: argparse.Namespace, planner) -> int:
             plain = _measure_step(model, model, x, args.repeat)
             step = _measure_step(compiled, model, x, args.repeat)
             point = anode_plan.TradeoffPoint(plan.budget_bytes, plan.predicted_peak_bytes,
-                                             plan.simulation.compute_cost, plan.recompute_overhead, "",
-                                             measured_peak_bytes=step.peak_bytes, measured_time_ms=step.time_ms)
+                                             plan.predicted_step_seconds * 1e3, plan.recompute_overhead, "",
+                                             measured_peak_bytes=step.peak_bytes, measured_time_ms=step.time_ms,
+                                             cost_source=plan.cost_source)
             measured = _format_measured(plan, point, plain)
     marks = anode_plan.find_landmarks(plan.chain, planner)
     print()
@@ -353,8 +354,9 @@ def _format_measured(plan, point, plain) -> str:
     peak, predicted = point.measured_peak_bytes, plan.predicted_peak_bytes
     within = "within" if peak <= plan.budget_bytes else "OVER"
     return (f"  measured     peak {format_bytes(peak)} ({within} budget; prediction {(predicted - peak) / peak:+.1%} "
-            f"of it), step time {point.measured_time_ms:.1f} ms, {point.measured_time_ms / plain.time_ms - 1:+.1%} "
-            f"against plain autograd's {plain.time_ms:.1f} ms (predicted {max(plan.recompute_overhead, 0.0):+.1%})")
+            f"of it), step time {point.measured_time_ms:.1f} ms (predicted {plan.predicted_step_seconds * 1e3:.1f} ms), "
+            f"{point.measured_time_ms / plain.time_ms - 1:+.1%} against plain autograd's {plain.time_ms:.1f} ms "
+            f"(predicted {plan.predicted_slowdown - 1:+.1%})")
 
 
 # ------------------------------------------------------------------------------- files and pictures
@@ -374,8 +376,9 @@ def _outputs(args, plan, chain, marks, planner, budgets: list[int]) -> None:
         dense = {low + (high - low) * k // (CURVE_POINTS - 1) for k in range(CURVE_POINTS)}
         dense |= {marks.anode_bytes, marks.store_all_bytes, *budgets}
         curve = anode_plan.tradeoff_curve(chain, sorted(dense), planner)
-        chosen = anode_plan.TradeoffPoint(plan.budget_bytes, plan.predicted_peak_bytes, plan.simulation.compute_cost,
-                                          plan.recompute_overhead, plan.schedule.description)
+        chosen = anode_plan.TradeoffPoint(plan.budget_bytes, plan.predicted_peak_bytes,
+                                          plan.predicted_step_seconds * 1e3, plan.recompute_overhead,
+                                          plan.schedule.description, cost_source=plan.cost_source)
         tradeoff_path, timeline_path = figure_paths(args.plot)
         title = f"{chain.name}: memory / compute trade-off"
         anode_plan.plot_tradeoff(curve, marks, chosen=chosen, title=title).savefig(tradeoff_path)

@@ -61,8 +61,10 @@ class BatchPoint:
     """The plan at one batch size: ``fits`` the budget (and ``max_overhead``) or not.
 
     ``measured``: the chain was measured at this batch (else predicted from two that were).
-    ``peak_bytes`` / ``overhead``: the plan's predicted peak and recompute overhead, or
-    for a batch that does not fit, the smallest budget it needs (``min_budget_bytes``).
+    ``peak_bytes`` / ``overhead``: the plan's predicted peak and its overhead (how much
+    longer its predicted step takes than plain autograd's, :attr:`Plan.predicted_slowdown`
+    less one: measured milliseconds when calibrated), or for a batch that does not fit,
+    the smallest budget it needs (``min_budget_bytes``).
     """
 
     batch: int
@@ -141,8 +143,9 @@ def _evaluate(chain: Chain, traced: TracedModel, example_inputs: Sequence[torch.
         plan = plan_for_budget(chain, traced, meta_inputs(example_inputs, batch), budget, planner, workspace_margin=margin)
     except InfeasibleBudgetError as error:
         return BatchPoint(batch, False, measured, min_budget_bytes=error.min_budget_bytes), None
-    fits = max_overhead is None or plan.recompute_overhead <= max_overhead + 1e-12
-    return BatchPoint(batch, fits, measured, plan.predicted_peak_bytes, plan.recompute_overhead), plan
+    overhead = plan.predicted_slowdown - 1.0
+    fits = max_overhead is None or overhead <= max_overhead + 1e-12
+    return BatchPoint(batch, fits, measured, plan.predicted_peak_bytes, overhead), plan
 
 
 def batch_curve(search: "BatchSearch", batches: Sequence[int], planner: Any = None) -> list[BatchPoint]:
@@ -158,7 +161,7 @@ def search_batch_size(model: nn.Module, memory_budget: int | float | str, exampl
     """:func:`max_batch_size`, with the plan at the answer and every batch evaluated on the way."""
     budget = parse_memory_budget(memory_budget)
     if max_overhead is not None and not max_overhead >= 0:
-        raise ValueError(f"max_overhead={max_overhead!r} must be a fraction >= 0 (0.3 allows 30% recompute) or None")
+        raise ValueError(f"max_overhead={max_overhead!r} must be a fraction >= 0 (0.3 allows a step 30% slower than plain autograd's) or None")
     check_batched(example_inputs)
     margin = 0.0 if calibrate else UNCALIBRATED_MARGIN
     traced_at: dict[int, TracedModel] = {}
@@ -302,8 +305,9 @@ def max_batch_size(model: nn.Module, memory_budget: int | float | str, example_i
                    calibrate: bool = True) -> int:
     """The largest batch (dimension 0 of every input) whose training step fits ``memory_budget``.
 
-    ``max_overhead`` (e.g. ``0.3``) also asks that the plan at that batch recompute at
-    most that share of a step's compute (predicted, as :attr:`Plan.recompute_overhead`).
+    ``max_overhead`` (e.g. ``0.3``) also asks that the plan's predicted step at that batch
+    take at most that much longer than plain autograd's (:attr:`Plan.predicted_slowdown`,
+    in the milliseconds calibration measured; FLOP-model costs with ``calibrate=False``).
     The answer is confirmed on measured chains: ``compile`` at it fits, and one batch
     more does not. 0 means not even one sample fits. Raises :class:`MachineMemoryError` (with
     the largest batch confirmed) when the search reaches a batch that needs more memory than

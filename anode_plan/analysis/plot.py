@@ -48,7 +48,7 @@ def _new_figure(width: float, height: float) -> Any:
 
 def plot_tradeoff(points: Sequence[TradeoffPoint], landmarks: BudgetLandmarks, *,
                   chosen: TradeoffPoint | None = None, title: str = "") -> Any:
-    """The trade-off curve: predicted step cost (% of a step without recompute) against the budget.
+    """The trade-off curve: the predicted step time (ms) against the budget.
 
     ``points`` come from :func:`anode_plan.tradeoff_curve`; a dense sweep from the minimum
     to past store-all gives the clearest curve. ``chosen`` (a plan's point) is marked with a star.
@@ -57,11 +57,12 @@ def plot_tradeoff(points: Sequence[TradeoffPoint], landmarks: BudgetLandmarks, *
     ax = figure.subplots()
     feasible = sorted((p for p in points if p.feasible), key=lambda p: p.budget_bytes)
     xs = [p.budget_bytes / _MIB for p in feasible]
-    ys = [100.0 * (1.0 + p.recompute_overhead) for p in feasible]
+    ys = [p.compute_cost for p in feasible]
+    nominal = any(p.cost_source == "nominal" for p in feasible)
     right = max([landmarks.store_all_bytes * 1.18 / _MIB] + [p.budget_bytes / _MIB for p in points])
     if feasible:
         ax.step(xs + [right], ys + [ys[-1]], where="post", color="#4C72B0", linewidth=2,
-                label="predicted step cost of the planner's schedule")
+                label="predicted step time of the planner's schedule")
         ax.plot(xs, ys, "o", color="#4C72B0", markersize=3.5)
     ax.axvspan(0, landmarks.minimum_bytes / _MIB, color="#DDDDDD", zorder=0, label="infeasible: no schedule fits")
     marks = [("minimum", landmarks.minimum_bytes, "#C44E52"), ("ANODE", landmarks.anode_bytes, "#8172B3"),
@@ -72,15 +73,15 @@ def plot_tradeoff(points: Sequence[TradeoffPoint], landmarks: BudgetLandmarks, *
         ax.text(nbytes / _MIB, 0.97, f" {name}\n {format_bytes(nbytes)}", transform=label_at, color=color,
                 fontsize=9, va="top", ha="left")
     if chosen is not None and chosen.feasible:
-        ax.plot([chosen.budget_bytes / _MIB], [100.0 * (1.0 + chosen.recompute_overhead)], "*", color="#DD8452",
+        ax.plot([chosen.budget_bytes / _MIB], [chosen.compute_cost], "*", color="#DD8452",
                 markersize=15, markeredgecolor="black", zorder=5,
                 label=f"the plan: budget {format_bytes(chosen.budget_bytes)}, {chosen.recompute_overhead:+.0%}")
-    low, high = min(ys, default=100.0), max(ys, default=100.0)
-    span = max(high - low, 10.0)
+    low, high = min(ys, default=1.0), max(ys, default=1.0)
+    span = max(high - low, 0.1 * high)
     ax.set_xlim(0, right)
     ax.set_ylim(low - 0.08 * span, high + 0.3 * span)
     ax.set_xlabel("memory budget (MiB)")
-    ax.set_ylabel("predicted step cost\n(% of a step without recompute)")
+    ax.set_ylabel("predicted training step (ms)\n" + ("nominal: FLOP counts" if nominal else "measured on the device"))
     ax.set_title(title or "memory / compute trade-off")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize=8.5, frameon=False)
@@ -128,7 +129,8 @@ def plot_timeline(plan: Any, *, title: str = "") -> Any:
             ax.bar([0], [0], color=color, label=phase)
     ax.set_xlim(0, edges[-1])
     ax.set_ylim(0, max(budget, sim.peak_bytes / _MIB) * 1.3)
-    ax.set_xlabel(f"time in the training step (predicted, {chain.cost_unit} of the cost model)")
+    ax.set_xlabel(f"time in the training step (predicted, {chain.cost_unit}, "
+                  + ("nominal: FLOP counts)" if chain.cost_source == "nominal" else "measured on the device)"))
     ax.set_ylabel("memory (MiB)")
     default = f"{chain.name}: one training step under the {plan.schedule.planner} schedule"
     ax.set_title(textwrap.fill(title or default, 90), fontsize=10)

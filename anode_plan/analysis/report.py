@@ -9,9 +9,10 @@ them. Nothing here imports torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from anode_plan.budget import budget_for_peak, usable_bytes
+from anode_plan.plans.adaptive_share import adaptive_checkpoints, adaptive_saving
 from anode_plan.plans.plan import plan_schedule
 from planners import (
     Anode,
@@ -175,8 +176,10 @@ class TradeoffPoint:
     """One budget of a sweep and what the planner's schedule for it is predicted to cost.
 
     ``peak_bytes``, ``compute_cost`` and ``recompute_overhead`` are ``None`` when nothing
-    fits (``min_budget_bytes`` then says what would). ``measured_peak_bytes`` and
-    ``measured_time_ms`` are filled in by callers that run a real step.
+    fits (``min_budget_bytes`` then says what would). ``compute_cost`` is the predicted
+    training step (stages, regions, loss; the adaptive blocks at their checkpoints) in ms,
+    measured on the device when ``cost_source`` is ``"measured"``. ``measured_peak_bytes``
+    and ``measured_time_ms`` are filled in by callers that run a real step.
     """
 
     budget_bytes: int
@@ -187,6 +190,7 @@ class TradeoffPoint:
     min_budget_bytes: int | None = None
     measured_peak_bytes: int | None = None
     measured_time_ms: float | None = None
+    cost_source: str = "nominal"
 
     @property
     def feasible(self) -> bool:
@@ -218,8 +222,9 @@ def tradeoff_curve(chain: Chain, budgets: Sequence[int], planner=None) -> tuple[
                                         min_budget_bytes=budget_for_peak(error.min_budget_bytes)))
             continue
         sim = simulate_plan(chain, schedule)
-        points.append(TradeoffPoint(budget, sim.peak_bytes, sim.compute_cost, sim.recompute_overhead,
-                                    f"{schedule.planner}: {schedule.description}"))
+        step = sim.step_cost - adaptive_saving(chain, adaptive_checkpoints(chain, sim, usable_bytes(budget)))
+        points.append(TradeoffPoint(budget, sim.peak_bytes, step, sim.recompute_overhead,
+                                    f"{schedule.planner}: {schedule.description}", cost_source=chain.cost_source))
     return tuple(points)
 
 
@@ -248,7 +253,8 @@ def format_breakdown(simulation: Simulation, indent: str = "  ") -> str:
 def format_tradeoff(points: Sequence[TradeoffPoint], cost_unit: str = "ms") -> str:
     """The budget/compute trade-off as a table, largest budget first as given; measured columns when present."""
     measured = any(p.measured_peak_bytes is not None for p in points)
-    header = ["budget", "predicted peak", f"step cost ({cost_unit})", "overhead"]
+    nominal = any(p.cost_source == "nominal" for p in points)
+    header = ["budget", "predicted peak", f"predicted step ({'nominal ' if nominal else ''}{cost_unit})", "overhead"]
     if measured:
         header += ["measured peak", "step time"]
     header.append("schedule")
@@ -266,11 +272,17 @@ def format_tradeoff(points: Sequence[TradeoffPoint], cost_unit: str = "ms") -> s
                     "-" if p.measured_time_ms is None else f"{p.measured_time_ms:.1f} ms"]
         rows.append(row + [p.schedule])
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["trade-off: budget -> predicted step cost"]
+    lines = ["trade-off: budget -> predicted step time"]
     for row in [header, *rows]:
         cells = [cell.rjust(width) for cell, width in zip(row[:-1], widths)] + [row[-1]]
         lines.append("  " + "  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def _source(plan: Any) -> str:
+    if plan.cost_source == "nominal":
+        return "nominal: FLOP counts at fixed rates, calibrate=False"
+    return "measured on the device"
 
 
 def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
@@ -281,8 +293,9 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
         f"anode-plan: {chain.name}, budget {format_bytes(plan.budget_bytes)} ({_count(plan.budget_bytes, 'byte')})",
         f"  schedule     {plan.schedule.planner}: {plan.schedule.description}"
         + ("  [proven optimal]" if plan.schedule.proven_optimal else ""),
-        f"  predicted    peak {format_bytes(sim.peak_bytes)} ({used:.0%} of budget), step cost "
-        f"{sim.compute_cost:.1f} {chain.cost_unit} ({'measured' if _backend(plan) == 'inductor' else 'nominal'})",
+        f"  predicted    peak {format_bytes(sim.peak_bytes)} ({used:.0%} of budget), step "
+        f"{plan.predicted_step_seconds * 1e3:.1f} {chain.cost_unit} ({_source(plan)}), {plan.predicted_slowdown:.2f}x "
+        f"plain autograd's {plan.plain_step_seconds * 1e3:.1f} {chain.cost_unit}",
         f"  recompute    {_count(sim.recomputed_forwards, 'extra stage forward')}, overhead "
         f"{_percent(sim.recompute_overhead)} over a step without recompute ({sim.baseline_cost:.1f} {chain.cost_unit})",
     ]

@@ -8,6 +8,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from anode_plan.compiler.step_fit import fit_whole_step
 from anode_plan.measure.compiled_chain import compiled_chain_for
 from anode_plan.measure.lower import lower_to_chain
 from anode_plan.plans.plan import Plan
@@ -20,10 +21,15 @@ from planners import Chain
 def measured_chain(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tensor], *, calibrate: bool,
                    approximate: XConv | None, compiled: CompiledStages | None = None) -> Chain:
     """The chain a plan is made on: the cost model's, or, with ``compiled`` stages, each stage measured on the
-    device as it runs compiled (:mod:`anode_plan.measure.compiled_chain`), once per input key of the model."""
+    device as it runs compiled (:mod:`anode_plan.measure.compiled_chain`), once per input key of the model; its
+    times fitted to whole measured steps (:mod:`anode_plan.compiler.step_fit`) when they were measured."""
     if compiled is None:
-        return lower_to_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate)
-    return compiled_chain_for(model, traced, inputs, compiled)
+        chain = lower_to_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate)
+        return fit_whole_step(model, traced, inputs, chain)
+    chain = compiled_chain_for(model, traced, inputs, compiled)
+    if compiled.refined(chain):  # fitted when this input key was first measured
+        return chain
+    return compiled.refine_chain(chain, fit_whole_step(model, traced, inputs, chain, compiled=compiled))
 
 
 def with_backend(plan: Plan, compiled: CompiledStages | None, compile_seconds: float = 0.0) -> Plan:

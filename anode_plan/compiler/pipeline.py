@@ -65,12 +65,14 @@ def compile(model: nn.Module, memory_budget: int | float | str | None = None,
             again; the plan must match its structure and ``example_inputs`` (by default
             inputs shaped like the plan's), and its schedule must fit ``memory_budget``
             (by default the plan's budget) on the fresh measurements.
-        calibrate: run each distinct stage once for real on the inputs' device to measure
-            what its kernels allocate inside themselves (convolution and cuDNN
-            workspaces), which count against the budget; see :mod:`anode_plan.measure.calibrate`
-            for what it costs (2.6 training steps on the demo model). ``False`` skips it and
-            plans under ``1 - UNCALIBRATED_MARGIN`` (75%) of the budget instead, which
-            is no guarantee.
+        calibrate: run each distinct stage for real on the inputs' device to measure what
+            its kernels allocate inside themselves (convolution and cuDNN workspaces), which
+            count against the budget, and to time it, then time a few whole steps, so the
+            plan is the fastest in measured milliseconds (``plan.predicted_step_seconds``;
+            :mod:`anode_plan.measure.calibrate`, :mod:`anode_plan.compiler.step_fit`;
+            ``benchmarks/RESULTS.md``, "Calibration cost", for what it costs). ``False``
+            skips it, plans on FLOP counts (``plan.cost_source == "nominal"``) and under
+            ``1 - UNCALIBRATED_MARGIN`` (75%) of the budget, which is no guarantee.
         approximate: ``None`` (the default: exact gradients, and nothing below runs), or
             ``anode_plan.XConv(probes=16)`` to let the planner keep random sketches of
             convolutions' inputs instead of the inputs (Siahkoohi et al., arXiv 2106.06998)

@@ -17,10 +17,17 @@ at the moment it occurs.
 block's other steps and by the blocks built alike (:mod:`anode_plan.measure.sharing`): the
 measurements are the cost model's, made once more, so repeated blocks add none.
 
+*Times*: each distinct stage is also timed there (:func:`time_stage`: its taped forward, its
+backward, and for the first few a one-stage checkpoint region, whose excess prices a region),
+so the chain's costs are milliseconds measured on the device (:mod:`anode_plan.measure.timing`);
+``docs/algorithms.md`` §12.
+
 *Cost*: one forward of the model without a tape, to carry the batch to the measured
-stages, then each measurement (a stage's forwards and a backward, under the profiler):
-2.6 training steps of the demo model (566 ms against a 216 ms step, ``benchmarks/RESULTS.md``,
-"Calibration cost"). ``compile(..., calibrate=False)`` skips it (see :data:`UNCALIBRATED_MARGIN`).
+stages, then each measurement (a stage's forwards and a backward, under the profiler) and
+its timing (repeated until it has 5 samples and 5 ms of them); with the whole steps
+``compile`` then times (:mod:`anode_plan.compiler.step_fit`), ``benchmarks/RESULTS.md``,
+"Calibration cost", gives the total against a training step. ``compile(..., calibrate=False)``
+skips it (see :data:`UNCALIBRATED_MARGIN`) and plans on FLOP counts.
 
 *Side effects*: none. The stages run on a copy of the model's modules that shares its
 parameters and buffers; the buffers (BatchNorm statistics) are put back as they were,
@@ -39,6 +46,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import dataclasses
 import itertools
 from dataclasses import dataclass, field
@@ -46,7 +54,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils.checkpoint import checkpoint
 
 from anode_plan.measure.phases import (
     Unmeasured,
@@ -55,12 +64,14 @@ from anode_plan.measure.phases import (
     backward_alone,
     backward_through_rerun,
     fresh_inputs,
+    needing_grad,
 )
+from anode_plan.measure.timing import PhaseTimes, Stopwatch, time_phases
 from anode_plan.memory import AllocatorMeter, LiveStorageTracker
 from anode_plan.model_state import generator_states, state_restored
 from anode_plan.ode.block import ODEBlock
 from anode_plan.stages.reconstruct import inverse_state, measure_walk_step
-from anode_plan.tracing.trace import TracedModel, run_stage, stage_function
+from anode_plan.tracing.trace import StageFn, TracedModel, run_stage, stage_function
 from planners import Stage
 
 UNCALIBRATED_MARGIN = 0.25
@@ -100,12 +111,16 @@ class Workspaces:
     check on the cost model's count of random operators, which cannot see a kernel
     that draws from the generator without declaring it). ``drift``: per reversible
     block, the relative round-off of a state rebuilt by inverse steps, per step
-    inverted (:func:`reconstruction_drift`).
+    inverted (:func:`reconstruction_drift`). ``times``: per stage position timed, its
+    taped forward's and its backward's milliseconds (:func:`time_stage`); ``inverse_ms``:
+    per reversible step timed, its inverse step's.
     """
 
     found: Mapping[tuple[str, int], Excess]
     random_positions: frozenset[int] = frozenset()
     drift: Mapping[int, float] = field(default_factory=dict)
+    times: Mapping[int, PhaseTimes] = field(default_factory=dict)
+    inverse_ms: Mapping[int, float] = field(default_factory=dict)
 
     def excess(self, label: str, position: int) -> Excess:
         return self.found.get((label, position), Excess())
@@ -207,6 +222,8 @@ def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Se
     for kind, position in runs:
         wanted.setdefault(position, set()).add(kind)
     found: dict[tuple[str, int], Excess] = {}
+    times: dict[int, PhaseTimes] = {}
+    inverse_ms: dict[int, float] = {}
     random: set[int] = set()
     drift: dict[int, float] = {}
     block_start: dict[int, tuple] = {}
@@ -217,6 +234,11 @@ def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Se
             if at in wanted:
                 fresh = fresh_inputs(inputs, tuple(like[name] for name in spec.in_names))
                 found.update(_measure_runs(wanted[at], at, traced, twin, fresh, params, device, make))
+                if "rerun" in wanted[at]:  # a distinct stage: its forward and backward are timed too
+                    times[at] = time_stage(make(twin, traced, spec), fresh, params, device,
+                                           region=len(times) < REGION_TIMINGS)
+                if "reconstruct" in wanted[at]:
+                    inverse_ms[at] = time_inverse(twin, spec, make(twin, traced, spec), fresh, device)
             before = generator_states(device)
             with torch.no_grad():
                 values.update(zip(spec.out_names, stage_function(twin, traced, spec)(inputs)))
@@ -232,7 +254,61 @@ def measure_workspaces(model: nn.Module, traced: TracedModel, example_inputs: Se
             for name in spec.in_names:
                 if last_read[name] == at and name not in spec.out_names:
                     del values[name]
-    return Workspaces(found, frozenset(random), drift)
+    return Workspaces(found, frozenset(random), drift, times, inverse_ms)
+
+
+REGION_TIMINGS = 3
+"""How many distinct stages (the first ones) are also timed as one-stage checkpoint regions, to price a region."""
+
+
+def time_stage(fn: StageFn, inputs: tuple, params: list[torch.Tensor], device: torch.device, *,
+               region: bool = True) -> PhaseTimes:
+    """The stage timed on the device (:func:`anode_plan.measure.timing.time_phases`): its taped forward
+    (``"forward"``), its backward (``"backward"``, seeds of ones, every input and parameter gradient made), and
+    the same step as a checkpoint region of its own (``"region"``: untaped forward, then backward with the
+    re-run; with ``region``), whose excess over a forward more is what a region costs."""
+    def run(watch: Stopwatch) -> None:
+        fresh = fresh_inputs(inputs)
+        watch.start()
+        outputs = needing_grad(fn(fresh))
+        watch.lap("forward")
+        wrt = needing_grad(fresh) + params
+        if not outputs or not wrt:
+            return
+        seeds = [torch.ones_like(o) for o in outputs]
+        watch.start()
+        grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
+        watch.lap("backward")
+        del grads, outputs
+        if not region:
+            return
+        flat, structure = tree_flatten(fresh_inputs(inputs))
+        versions = [value._version for value in flat if isinstance(value, torch.Tensor)]
+        watch.start()
+        outputs = needing_grad(checkpoint(lambda *values: fn(tree_unflatten(list(values), structure)), *flat,
+                                          use_reentrant=False, preserve_rng_state=False))
+        if versions != [value._version for value in flat if isinstance(value, torch.Tensor)]:
+            return  # it writes into its input, which a region cannot re-run from (the runtime refuses it)
+        grads = torch.autograd.grad(outputs, needing_grad(flat) + params, seeds, allow_unused=True)
+        watch.lap("region")
+        del grads
+
+    return time_phases(run, device)
+
+
+def time_inverse(root: nn.Module, spec: Any, fn: StageFn, inputs: tuple, device: torch.device) -> float:
+    """A reversible step's inverse (its input rebuilt from its output) timed on the device, in ms."""
+    with torch.no_grad():
+        outputs = fn(inputs)
+
+    def run(watch: Stopwatch) -> None:
+        with torch.no_grad():
+            watch.start()
+            rebuilt = inverse_state(root, spec, outputs)
+            watch.lap("inverse")
+            del rebuilt
+
+    return time_phases(run, device).get("inverse")
 
 
 def reconstruction_drift(root: nn.Module, traced: TracedModel, block: int, first: tuple, last: tuple) -> float:
@@ -263,6 +339,41 @@ def reconstruction_drift(root: nn.Module, traced: TracedModel, block: int, first
                 forward = run_stage(root, traced, earlier, forward)
             one_step = relative(state, forward)
     return max(one_step, relative(state, first) / len(stages))
+
+
+def with_times(stage: Stage, position: int, found: Workspaces) -> Stage:
+    """``stage`` (measured at ``position``) priced in the milliseconds calibration timed, its FLOP-model costs
+    kept as its nominal ones; unchanged where nothing was timed."""
+    times = found.times.get(position)
+    if times is None:
+        return stage
+    reconstruct = stage.reconstruct
+    if reconstruct is not None and position in found.inverse_ms:
+        reconstruct = dataclasses.replace(reconstruct, inverse_cost=found.inverse_ms[position],
+                                          nominal_inverse_cost=reconstruct.inverse_cost)
+    return dataclasses.replace(stage, fwd_cost=times.get("forward"), bwd_cost=times.get("backward"),
+                               nominal_fwd_cost=stage.fwd_cost, nominal_bwd_cost=stage.bwd_cost,
+                               reconstruct=reconstruct)
+
+
+def region_overhead(found: Workspaces) -> float:
+    """What a checkpoint region costs beyond the forward it repeats, in ms: the median over the timed stages of
+    a one-stage region's time less its two forwards and its backward (0 if none was timed)."""
+    excess = sorted(max(0.0, t.get("region") - 2 * t.get("forward") - t.get("backward"))
+                    for t in found.times.values() if "region" in t.ms)
+    return excess[len(excess) // 2] if excess else 0.0
+
+
+def timing_noise(found: Workspaces) -> float:
+    """The relative uncertainty of the stage timings: each phase's spread (interquartile range over median) over
+    the square root of its repeats (the uncertainty of a median falls so), averaged weighting each phase by its
+    milliseconds, as a step's time weights it (a noisy 50-microsecond phase moves a step little)."""
+    weighted = total = 0.0
+    for times in found.times.values():
+        for phase, ms in times.ms.items():
+            weighted += ms * times.noise.get(phase, 0.0) / math.sqrt(max(1, times.repeats))
+            total += ms
+    return weighted / total if total > 0 else 0.0
 
 
 def with_workspace(stage: Stage, position: int, backward: tuple, found: Workspaces) -> Stage:

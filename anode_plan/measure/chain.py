@@ -33,10 +33,10 @@ Peaks come from :class:`~anode_plan.memory.LiveStorageTracker` on the fake tenso
 then from calibration (:mod:`anode_plan.measure.calibrate`): each of those measurements is made
 once more for real, under the allocator, and what kernels allocate inside themselves is
 added to the phase it occurs in. ODE blocks built alike share one measurement
-(:mod:`anode_plan.measure.sharing`). Costs come from
-``torch.utils.flop_counter.FlopCounterMode`` plus a bandwidth term for the memory each
-stage writes, converted to nominal milliseconds (``FLOPS_PER_MS``, ``BYTES_PER_MS``):
-the planners only compare costs, so the nominal rates need not match the machine.
+(:mod:`anode_plan.measure.sharing`). Costs are the milliseconds calibration times on the
+device; the fake-tensor runs give nominal ones, from ``torch.utils.flop_counter.FlopCounterMode``
+plus a bandwidth term for the memory each stage writes (``FLOPS_PER_MS``, ``BYTES_PER_MS``),
+which stay on each stage (``Stage.nominal_fwd_cost``) and are all ``calibrate=False`` has.
 
 The time steps of one ODE block have identical shapes, so one step is measured and
 its numbers reused for the others, and for the steps of every block built alike.
@@ -60,7 +60,13 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from anode_plan.measure.adaptive_profile import AdaptiveProfile
-from anode_plan.measure.calibrate import measure_workspaces, with_workspace
+from anode_plan.measure.calibrate import (
+    measure_workspaces,
+    region_overhead,
+    timing_noise,
+    with_times,
+    with_workspace,
+)
 from anode_plan.measure.phases import backward_after, running_stat_copies
 from anode_plan.measure.profile import (
     BYTES_PER_MS,
@@ -258,7 +264,8 @@ def measure_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequenc
             block = traced.blocks[spec.block]
             module = fake_model.get_submodule(spec.block_target)
             if module.adaptive:  # one stage, measured at its minimum (anode_plan.plans.adaptive_share)
-                profile = AdaptiveProfile(spec, module, model.get_submodule(spec.block_target), inputs, param_index)
+                profile = AdaptiveProfile(spec, module, model.get_submodule(spec.block_target), inputs, param_index,
+                                          timed=calibrate)
                 values.update(zip(spec.out_names, profile.outputs))
                 measured.append(_Measured(profile, spec, spec, BlockMatch.identity()))
                 kinds.append(("stage", index))
@@ -323,11 +330,15 @@ def measure_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequenc
         stages = [with_workspace(stage, at, sources, found) for stage, at, sources in zip(stages, forward, backward)]
         stages = [dataclasses.replace(stage, uses_rng=True) if at in found.random_positions else stage
                   for at, stage in enumerate(stages)]
+    adaptive_steps = tuple((at, m.profile.steps) for at, m in enumerate(measured)
+                           if isinstance(m.profile, AdaptiveProfile) and m.profile.steps)
     del measured
     drift = found.drift if calibrate else {}
     stages = [_with_offer(stage, offer_at.get(at), drift.get(stage.block, 0.0),
                           found.excess("reconstruct", forward[at]).nbytes if calibrate else 0)
               for at, stage in enumerate(stages)]
+    if calibrate:
+        stages = [with_times(stage, forward[at], found) for at, stage in enumerate(stages)]
     stages = with_rng_restore(stages, example_inputs[0].device)
     progress.done(f"{len(stages)} stages, {len(traced.blocks) - blocks_alike} of {len(traced.blocks)} ODE blocks "
                   f"measured ({blocks_alike} share a block built alike)" + (", calibrated" if calibrate else ""))
@@ -354,5 +365,8 @@ def measure_chain(model: nn.Module, traced: TracedModel, example_inputs: Sequenc
                  gradless_values=tuple(sorted(ids.id_of[name] for name in rest if name in ids.id_of)),
                  input_grad=any(x.requires_grad for x in example_inputs),
                  head_bytes=LOSS_OUTPUTS * output_bytes + LOSS_SLACK_SCALARS * allocation_bytes(scalar_bytes, device),
-                 name=f"{traced.model_name} (batch {batch})",
+                 name=f"{traced.model_name} (batch {batch})", cost_source="measured" if calibrate else "nominal",
+                 timing_noise=timing_noise(found) if calibrate else 0.0,
+                 region_cost=region_overhead(found) if calibrate else 0.0,
+                 adaptive_steps=adaptive_steps,
                  state_values=tuple(tuple(values) for values in boundaries), value_bytes=(*ids.nbytes, loss_bytes))

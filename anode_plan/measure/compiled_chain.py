@@ -184,7 +184,7 @@ def measure_compiled_chain(chain: Chain, model: nn.Module, traced: TracedModel,
                     del values[name]
     stages.warn_fallbacks(stacklevel=4)  # at the caller of anode_plan.compile
     new_stages = with_rng_restore(new_stages, device)  # the RNG replay of re-runs, as the eager chain charges it
-    return dataclasses.replace(chain, stages=tuple(new_stages), cost_unit="ms")
+    return dataclasses.replace(chain, stages=tuple(new_stages), cost_unit="ms", cost_source="measured")
 
 
 def _restoring(fn: StageFn, norms: list[nn.Module]) -> StageFn:

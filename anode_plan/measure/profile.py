@@ -10,10 +10,11 @@ is run three ways on fake inputs:
 * backward (``torch.autograd.grad``): its peak, and which parameters it reaches;
 
 and re-run in backward as a checkpoint of its own (:mod:`anode_plan.measure.phases`).
-Costs come from ``torch.utils.flop_counter.FlopCounterMode`` plus a bandwidth term for
-the memory each stage writes, converted to nominal milliseconds (``FLOPS_PER_MS``,
-``BYTES_PER_MS``): the planners only compare costs, so the nominal rates need not match
-the machine.
+Its nominal costs come from ``torch.utils.flop_counter.FlopCounterMode`` plus a bandwidth
+term for the memory each stage writes, converted to milliseconds at fixed rates
+(``FLOPS_PER_MS``, ``BYTES_PER_MS``): what ``calibrate=False`` plans on, and what breaks
+ties on measured costs; calibration replaces them with times measured on the device
+(:mod:`anode_plan.measure.calibrate`).
 """
 
 from __future__ import annotations

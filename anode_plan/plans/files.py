@@ -208,7 +208,8 @@ class _Reader:
                          gradless_values=tuple(self.integer_list(data, "gradless_values", "chain", minimum=0))
                          if "gradless_values" in data else (),
                          unsketchable_layers=tuple(self._strings(data.get("unsketchable_layers", []),
-                                                                 "chain.unsketchable_layers")))
+                                                                 "chain.unsketchable_layers")),
+                         **self.timing(data))
         except (ValueError, IndexError) as error:
             raise self.inconsistent(str(error)) from error
         for position, stage in enumerate(chain.stages):
@@ -223,6 +224,24 @@ class _Reader:
     def inconsistent(self, reason: str) -> PlanFileError:
         return PlanFileError(f"{self.source}: the recorded chain is inconsistent: {reason}. The file was edited or "
                              f"corrupted; {REPLAN_ADVICE}.")
+
+    def timing(self, data: dict) -> dict[str, Any]:
+        """The chain's timing fields; a file written before costs were measured has none (nominal costs)."""
+        found: dict[str, Any] = {}
+        if "cost_source" in data:
+            found["cost_source"] = self.string(data, "cost_source", "chain")
+            if found["cost_source"] not in ("measured", "nominal"):
+                raise self.fail("chain.cost_source", "'measured' or 'nominal'", found["cost_source"])
+        for key in ("region_cost", "step_overhead", "timing_noise", "time_scale"):
+            if key in data:
+                found[key] = self.number(data, key, "chain")
+        if "adaptive_steps" in data:
+            pairs = self.sequence(data["adaptive_steps"], "chain.adaptive_steps")
+            found["adaptive_steps"] = tuple(tuple(self.integers(pair, f"chain.adaptive_steps[{i}]", minimum=0))
+                                            for i, pair in enumerate(pairs))
+            if any(len(pair) != 2 for pair in found["adaptive_steps"]):
+                raise self.fail("chain.adaptive_steps", "a list of [stage, steps] pairs", pairs)
+        return found
 
     def stage(self, data: dict, where: str) -> Stage:
         unknown = sorted(set(data) - set(STAGE_FIELDS))
@@ -250,7 +269,9 @@ class _Reader:
                 self.integer(offer, "step_bytes", f"{where}.reconstruct", minimum=0),
                 self.number(offer, "inverse_cost", f"{where}.reconstruct"),
                 self.number(offer, "error_per_step", f"{where}.reconstruct"),
-                self.integer(offer, "solution_bytes", f"{where}.reconstruct", minimum=0))
+                self.integer(offer, "solution_bytes", f"{where}.reconstruct", minimum=0),
+                self.number(offer, "nominal_inverse_cost", f"{where}.reconstruct")
+                if "nominal_inverse_cost" in offer else -1.0)
         if data.get("sketch") is not None:
             offer = self.mapping(data["sketch"], f"{where}.sketch")
             layers = self._strings(self.field(offer, "layers", f"{where}.sketch"), f"{where}.sketch.layers")
@@ -270,6 +291,9 @@ class _Reader:
             values[key] = self.boolean(data, key, where)
         for key in ("fwd_cost", "bwd_cost"):
             values[key] = self.number(data, key, where)
+        for key in ("nominal_fwd_cost", "nominal_bwd_cost"):  # files written before measured costs have none
+            if key in data:
+                values[key] = self.number(data, key, where)
         values["param_ids"] = tuple(self.integer_list(data, "param_ids", where, minimum=0))
         for key in ("block", "step"):
             values[key] = None if data.get(key) is None else self.integer(data, key, where, minimum=0)

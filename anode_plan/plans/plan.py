@@ -15,11 +15,17 @@ import torch
 import planners
 from anode_plan.budget import PREDICTION_RESERVE, budget_for_peak, parse_memory_budget, usable_bytes
 from anode_plan.errors import InfeasibleBudgetError, PlannerSpecError
-from anode_plan.plans.adaptive_share import adaptive_checkpoints, extra_checkpoint_bytes, plan_sharing_adaptive
+from anode_plan.plans.adaptive_share import (
+    adaptive_checkpoints,
+    adaptive_saving,
+    extra_checkpoint_bytes,
+    plan_sharing_adaptive,
+)
 from anode_plan.plans.serialise import structure_digest
 from anode_plan.stages.sketch import XConv
 from anode_plan.tracing.trace import TracedModel
 from planners import Chain, Schedule, Simulation, simulate_plan
+from planners.chain import tie_tolerance
 from planners.sketch import plan_with_sketches
 
 
@@ -44,6 +50,11 @@ class Plan:
         compile_seconds: with ``"inductor"``, the time the model's stages took to compile
             (0 when they were compiled already, for an earlier plan of the same model).
         eager_stages: with ``"inductor"``, (stage, why) for each stage that runs eager.
+
+    Times: :attr:`predicted_step_seconds` is the whole training step (forward, the loss,
+    backward), in the milliseconds calibration measured on the device when
+    :attr:`cost_source` is ``"measured"`` (:mod:`anode_plan.measure.timing`), and a
+    nominal figure from FLOP counts when it is ``"nominal"`` (``calibrate=False``).
     """
 
     schedule: Schedule
@@ -73,6 +84,34 @@ class Plan:
     def recompute_overhead(self) -> float:
         """Predicted extra compute, as a fraction of a step without recompute."""
         return self.simulation.recompute_overhead
+
+    @property
+    def cost_source(self) -> str:
+        """``"measured"``: the costs were timed on the device; ``"nominal"``: FLOP counts at fixed rates."""
+        return self.chain.cost_source
+
+    @property
+    def predicted_step_seconds(self) -> float:
+        """The predicted time of one training step (forward, loss and backward) under this plan, in seconds.
+
+        Measured stage, region and step costs when :attr:`cost_source` is ``"measured"``
+        (nominal ones otherwise); the adaptive blocks at their checkpoints.
+        """
+        saving = adaptive_saving(self.chain, self.adaptive_checkpoints)
+        return (self.simulation.step_cost - saving) / 1e3
+
+    @property
+    def plain_step_seconds(self) -> float:
+        """The predicted time of plain autograd's step (every stage once, every tape kept), in seconds."""
+        kept_all = tuple((self.chain.blocks[self.chain.stages[stage].block].name, steps)
+                         for stage, steps in self.chain.adaptive_steps)
+        return (self.simulation.baseline_step_cost - adaptive_saving(self.chain, kept_all)) / 1e3
+
+    @property
+    def predicted_slowdown(self) -> float:
+        """:attr:`predicted_step_seconds` over :attr:`plain_step_seconds` (1.0 for no recompute)."""
+        plain = self.plain_step_seconds
+        return self.predicted_step_seconds / plain if plain > 0 else 1.0
 
     @property
     def exact(self) -> bool:
@@ -146,14 +185,47 @@ def resolve_planner(planner: Any) -> Any:
 def plan_schedule(chain: Chain, usable: int, planner: Any) -> Schedule:
     """``planner``'s schedule for ``usable`` bytes, with the strategies the chain offers beyond it: XConv sketches
     where they pay (:mod:`planners.sketch`), and the adaptive blocks' share of the budget
-    (:mod:`anode_plan.plans.adaptive_share`). Raises :class:`InfeasibleBudgetError` when nothing fits."""
+    (:mod:`anode_plan.plans.adaptive_share`). Raises :class:`InfeasibleBudgetError` when nothing fits.
+
+    On measured costs, ties are settled toward a plan that timing noise cannot move: the
+    schedule planned on the same chain priced by the FLOP model
+    (:meth:`planners.Chain.nominal`, the least recomputed work) is taken instead when its
+    predicted step is within the timings' noise (:func:`planners.chain.tie_tolerance`) of
+    the measured plan's and it sketches nothing more. So two calibrations of one model,
+    whose timings differ by noise, choose the same plan unless the measured times really
+    prefer another.
+    """
     def exact(c: Chain, b: int) -> Schedule:
         return planner.plan(c, budget_bytes=b)
 
     def sketched(c: Chain, b: int) -> Schedule:
         return plan_with_sketches(c, b, exact)
 
-    return plan_sharing_adaptive(chain, usable, sketched if chain.sketchable_stages else exact)
+    choose = sketched if chain.sketchable_stages else exact
+    schedule = plan_sharing_adaptive(chain, usable, choose)
+    if chain.cost_source != "measured":
+        return schedule
+    try:
+        reference = plan_sharing_adaptive(chain.nominal(), usable, choose)
+    except planners.AnodePlanError:  # a planner that found nothing on the FLOP model's costs (a time limit)
+        return schedule
+    if reference.ops == schedule.ops and reference.sketched == schedule.sketched:
+        return schedule
+    if not set(reference.sketched) <= set(schedule.sketched):
+        return schedule
+    times = [_predicted_ms(chain, candidate, usable) for candidate in (schedule, reference)]
+    if times[1] is not None and times[0] is not None and times[1] <= times[0] * (1 + tie_tolerance(chain)):
+        return reference
+    return schedule
+
+
+def _predicted_ms(chain: Chain, schedule: Schedule, usable: int) -> float | None:
+    """The schedule's predicted step on ``chain`` (its adaptive blocks at the checkpoints it leaves them), or
+    ``None`` when it does not fit ``usable`` bytes."""
+    simulation = simulate_plan(chain, schedule)
+    if simulation.peak_bytes > usable:
+        return None
+    return simulation.step_cost - adaptive_saving(chain, adaptive_checkpoints(chain, simulation, usable))
 
 
 def plan_for_budget(chain: Chain, traced: TracedModel, example_inputs: Sequence[torch.Tensor],

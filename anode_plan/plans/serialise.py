@@ -144,7 +144,8 @@ def _stage_to_data(stage: Stage) -> dict:
         value = getattr(stage, name)
         if isinstance(value, Reconstruction):
             value = {"step_bytes": value.step_bytes, "inverse_cost": value.inverse_cost,
-                     "error_per_step": value.error_per_step, "solution_bytes": value.solution_bytes}
+                     "error_per_step": value.error_per_step, "solution_bytes": value.solution_bytes,
+                     "nominal_inverse_cost": value.nominal_inverse_cost}
         elif isinstance(value, Sketch):
             value = {"layers": list(value.layers), "relative_errors": list(value.relative_errors),
                      "probes": value.probes, "seed": value.seed, "stage": _stage_to_data(value.stage)}
@@ -166,6 +167,12 @@ def _chain_to_data(chain: Chain) -> dict:
         "state_values": [list(values) for values in chain.state_values],
         "blocks": [{"name": b.name, "start": b.start, "stop": b.stop, "method": b.method} for b in chain.blocks],
         "stages": stages,
+        "cost_source": chain.cost_source,
+        "region_cost": chain.region_cost,
+        "step_overhead": chain.step_overhead,
+        "timing_noise": chain.timing_noise,
+        "time_scale": chain.time_scale,
+        "adaptive_steps": [list(pair) for pair in chain.adaptive_steps],
     }
 
 

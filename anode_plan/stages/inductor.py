@@ -111,6 +111,8 @@ class CompiledStages:
         self.compile_seconds = 0.0
         self._chains: dict[Any, Any] = {}
         self._key_of_chain: dict[int, Any] = {}
+        self._superseded: list[Any] = []
+        self._refined: set[int] = set()
         self._compiled: dict[tuple[Any, int], Callable[..., tuple]] = {}
         self._warm: set[tuple[Any, int]] = set()
         self._unreported: list[int] = []
@@ -126,6 +128,18 @@ class CompiledStages:
         self._chains[key] = chain
         self._key_of_chain[id(chain)] = key
         return chain
+
+    def refine_chain(self, measured: Any, refined: Any) -> Any:
+        """Keep ``refined`` (``measured`` with its times fitted to whole steps) as the chain of ``measured``'s input
+        key, from now on; ``measured`` is kept alive, so its id is never reused by another chain."""
+        key = self._key_of_chain[id(measured)]
+        self._superseded.append(measured)
+        self._refined.add(id(refined))
+        return self.add_chain(key, refined)
+
+    def refined(self, chain: Any) -> bool:
+        """Whether ``chain`` came from :meth:`refine_chain`."""
+        return id(chain) in self._refined
 
     def view(self, chain: Any) -> "StageView":
         """The compiled functions of the input key ``chain`` was measured for (:meth:`add_chain`)."""
