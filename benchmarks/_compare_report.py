@@ -57,6 +57,8 @@ class Measured:
     predicted_peak_bytes: int | None = None
     predicted_recompute: float | None = None
     backend: str = "eager"
+    predicted_ms: float | None = None
+    predicted_slowdown: float | None = None
 
     @property
     def predicted_over_measured(self) -> float | None:
@@ -145,9 +147,34 @@ def fmt_err(err: float) -> str:
     return f"{err:.1e}"
 
 
+def _predicted_ms(r: Measured) -> str:
+    return "—" if r.predicted_ms is None else f"{r.predicted_ms:.0f}"
+
+
+def _time_ratio(r: Measured, measured_ms: float) -> str:
+    return "—" if r.predicted_ms is None else f"{r.predicted_ms / measured_ms:.3f}"
+
+
+def _slowdown(r: Measured) -> str:
+    return "—" if r.predicted_slowdown is None else f"{r.predicted_slowdown:.3f}x"
+
+
+def ratio_errors(report: CompareReport) -> list[float]:
+    """Per anode-plan row: its predicted slowdown over plain autograd against the measured paired ratio, less one."""
+    return [r.predicted_slowdown / report.timings[r.name].ratio - 1 for r in report.results
+            if r.predicted_slowdown is not None]
+
+
+def prediction_errors(report: CompareReport) -> list[tuple[str, float]]:
+    """(row, predicted step / measured median step - 1) for every anode-plan row."""
+    return [(r.name, r.predicted_ms / report.timings[r.name].median_ms - 1) for r in report.results
+            if r.predicted_ms is not None]
+
+
 def results_table(report: CompareReport) -> str:
     header = ("| method | budget | plan | measured peak (MiB) | predicted peak (MiB) | predicted / measured | kernel "
-              "at the peak | kept after forward (MiB) | budget held | step (ms) | vs plain | ratio IQR | max rel. "
+              "at the peak | kept after forward (MiB) | budget held | predicted step (ms) | step (ms) | predicted / "
+              "measured step | predicted vs plain | vs plain | ratio IQR | max rel. "
               "grad error vs float64 | first step / setup (s) |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     timings = report.timings
@@ -168,12 +195,13 @@ def results_table(report: CompareReport) -> str:
             setup = f"{r.first_step_s:.1f}"
         name = f"**{r.name}**" if r.family.startswith("anode-plan") else r.name
         rows.append(f"| {name} | {budget} | {r.plan or '—'} | {mib(r.peak_bytes)} | {predicted} | {ratio} | "
-                    f"{kernel} | {mib(r.kept_bytes)} | {held} | {t.median_ms:.0f} | {t.ratio:.3f}x | "
+                    f"{kernel} | {mib(r.kept_bytes)} | {held} | {_predicted_ms(r)} | {t.median_ms:.0f} | "
+                    f"{_time_ratio(r, t.median_ms)} | {_slowdown(r)} | {t.ratio:.3f}x | "
                     f"{t.ratio_iqr[0]:.2f}-{t.ratio_iqr[1]:.2f} | {fmt_err(r.grad_rel_err)} | {setup} |")
     for inf in report.infeasible:
         peer = report.result(inf.budget_of)
         rows.append(f"| **anode-plan at the peak of: {inf.budget_of}** | {mib(inf.budget_bytes)} MiB | does not fit: "
-                    f"minimum is {mib(inf.min_budget_bytes)} MiB | " + "— | " * 10 +
+                    f"minimum is {mib(inf.min_budget_bytes)} MiB | " + "— | " * 13 +
                     f"(the peer pays {fmt_err(peer.grad_rel_err)}) | — |")
     return "\n".join(rows)
 
@@ -313,6 +341,20 @@ def interpretation(report: CompareReport) -> list[str]:
                          f"; **off by more than {PREDICTION_TOLERANCE:.0%}** at: " + ", ".join(
                              f"{short_name(r.budget_of)} ({r.predicted_over_measured:.4f})" for r in off) + "."
                          if off else f", within {PREDICTION_TOLERANCE:.0%} at every one."))
+    errors = prediction_errors(report)
+    if errors:
+        values = [e for _, e in errors]
+        worst = max(errors, key=lambda pair: abs(pair[1]))
+        median_error = statistics.median(abs(e) for e in values)
+        lines.append(f"anode-plan's predicted step (`plan.predicted_step_seconds`) is {min(values):+.1%} to "
+                     f"{max(values):+.1%} off its measured median step over its {len(values)} rows, median |error| "
+                     f"{median_error:.1%}, the worst at '{worst[0]}' ({worst[1]:+.1%}); target within 10% at every row "
+                     f"({'met' if max(abs(e) for e in values) <= 0.10 else '**not met**'}) and 5% in the median "
+                     f"({'met' if median_error <= 0.05 else '**not met**'}).")
+        relative = ratio_errors(report)
+        lines.append(f"As a ratio to plain autograd's step (predicted slowdown against the measured paired ratio, "
+                     f"which the machine's speed cancels out of): {min(relative):+.1%} to {max(relative):+.1%}, median "
+                     f"|error| {statistics.median(abs(e) for e in relative):.1%}.")
     busy = max(report.load_before[0], report.load_after[0])
     if busy > report.config.num_threads:
         lines.append(f"The machine was shared while this ran (1-minute load average {report.load_before[0]:.1f} "

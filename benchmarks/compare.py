@@ -106,6 +106,8 @@ class Candidate:
     predicted_peak_bytes: int | None = None
     predicted_recompute: float | None = None
     backend: str = "eager"  # for anode-plan: compile(..., backend=...)
+    predicted_ms: float | None = None  # for anode-plan: plan.predicted_step_seconds, in ms
+    predicted_slowdown: float | None = None  # for anode-plan: plan.predicted_slowdown (against plain autograd)
 
 
 # --- the peers -----------------------------------------------------------------------------------------------------
@@ -172,7 +174,8 @@ def measure(candidate: Candidate, params: list[nn.Parameter], x: torch.Tensor, y
                     peak_bytes=peak.peak_bytes, peak_method=peak.method, kernel_at_peak=peak.kernel,
                     kept_bytes=kept, grad_rel_err=grad_rel_err,
                     predicted_peak_bytes=candidate.predicted_peak_bytes,
-                    predicted_recompute=candidate.predicted_recompute, backend=candidate.backend)
+                    predicted_recompute=candidate.predicted_recompute, backend=candidate.backend,
+                    predicted_ms=candidate.predicted_ms, predicted_slowdown=candidate.predicted_slowdown)
 
 
 def time_all(candidates: list[Candidate], params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
@@ -233,7 +236,8 @@ def planned_candidate(model: nn.Module, budget: int, x: torch.Tensor, name: str,
     return Candidate(name, compiled, family, budget_of=budget_of, budget_bytes=budget,
                      plan=f"{plan.schedule.description} ({plan.schedule.planner})", setup_s=setup_s,
                      predicted_peak_bytes=plan.predicted_peak_bytes, predicted_recompute=plan.recompute_overhead,
-                     backend=backend)
+                     backend=backend, predicted_ms=plan.predicted_step_seconds * 1e3,
+                     predicted_slowdown=plan.predicted_slowdown)
 
 
 def compiled_mode_candidates(model: nn.Module, x: torch.Tensor, peers: list[Measured], eager_min: int

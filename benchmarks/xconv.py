@@ -135,13 +135,15 @@ def probes_table(kind: str, batch: int, rounds: int) -> tuple[list[str], int, in
     times = timing(model, forwards, x, y, rounds)
     rows.append(f"| {kind} | exact (no XConv) | {mib(store_all)} | {mib(budget)} | {mib(exact_min)} | "
                 f"{mib(exact_min_peak)} | {mib(step_peak(exact, model, x, y))} | "
-                f"{exact.plan.recompute_overhead:+.0%} | {times['exact']:.2f}x | 0 | 0 | 0 |")
+                f"{exact.plan.recompute_overhead:+.0%} | {exact.plan.predicted_slowdown:.2f}x | {times['exact']:.2f}x | "
+                "0 | 0 | 0 |")
     for probes, (compiled, low, low_peak) in compiled_by.items():
         plan = compiled.plan
         measured_error = max((layer.relative_error for layer in plan.approximated), default=0.0)
         rows.append(f"| {kind} | XConv(probes={probes}) | {mib(store_all)} | {mib(budget)} | {mib(low)} | "
                     f"{mib(low_peak)} | {mib(step_peak(compiled, model, x, y))} | "
-                    f"{plan.recompute_overhead:+.0%} | {times[f'ps={probes}']:.2f}x | {len(plan.approximated)} | "
+                    f"{plan.recompute_overhead:+.0%} | {plan.predicted_slowdown:.2f}x | {times[f'ps={probes}']:.2f}x | "
+                    f"{len(plan.approximated)} | "
                     f"{measured_error:.2f} | {weight_errors(model, compiled, x, y):.2f} |")
     return rows, store_all, budget, exact_min
 
@@ -207,14 +209,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{MODELS['tanh']}. The budget of the table is 60% of the exact store-all peak. Lowest budget: the smallest "
         "`compile` accepts. Peaks: the allocator's, one training step (store-all's is the plan's prediction). "
         f"Time: median over {rounds} "
-        "interleaved rounds of the step time over plain autograd's. Errors: the largest over the sketched layers of "
+        "interleaved rounds of the step time over plain autograd's; predicted: `plan.predicted_slowdown`, the plan's "
+        "predicted step over plain autograd's, in the milliseconds calibration measured. Errors: the largest over the sketched layers of "
         "‖ĝ − g‖/‖g‖ for the weight gradient, as the plan measured it on the example batch (random output gradient, "
         "3 draws of the probes) and as one training step with the cross-entropy loss gives it against exact autograd.",
         "",
         "| model | compile | store-all, predicted (MiB) | budget (MiB) | lowest budget (MiB) | peak at the lowest "
-        "budget (MiB) | peak at the budget (MiB) | recompute | step time | layers sketched | error (plan) | error "
+        "budget (MiB) | peak at the budget (MiB) | recompute | predicted step time | step time | layers sketched | error (plan) | error "
         "(training step) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
         f"Training the `tanh` model, {steps} SGD steps (lr 0.05, momentum 0.9), mean loss over the last {every} steps; the XConv run's "
