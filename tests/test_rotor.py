@@ -342,7 +342,11 @@ def test_room_for_everything_means_no_recompute(chain):
 # The worst cases sit at the flat DP's smallest budget, where the flat optimum nests regions
 # that end inside blocks. (The two-level DP is infeasible in ~20-30% of those draws, which
 # are mostly that smallest budget: its own smallest peak is up to 29% higher, 5-6% on average.)
-TWO_LEVEL_GAP_BOUNDS = {1: 0.55, 4: 0.13}
+# A later derandomised CI run drew a chain (one block of identical steps, a re-run peaking 30
+# bytes above the first run) where block_chunks=4 is 31.6% above the flat optimum at that
+# smallest budget; the planners gave the same gap before and after the change that CI ran on,
+# so the bound is the worst seen, not a guarantee.
+TWO_LEVEL_GAP_BOUNDS = {1: 0.55, 4: 0.35}
 
 
 def two_level_gaps(chain: Chain, fraction: float, bounds: dict[int, float]) -> dict[int, float]:
