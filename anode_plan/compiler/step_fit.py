@@ -4,10 +4,8 @@ Calibration times each distinct stage by itself (:func:`anode_plan.measure.calib
 repeatedly, on warm caches and with the allocator reusing the blocks the previous repeat
 freed. In a training step the same stages run with the whole step's tensors live: fresh
 memory for every activation, colder caches, the autograd engine walking a longer graph.
-Measured side by side on this project's 2-core CPU, a whole step of the compare model took
-up to a quarter longer than the sum of its stages' isolated times, and the gap moved with the
-schedule and the machine's load; ``benchmarks/RESULTS.md``, "Measured costs", gives the
-fitted scale of its run.
+How large that gap is depends on the model, the schedule and the machine's load: the fitted
+scale of the compare model's run in ``benchmarks/RESULTS.md`` ("Measured costs") was 1.011.
 
 :func:`fit_whole_step` runs a few whole training steps on the example batch and fits that
 gap: a step is predicted as ``scale · (stages and regions) + step_overhead``, where the

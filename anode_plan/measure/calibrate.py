@@ -261,25 +261,30 @@ REGION_TIMINGS = 3
 """How many distinct stages (the first ones) are also timed as one-stage checkpoint regions, to price a region."""
 
 
+class _Laps:
+    """A :class:`~anode_plan.measure.phases.Probe` that times the phases instead of measuring their memory."""
+
+    def __init__(self, watch: Stopwatch) -> None:
+        self.watch = watch
+
+    def begin(self) -> None:
+        self.watch.start()
+
+    def end(self, label: str) -> int:
+        self.watch.lap(label)
+        return 1  # non-zero: the phase ran
+
+
 def time_stage(fn: StageFn, inputs: tuple, params: list[torch.Tensor], device: torch.device, *,
                region: bool = True) -> PhaseTimes:
-    """The stage timed on the device (:func:`anode_plan.measure.timing.time_phases`): its taped forward
-    (``"forward"``), its backward (``"backward"``, seeds of ones, every input and parameter gradient made), and
+    """The stage timed on the device (:func:`anode_plan.measure.timing.time_phases`): the runs of
+    :func:`~anode_plan.measure.phases.backward_alone`, its taped forward (``"fwd_taped"``) and its backward
+    (``"alone"``, seeds of ones, every input and parameter gradient made), and
     the same step as a checkpoint region of its own (``"region"``: untaped forward, then backward with the
     re-run; with ``region``), whose excess over a forward more is what a region costs."""
     def run(watch: Stopwatch) -> None:
-        fresh = fresh_inputs(inputs)
-        watch.start()
-        outputs = needing_grad(fn(fresh))
-        watch.lap("forward")
-        wrt = needing_grad(fresh) + params
-        if not outputs or not wrt:
+        if not backward_alone(fn, inputs, params, _Laps(watch)):  # "fwd_taped", then "alone"
             return
-        seeds = [torch.ones_like(o) for o in outputs]
-        watch.start()
-        grads = torch.autograd.grad(outputs, wrt, seeds, allow_unused=True)
-        watch.lap("backward")
-        del grads, outputs
         if not region:
             return
         flat, structure = tree_flatten(fresh_inputs(inputs))
@@ -289,6 +294,7 @@ def time_stage(fn: StageFn, inputs: tuple, params: list[torch.Tensor], device: t
                                           use_reentrant=False, preserve_rng_state=False))
         if versions != [value._version for value in flat if isinstance(value, torch.Tensor)]:
             return  # it writes into its input, which a region cannot re-run from (the runtime refuses it)
+        seeds = [torch.ones_like(o) for o in outputs]
         grads = torch.autograd.grad(outputs, needing_grad(flat) + params, seeds, allow_unused=True)
         watch.lap("region")
         del grads
@@ -351,7 +357,7 @@ def with_times(stage: Stage, position: int, found: Workspaces) -> Stage:
     if reconstruct is not None and position in found.inverse_ms:
         reconstruct = dataclasses.replace(reconstruct, inverse_cost=found.inverse_ms[position],
                                           nominal_inverse_cost=reconstruct.inverse_cost)
-    return dataclasses.replace(stage, fwd_cost=times.get("forward"), bwd_cost=times.get("backward"),
+    return dataclasses.replace(stage, fwd_cost=times.get("fwd_taped"), bwd_cost=times.get("alone"),
                                nominal_fwd_cost=stage.fwd_cost, nominal_bwd_cost=stage.bwd_cost,
                                reconstruct=reconstruct)
 
@@ -359,7 +365,7 @@ def with_times(stage: Stage, position: int, found: Workspaces) -> Stage:
 def region_overhead(found: Workspaces) -> float:
     """What a checkpoint region costs beyond the forward it repeats, in ms: the median over the timed stages of
     a one-stage region's time less its two forwards and its backward (0 if none was timed)."""
-    excess = sorted(max(0.0, t.get("region") - 2 * t.get("forward") - t.get("backward"))
+    excess = sorted(max(0.0, t.get("region") - 2 * t.get("fwd_taped") - t.get("alone"))
                     for t in found.times.values() if "region" in t.ms)
     return excess[len(excess) // 2] if excess else 0.0
 
