@@ -21,7 +21,7 @@ from anode_plan.errors import (AnodePlanError, ApproximationSpecError, BackendSp
                                InPlaceModificationError, InputMismatchError, MachineMemoryError, NonFiniteStateError,
                                ODEBlockConfigError, ODEFunctionError, PlanFileError, PlanInvariantError,
                                PlanMismatchError, PlannerSpecError, PlanOverBudgetError, PlotUnavailableError,
-                               SolverConfigError, UntraceableModelError)
+                               SolverConfigError, TorchCompileWrapWarning, UntraceableModelError)
 from anode_plan.measure.lower import lower_to_chain
 from anode_plan.memory import AllocatorMeter, LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode.block import ODEBlock
@@ -45,5 +45,5 @@ __all__ = [
     "AllocatorMeter", "budget_for_peak", "BatchPoint", "BatchSearch", "max_batch_size", "search_batch_size",
     "batch_curve", "plot_batch_curve", "XConv2d", "XConv", "ApproximatedLayer", "ApproximationSpecError",
     "odeint", "SolverConfigError", "BackendSpecError", "CompileFallbackWarning",
-    "MachineMemoryError", "available_memory", "PLANNER_NAMES",
+    "MachineMemoryError", "available_memory", "PLANNER_NAMES", "TorchCompileWrapWarning",
 ]

@@ -101,6 +101,14 @@ class CompileFallbackWarning(UserWarning):
     """A stage could not be compiled with ``backend="inductor"`` and runs eager (measured all the same)."""
 
 
+class TorchCompileWrapWarning(UserWarning):
+    """``torch.compile`` was applied to a compiled model: its schedule runs outside TorchDynamo, as planned.
+
+    Said once per compiled model. The budget holds; for Inductor kernels under the budget,
+    compile with ``anode_plan.compile(..., backend="inductor")``.
+    """
+
+
 class ApproximationSpecError(AnodePlanError, ValueError):
     """``compile(..., approximate=...)`` got something other than an approximation it knows (``anode_plan.XConv``)."""
 

@@ -6,6 +6,7 @@ planning again for a new one, and straight through without a plan where no gradi
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from anode_plan.compiler.chains import measured_chain, with_backend
 from anode_plan.compiler.plan_cache import CachedPlan, PlanCache
-from anode_plan.errors import AnodePlanError, InfeasibleBudgetError, InputMismatchError
+from anode_plan.errors import AnodePlanError, InfeasibleBudgetError, InputMismatchError, TorchCompileWrapWarning
 from anode_plan.plan_key import describe_call, describe_plan
 from anode_plan.plans.plan import Plan, approximation_of, plan_for_budget
 from anode_plan.runtime import ScheduleRunner
@@ -170,6 +171,29 @@ class CompiledModel(nn.Module):
                 breakdown=error.breakdown) from None
 
     def forward(self, *inputs: Any) -> Any:
+        if torch.compiler.is_compiling():  # true only while TorchDynamo traces this frame
+            self._under_dynamo()
+        return self._run(*inputs)
+
+    @torch.compiler.disable
+    def _under_dynamo(self) -> None:
+        """Say once that ``torch.compile(compiled)`` leaves the schedule to run as planned."""
+        if self.__dict__.get("_said_dynamo"):
+            return
+        self.__dict__["_said_dynamo"] = True
+        inductor = self.plan.backend == "inductor"
+        warnings.warn(TorchCompileWrapWarning(
+            f"torch.compile of an anode_plan.compile'd {self.traced.model_name}: TorchDynamo stops at its schedule "
+            "(a graph break around it), which runs as planned, so the memory budget of "
+            f"{format_bytes(self.plan.budget_bytes)} still holds (compiling the schedule as one graph would flatten "
+            "its checkpoint regions and could go over it). "
+            + ("Its stages already run as Inductor code (backend='inductor')." if inductor else
+               "To run the stages as Inductor code under the budget, use anode_plan.compile(..., "
+               "backend='inductor') instead of wrapping the result in torch.compile.")), stacklevel=4)
+
+    @torch.compiler.disable
+    def _run(self, *inputs: Any) -> Any:
+        """The plan's step (outside TorchDynamo: see :meth:`_under_dynamo`)."""
         self._check_inputs(inputs)
         runner = self._runner_for(inputs) if torch.is_grad_enabled() else None
         if runner is not None:
