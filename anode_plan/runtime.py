@@ -122,11 +122,14 @@ class ScheduleRunner:
 
     def __init__(self, traced: TracedModel, ops: tuple[Op, ...], root: nn.Module,
                  random_stages: frozenset[int] = frozenset(), sketch: SketchedLayers | None = None,
-                 adaptive: dict[str, int] | None = None, compiled: Any = None) -> None:
+                 adaptive: dict[str, int] | None = None, compiled: Any = None, unit: Any = None) -> None:
         """``random_stages``: the stages that draw random numbers; regions holding one replay the RNG.
         ``sketch``: the stages that run with their convolutions sketched (XConv), and how.
         ``adaptive``: per adaptive ODE block, the checkpoints its solves keep.
-        ``compiled``: the stages as compiled functions (:class:`anode_plan.stages.inductor.CompiledStages`), or ``None``."""
+        ``compiled``: the stages as compiled functions (:class:`anode_plan.stages.inductor.CompiledStages`), or ``None``.
+        ``unit``: the whole model as one compiled function (:mod:`anode_plan.stages.unit`), which then runs the
+        step instead of the schedule, or ``None``."""
+        self.unit = unit
         self.adaptive = adaptive or {}
         self.compiled = compiled
         self.traced = traced
@@ -158,7 +161,9 @@ class ScheduleRunner:
         return values
 
     def run_schedule(self, root: nn.Module, values: tuple, ops: tuple[Op, ...] | None = None) -> tuple:
-        """The stages of ``ops`` (the whole schedule by default), regions as checkpoints."""
+        """The stages of ``ops`` (the whole schedule by default), regions as checkpoints; or the unit."""
+        if ops is None and self.unit is not None:
+            return self.unit(values)
         for op in self.ops if ops is None else ops:
             if isinstance(op, Run):
                 values = self.run_stage(root, op.stage, values)

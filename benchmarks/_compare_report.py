@@ -94,6 +94,7 @@ class FirstCompile:
     compile_s: float  # of it, the stages' first runs (compiling): plan.compile_seconds
     stages: int
     eager_stages: tuple[tuple[str, str], ...]
+    compiled: str = ""  # what it compiled: "one unit of the whole model at activation_memory_budget=1", "19 stages"
 
 
 @dataclass(frozen=True)

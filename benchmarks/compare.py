@@ -287,10 +287,13 @@ def run_compare(config: CompareConfig) -> CompareReport:
         warm_up_inductor()
         began = time.perf_counter()
         cold = anode_plan.compile(model, 2**50, (x,), backend="inductor")
+        unit = cold.plan.unit
+        what = (f"one unit of the whole model at activation_memory_budget={unit.fraction:g}" if unit is not None
+                else f"its {len(cold.plan.chain.stages)} stages")
         first_compile = FirstCompile(time.perf_counter() - began, cold.plan.compile_seconds,
-                                     len(cold.plan.chain.stages), cold.plan.eager_stages)
+                                     len(cold.plan.chain.stages), cold.plan.eager_stages, what)
         log(f"anode-plan inductor: first compile {first_compile.setup_s:.1f} s "
-            f"({first_compile.compile_s:.1f} s compiling {first_compile.stages} stages)")
+            f"({first_compile.compile_s:.1f} s compiling {what})")
         # ``cold`` stays referenced: its compiled stages are what the later compiles of the model reuse
         # (they are kept while a compiled model uses them).
     skipped: list[str] = []

@@ -299,7 +299,19 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
         f"  recompute    {_count(sim.recomputed_forwards, 'extra stage forward')}, overhead "
         f"{_percent(sim.recompute_overhead)} over a step without recompute ({sim.baseline_cost:.1f} {chain.cost_unit})",
     ]
-    if _backend(plan) == "inductor":
+    unit = getattr(plan, "unit", None)
+    if unit is not None:
+        lines[-2:] = [
+            f"  predicted    peak {format_bytes(plan.predicted_peak_bytes)} "
+            f"({plan.predicted_peak_bytes / plan.budget_bytes:.0%} of budget), step "
+            f"{unit.step_ms:.1f} ms, both measured on the device",
+            f"  unit         the whole model as one Inductor graph, the partitioner at activation_memory_budget="
+            f"{unit.fraction:g} (what it keeps for backward; it recomputes the rest inside the graph); units tried: "
+            + ", ".join(f"{f:g} -> {format_bytes(b)}" for f, b in unit.tried)
+            + (f"; the per-stage plan was predicted at {unit.staged_step_ms:.1f} ms" if unit.staged_step_ms else ""),
+            f"  backend      inductor: one unit compiled by torch.compile (compile {plan.compile_seconds:.1f} s for "
+            "this plan" + (", compiled already)" if plan.compile_seconds == 0 else ")")]
+    elif _backend(plan) == "inductor":
         compiled = len(chain.stages) - len(plan.eager_stages)
         lines.append(f"  backend      inductor: {compiled} of {_count(len(chain.stages), 'stage')} compiled by "
                      f"torch.compile, each measured on the device (compile {plan.compile_seconds:.1f} s for this plan"

@@ -14,6 +14,7 @@ from torch import nn
 
 from anode_plan.compiler.chains import measured_chain, with_backend
 from anode_plan.compiler.plan_cache import CachedPlan, PlanCache
+from anode_plan.compiler.units import offers_units, unit_plan
 from anode_plan.errors import AnodePlanError, InfeasibleBudgetError, InputMismatchError, TorchCompileWrapWarning
 from anode_plan.plan_key import describe_call, describe_plan
 from anode_plan.plans.plan import Plan, approximation_of, plan_for_budget
@@ -42,6 +43,9 @@ def runner_for(traced: TracedModel, plan: Plan, model: nn.Module, sketch_ops: di
     if plan.schedule.sketched:
         offers = {plan.chain.stages[i].name: plan.chain.stages[i].sketch for i in plan.schedule.sketched}
         sketch = SketchedLayers(approximation_of(plan), {name: o.layers for name, o in offers.items()}, ops=sketch_ops)
+    if compiled is not None and plan.unit is not None:  # the whole step is one graph; no_grad runs eager stages
+        return ScheduleRunner(traced, plan.schedule.ops, model, random_stages,
+                              unit=compiled.units[plan.unit.fraction].function())
     return ScheduleRunner(traced, plan.schedule.ops, model, random_stages, sketch, dict(plan.adaptive_checkpoints),
                           compiled=compiled.view(plan.chain) if compiled is not None and plan.backend == "inductor"
                           else None)
@@ -146,6 +150,10 @@ class CompiledModel(nn.Module):
         shapes = [tuple(x.shape) for x in inputs]
         compiled = self.compiled_stages
         before = compiled.compile_seconds if compiled is not None else 0.0
+        if compiled is not None and offers_units(self.planner, compiled):
+            unit = unit_plan(self.original_model, self.traced, inputs, first.budget_bytes, compiled)
+            if unit is not None:
+                return with_backend(unit, compiled, compiled.compile_seconds - before)
         try:
             chain = measured_chain(self.original_model, self.traced, inputs, calibrate=self.calibrate,
                                    approximate=self.approximate, compiled=compiled)

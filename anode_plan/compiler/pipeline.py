@@ -13,6 +13,7 @@ why each distinct stage is calibrated on the device (:mod:`anode_plan.measure.ca
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any, Sequence
 
 import torch
@@ -21,7 +22,8 @@ from torch import nn
 from anode_plan.budget import parse_memory_budget, usable_bytes
 from anode_plan.compiler.chains import measured_chain, with_backend
 from anode_plan.compiler.model import CompiledModel
-from anode_plan.errors import PlanMismatchError
+from anode_plan.compiler.units import offers_units, unit_peak, unit_plan
+from anode_plan.errors import PlanMismatchError, PlanOverBudgetError
 from anode_plan.measure.calibrate import UNCALIBRATED_MARGIN
 from anode_plan.plans.adaptive_share import adaptive_checkpoints
 from anode_plan.plans.checks import check_plan_fits, check_plan_matches, example_inputs_for
@@ -105,11 +107,16 @@ def compile(model: nn.Module, memory_budget: int | float | str | None = None,
     traced = trace_model(model, example_inputs, leaf_modules=leaf_modules)
     compiled = compiled_stages_for(model, traced, structure_digest(traced)) if backend == "inductor" else None
     before = compiled.compile_seconds if compiled is not None else 0.0
-    chain = measured_chain(model, traced, example_inputs, calibrate=calibrate, approximate=approximate,
-                           compiled=compiled)
-    plan = plan_for_budget(chain, traced, example_inputs, memory_budget, planner,
-                           workspace_margin=0.0 if calibrate else UNCALIBRATED_MARGIN)
-    plan = with_backend(plan, compiled, compiled.compile_seconds - before if compiled is not None else 0.0)
+
+    def staged() -> Plan:
+        chain = measured_chain(model, traced, example_inputs, calibrate=calibrate, approximate=approximate,
+                               compiled=compiled)
+        return plan_for_budget(chain, traced, example_inputs, memory_budget, planner,
+                               workspace_margin=0.0 if calibrate else UNCALIBRATED_MARGIN)
+    plan = None
+    if compiled is not None and offers_units(planner, compiled):  # one graph of the whole model, where one fits
+        plan = unit_plan(model, traced, example_inputs, parse_memory_budget(memory_budget), compiled, staged)
+    plan = with_backend(plan or staged(), compiled, compiled.compile_seconds - before if compiled is not None else 0.0)
     return CompiledModel(model, traced, plan, planner=planner, calibrate=calibrate, approximate=approximate,
                          compiled=compiled)
 
@@ -139,6 +146,19 @@ def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budge
                             calibrate=calibrate)
     compiled = compiled_stages_for(model, traced, structure_digest(traced)) if backend == "inductor" else None
     before = compiled.compile_seconds if compiled is not None else 0.0
+    if saved.unit is not None and compiled is not None:  # the saved unit, compiled and measured again
+        fresh = unit_plan(model, traced, inputs, budget_bytes, compiled, fractions=(saved.unit.fraction,),
+                          estimated=False)
+        if fresh is None:
+            raise PlanOverBudgetError(
+                f"{source}: its compiled unit (the whole model at activation_memory_budget={saved.unit.fraction:g}, "
+                f"{saved.unit.peak_bytes} bytes when saved) now measures {unit_peak(compiled, model, inputs, saved.unit)} "
+                f"bytes, above the budget of {budget_bytes} bytes (or "
+                "no longer compiles as one graph); plan again with anode_plan.compile(model, budget, (x,), "
+                "backend='inductor') and save that plan")
+        fresh = replace(fresh, fingerprint=saved.fingerprint)
+        return CompiledModel(model, traced, with_backend(fresh, compiled, compiled.compile_seconds - before),
+                             calibrate=calibrate, compiled=compiled)
     chain = measured_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate, compiled=compiled)
     margin = 0.0 if calibrate else UNCALIBRATED_MARGIN
     simulation = check_plan_fits(saved.schedule, chain, budget_bytes, source, margin)

@@ -33,9 +33,10 @@ REPLAN_ADVICE = ("plan again with anode_plan.compile(model, memory_budget=..., e
 
 
 def check_plan_fits(schedule: Schedule, chain: Chain, budget_bytes: int, source: str,
-                    workspace_margin: float = 0.0) -> Simulation:
-    """Validate ``schedule`` on ``chain`` and simulate it; its peak must be within the part of
-    ``budget_bytes`` a plan may use (:func:`anode_plan.budget.usable_bytes`).
+                    workspace_margin: float = 0.0, measured_peak: int | None = None) -> Simulation:
+    """Validate ``schedule`` on ``chain`` and simulate it; its peak (``measured_peak`` instead, for a
+    compiled unit's plan, whose peak is measured) must be within the part of ``budget_bytes`` a plan
+    may use (:func:`anode_plan.budget.usable_bytes`).
 
     Returns the simulation (with its timeline). Raises :class:`PlanInvariantError` when the
     schedule would not compute the gradients (a stage skipped, repeated or out of order)
@@ -50,11 +51,12 @@ def check_plan_fits(schedule: Schedule, chain: Chain, budget_bytes: int, source:
     except (IndexError, KeyError) as error:  # a schedule over stages the chain lacks, caught by the validator first
         raise PlanInvariantError(f"{source}: the schedule does not fit {chain.name}: {error!r}; {REPLAN_ADVICE}.") from None
     usable = usable_bytes(budget_bytes, workspace_margin)
-    if simulation.peak_bytes > usable:
+    peak = simulation.peak_bytes if measured_peak is None else measured_peak
+    if peak > usable:
         kept = f" (a plan may use {usable} bytes of it; the rest is kept free)"
         raise PlanOverBudgetError(
             f"{source}: the schedule ({schedule.planner}: {schedule.description}) needs "
-            f"{format_bytes(simulation.peak_bytes)} ({simulation.peak_bytes} bytes) on {chain.name}"
+            f"{format_bytes(peak)} ({peak} bytes) on {chain.name}"
             f"{peak_workspace(chain, simulation)}, above the budget {format_bytes(budget_bytes)} ({budget_bytes} "
             f"bytes){kept}. The plan was edited, or the model's memory has changed since it was planned (plans made before "
             "anode-plan measured kernel workspaces did not count them); give memory_budget="

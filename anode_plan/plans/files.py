@@ -16,7 +16,7 @@ from anode_plan.budget import usable_bytes
 from anode_plan.errors import PlanFileError
 from anode_plan.plans.adaptive_share import adaptive_checkpoints
 from anode_plan.plans.checks import REPLAN_ADVICE, check_plan_fits
-from anode_plan.plans.plan import Plan
+from anode_plan.plans.plan import CompiledUnit, Plan
 from anode_plan.plans.serialise import FORMAT, STAGE_FIELDS, VERSION, SavedPlan, deep_recursion, dump_plan
 from planners import (
     Block,
@@ -85,6 +85,15 @@ def read_plan_file(path: str | os.PathLike) -> SavedPlan:
     backend = reader.string(top, "backend") if "backend" in top else "eager"
     if backend not in ("eager", "inductor"):
         raise PlanFileError(f"{source}: backend is {backend!r}, not 'eager' or 'inductor'; {REPLAN_ADVICE}")
+    unit = None
+    if "unit" in top:
+        found = reader.mapping(top["unit"], "unit")
+        fraction = reader.number(found, "fraction", "unit")
+        if backend != "inductor" or not 0.0 < fraction <= 1.0:
+            raise PlanFileError(f"{source}: unit.fraction is {fraction!r} with backend {backend!r}; a compiled unit "
+                                f"needs backend 'inductor' and a fraction in (0, 1]; {REPLAN_ADVICE}")
+        unit = CompiledUnit(fraction=fraction, peak_bytes=reader.integer(found, "peak_bytes", "unit", minimum=1),
+                            step_ms=reader.number(found, "step_ms", "unit"))
     schedule = Schedule(ops=tuple(reader.op(op, f"schedule[{i}]")
                                   for i, op in enumerate(reader.sequence(reader.field(top, "schedule"), "schedule"))),
                         planner=reader.string(top, "planner"),
@@ -95,7 +104,7 @@ def read_plan_file(path: str | os.PathLike) -> SavedPlan:
     return SavedPlan(schedule=schedule, chain=reader.chain(reader.field(top, "chain")), budget_bytes=budget_bytes,
                      input_shapes=tuple(shapes), input_dtypes=tuple(dtypes),
                      fingerprint=reader.string(top, "fingerprint"), source=source, workspace_margin=margin,
-                     backend=backend)
+                     backend=backend, unit=unit)
 
 
 class _Reader:
@@ -318,9 +327,10 @@ def load_plan(path: str | os.PathLike) -> Plan:
         PlanOverBudgetError: the schedule needs more than the file's budget.
     """
     saved = read_plan_file(path)
-    simulation = check_plan_fits(saved.schedule, saved.chain, saved.budget_bytes, saved.source, saved.workspace_margin)
+    simulation = check_plan_fits(saved.schedule, saved.chain, saved.budget_bytes, saved.source, saved.workspace_margin,
+                                 saved.unit.peak_bytes if saved.unit is not None else None)
     return Plan(schedule=saved.schedule, chain=saved.chain, budget_bytes=saved.budget_bytes, simulation=simulation,
                 input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
-                workspace_margin=saved.workspace_margin, backend=saved.backend,
+                workspace_margin=saved.workspace_margin, backend=saved.backend, unit=saved.unit,
                 adaptive_checkpoints=adaptive_checkpoints(saved.chain, simulation,
                                                           usable_bytes(saved.budget_bytes, saved.workspace_margin)))

@@ -50,6 +50,11 @@ class Plan:
         compile_seconds: with ``"inductor"``, the time the model's stages took to compile
             (0 when they were compiled already, for an earlier plan of the same model).
         eager_stages: with ``"inductor"``, (stage, why) for each stage that runs eager.
+        unit: with ``"inductor"``, the compiled unit that runs the whole model as one graph
+            (:class:`CompiledUnit`), or ``None`` when the stages run compiled one by one
+            under :attr:`schedule`. With a unit, the predicted peak and step are the unit's,
+            measured on the device, and :attr:`schedule` is store-all (anode-plan recomputes
+            nothing; the partitioner recomputes inside the graph).
 
     Times: :attr:`predicted_step_seconds` is the whole training step (forward, the loss,
     backward), in the milliseconds calibration measured on the device when
@@ -69,10 +74,14 @@ class Plan:
     backend: str = "eager"
     compile_seconds: float = 0.0
     eager_stages: tuple[tuple[str, str], ...] = ()
+    unit: "CompiledUnit | None" = None
 
     @property
     def predicted_peak_bytes(self) -> int:
-        """The simulated peak, plus the adaptive blocks' checkpoints beyond the first (an upper bound on them)."""
+        """The simulated peak, plus the adaptive blocks' checkpoints beyond the first (an upper bound on them);
+        with a :attr:`unit`, the unit's measured step peak."""
+        if self.unit is not None:
+            return self.unit.peak_bytes
         return self.simulation.peak_bytes + self.adaptive_extra_bytes
 
     @property
@@ -88,7 +97,7 @@ class Plan:
     @property
     def cost_source(self) -> str:
         """``"measured"``: the costs were timed on the device; ``"nominal"``: FLOP counts at fixed rates."""
-        return self.chain.cost_source
+        return "measured" if self.unit is not None else self.chain.cost_source
 
     @property
     def predicted_step_seconds(self) -> float:
@@ -97,12 +106,20 @@ class Plan:
         Measured stage, region and step costs when :attr:`cost_source` is ``"measured"``
         (nominal ones otherwise); the adaptive blocks at their checkpoints.
         """
+        if self.unit is not None:
+            return self.unit.step_ms / 1e3
         saving = adaptive_saving(self.chain, self.adaptive_checkpoints)
         return (self.simulation.step_cost - saving) / 1e3
 
     @property
     def plain_step_seconds(self) -> float:
-        """The predicted time of plain autograd's step (every stage once, every tape kept), in seconds."""
+        """The predicted time of plain autograd's step (every stage once, every tape kept), in seconds.
+
+        With a :attr:`unit`, the unit's own measured step: whatever its graph recomputes is fused
+        into its kernels and cannot be priced apart.
+        """
+        if self.unit is not None:
+            return self.unit.step_ms / 1e3
         kept_all = tuple((self.chain.blocks[self.chain.stages[stage].block].name, steps)
                          for stage, steps in self.chain.adaptive_steps)
         return (self.simulation.baseline_step_cost - adaptive_saving(self.chain, kept_all)) / 1e3
@@ -128,6 +145,29 @@ class Plan:
                 seen = found.get(layer)
                 found[layer] = ApproximatedLayer(layer, (seen.stages if seen else 0) + 1, error, offer.probes)
         return tuple(found.values())
+
+
+@dataclass(frozen=True)
+class CompiledUnit:
+    """The whole model compiled as one Inductor graph at a partitioner budget (:mod:`anode_plan.stages.unit`).
+
+    Attributes:
+        fraction: ``torch._functorch.config.activation_memory_budget`` it was compiled at:
+            the share of the save-everything partition's activations its graph keeps.
+        peak_bytes: its training step's peak, measured by the allocator
+            (:mod:`anode_plan.measure.unit_step`).
+        step_ms: its training step's median time, measured on the device.
+        staged_step_ms: the per-stage compiled plan's predicted step at this budget, in
+            ms, when it was measured (0 when it was not, because the unit fitted first).
+        tried: ``(fraction, measured peak bytes)`` of every unit measured for this plan,
+            including those that did not fit.
+    """
+
+    fraction: float
+    peak_bytes: int
+    step_ms: float
+    staged_step_ms: float = 0.0
+    tried: tuple[tuple[float, int], ...] = ()
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class SavedPlan:
     source: str
     workspace_margin: float = 0.0
     backend: str = "eager"
+    unit: Any = None
 
 
 def structure_digest(traced: TracedModel) -> str:
@@ -105,7 +106,7 @@ def dump_plan(plan: Any) -> str:
     header = [
         f"anode-plan plan for {chain.name}: budget {format_bytes(plan.budget_bytes)}",
         f"schedule {plan.schedule.planner}: {plan.schedule.description}",
-        f"predicted peak {format_bytes(sim.peak_bytes)}, recompute overhead {sim.recompute_overhead:+.1%} "
+        f"predicted peak {format_bytes(plan.predicted_peak_bytes)}, recompute overhead {sim.recompute_overhead:+.1%} "
         "(recomputed whenever the plan is loaded)",
         'reuse it with anode_plan.compile(model, plan="this file"); it is checked against the model again',
     ]
@@ -118,6 +119,8 @@ def dump_plan(plan: Any) -> str:
         "budget_bytes": plan.budget_bytes,
         "workspace_margin": plan.workspace_margin,
         "backend": plan.backend,
+        **({"unit": {"fraction": plan.unit.fraction, "peak_bytes": plan.unit.peak_bytes, "step_ms": plan.unit.step_ms}}
+           if plan.unit is not None else {}),
         "planner": plan.schedule.planner,
         "description": plan.schedule.description,
         "proven_optimal": plan.schedule.proven_optimal,

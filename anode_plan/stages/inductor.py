@@ -116,6 +116,7 @@ class CompiledStages:
         self._compiled: dict[tuple[Any, int], Callable[..., tuple]] = {}
         self._warm: set[tuple[Any, int]] = set()
         self._unreported: list[int] = []
+        self.units: dict[float, Any] = {}  # whole-model units, by partitioner fraction (anode_plan.stages.unit)
         for at, spec in enumerate(traced.stages):
             if spec.block is not None and model.get_submodule(spec.block_target).adaptive:
                 self.eager[at] = "an adaptive solve: its step count depends on values, so it runs eager"

@@ -1,0 +1,148 @@
+"""The compiled mode's choice between one graph of the whole model and stages compiled one by one.
+
+``compile(..., backend="inductor")`` (with the default planner) offers the planner a
+compiled unit of the whole model (:mod:`anode_plan.stages.unit`) at each partitioner budget
+of :data:`~anode_plan.stages.unit.FRACTIONS`, most kept first. A unit's peak and time are
+known only once it is compiled and run, and compiling the whole model costs what
+``torch.compile`` of it costs, so units are tried in order of speed and only where an
+estimate says they may fit:
+
+1. the estimate of a unit at fraction ``f`` is the eager cost model's store-all peak with
+   its tapes scaled by ``f`` (``peak - tapes + f · tapes``), times the ratio of measured to
+   estimated peak of the units measured so far (the partitioner keeps about ``f`` of the
+   activations, Inductor's buffers are its own);
+2. the first fraction whose estimate fits the usable budget is compiled and measured
+   (:mod:`anode_plan.measure.unit_step`); if its measured peak fits, it is the plan, else
+   the estimate is corrected and the next fraction tried, at most :data:`MAX_NEW_UNITS`
+   compiles per plan;
+3. when the per-stage compiled chain of these inputs is measured already (an earlier plan of
+   the model compiled its stages), its plan at this budget is made too and the faster of the
+   two, in measured milliseconds, is taken.
+
+Measured units are kept with the model's compiled stages, per fraction and input key, so
+another budget reuses them. Budgets no unit fits run the per-stage schedule, whose nested
+recompute one graph cannot express (``docs/algorithms.md`` §11).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import nn
+
+import planners
+from anode_plan.measure.lower import lower_to_chain
+from anode_plan.measure.unit_step import UnitStep, measure_unit_step
+from anode_plan.model_state import state_restored
+from anode_plan.plan_key import describe_call
+from anode_plan.plans.plan import CompiledUnit, Plan, plan_for_budget
+from anode_plan.stages.inductor import CompiledStages
+from anode_plan.stages.unit import FRACTIONS, UnitCompileError, unit_for
+from anode_plan.tracing.trace import TracedModel
+from planners import Chain, simulate_plan
+
+MAX_NEW_UNITS = 2
+"""Units compiled for one plan at most (each costs a compile of the whole model)."""
+
+AUTO_PLANNERS = (None, "auto")
+"""Planners under which units are offered: a named planner (``"revolve"``, ``"store-all"`` ...) plans the stages."""
+
+
+def offers_units(planner: Any, compiled: CompiledStages) -> bool:
+    """Whether ``compile`` offers whole-model units: the default planner, and every stage compilable (no
+    adaptive solve, whose step count depends on values)."""
+    return any(planner is auto for auto in AUTO_PLANNERS) and not compiled.eager
+
+
+def _key(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
+    return describe_call(inputs, list(model.modules())), tuple(x.requires_grad for x in inputs)
+
+
+def _estimate(chain: Chain, fraction: float, ratio: float) -> int:
+    peak = simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=2**62)).peak_bytes
+    tapes = sum(stage.tape_bytes for stage in chain.stages)
+    return int((peak - tapes + fraction * tapes) * ratio)
+
+
+def _measured(model: nn.Module, inputs: Sequence[torch.Tensor], compiled: CompiledStages,
+              fraction: float, key: Any, head_bytes: int) -> UnitStep | str:
+    """The unit at ``fraction``'s measured step for ``key`` (compiling it first), or why it cannot compile."""
+    unit = unit_for(compiled, fraction)
+    found = unit.steps.get(key)
+    if found is not None:
+        return found
+
+    def runs(fn: Callable[[tuple], tuple]) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        values = tuple(x.detach().requires_grad_(x.requires_grad) for x in inputs)
+        outputs = [o for o in fn(values) if isinstance(o, torch.Tensor) and o.requires_grad]
+        wrt = [v for v in values if v.requires_grad] + params
+        if outputs and wrt:
+            torch.autograd.grad(outputs, wrt, [torch.ones_like(o) for o in outputs], allow_unused=True)
+
+    before = unit.compile_seconds
+    try:
+        with state_restored(model, inputs[0].device):
+            unit.warm(runs)
+    except UnitCompileError as error:
+        unit.steps[key] = f"{error}"
+        return unit.steps[key]
+    compiled.compile_seconds += unit.compile_seconds - before
+    unit.steps[key] = measure_unit_step(unit.function(), model, inputs, head_bytes=head_bytes)
+    return unit.steps[key]
+
+
+def unit_plan(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tensor], budget_bytes: int,
+              compiled: CompiledStages, staged: Callable[[], Plan] | None = None, *,
+              fractions: Sequence[float] = FRACTIONS, estimated: bool = True) -> Plan | None:
+    """The plan running a whole-model unit at ``budget_bytes`` (the module docstring says which), or ``None``
+    when none fits within :data:`MAX_NEW_UNITS` new compiles. ``staged``: the per-stage plan, asked for
+    only when the per-stage chain of these inputs is measured already. ``fractions``: those offered;
+    ``estimated=False`` measures them without estimating first (a saved plan's unit)."""
+    chain = lower_to_chain(model, traced, inputs, calibrate=False)
+    usable = budget_bytes  # a unit's peak is measured on the step itself (anode_plan.measure.unit_step)
+    key = _key(model, inputs)
+    ratio, tried, new = 1.0, [], 0
+    chosen: tuple[float, UnitStep] | None = None
+    for fraction in fractions:
+        unit = unit_for(compiled, fraction)
+        known = unit.steps.get(key)
+        if known is None and (new >= MAX_NEW_UNITS or (estimated and _estimate(chain, fraction, ratio) > usable)):
+            continue
+        new += known is None
+        step = _measured(model, inputs, compiled, fraction, key, chain.head_bytes)
+        if isinstance(step, str):  # cannot be compiled as one graph: no unit at any fraction
+            return None
+        tried.append((fraction, step.peak_bytes))
+        if step.peak_bytes <= usable:
+            chosen = (fraction, step)
+            break
+        ratio = max(ratio, step.peak_bytes / max(1, _estimate(chain, fraction, 1.0)))
+    if chosen is None:
+        return None
+    fraction, step = chosen
+    staged_ms = 0.0
+    if staged is not None and compiled.chain_for(key) is not None:
+        try:
+            other = staged()
+        except planners.AnodePlanError:
+            other = None
+        if other is not None:
+            staged_ms = other.predicted_step_seconds * 1e3
+            if staged_ms < step.step_ms:
+                return other
+    base = plan_for_budget(chain, traced, inputs, 2**62, planners.StoreAll())
+    schedule = replace(base.schedule, planner="unit", description=(
+        f"one compiled unit over {len(chain.stages)} stages at activation_memory_budget={fraction:g}, "
+        f"measured peak {planners.format_bytes(step.peak_bytes)}"))
+    return replace(base, schedule=schedule, budget_bytes=budget_bytes, backend="inductor",
+                   unit=CompiledUnit(fraction=fraction, peak_bytes=step.peak_bytes, step_ms=step.step_ms,
+                                     staged_step_ms=staged_ms, tried=tuple(tried)))
+
+
+def unit_peak(compiled: CompiledStages, model: nn.Module, inputs: Sequence[torch.Tensor], unit: CompiledUnit) -> str:
+    """The measured peak of ``unit``'s fraction for these inputs, as text (for an error), or why there is none."""
+    step = unit_for(compiled, unit.fraction).steps.get(_key(model, inputs))
+    return str(step.peak_bytes) if isinstance(step, UnitStep) else f"nothing ({step})"
