@@ -72,6 +72,7 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
+from torch._inductor.runtime.cache_dir_utils import temporary_cache_dir  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -108,6 +109,13 @@ class Candidate:
     backend: str = "eager"  # for anode-plan: compile(..., backend=...)
     predicted_ms: float | None = None  # for anode-plan: plan.predicted_step_seconds, in ms
     predicted_slowdown: float | None = None  # for anode-plan: plan.predicted_slowdown (against plain autograd)
+
+
+def _cold_cache_dir(prefix: str) -> str:
+    """An empty directory for an inductor cache, removed at exit."""
+    directory = tempfile.mkdtemp(prefix=f"anode-plan-compare-{prefix}-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 # --- the peers -----------------------------------------------------------------------------------------------------
@@ -156,7 +164,9 @@ def measure(candidate: Candidate, params: list[nn.Parameter], x: torch.Tensor, y
     step = lambda: train_step(candidate.forward, x, y)  # noqa: E731
     clear_grads(params)
     if candidate.compile_fraction is not None:
-        with torch._functorch.config.patch(activation_memory_budget=candidate.compile_fraction):
+        # a cold inductor cache of its own: identical graphs anode-plan compiled (its units) must not speed it up
+        with temporary_cache_dir(_cold_cache_dir("peer")), \
+                torch._functorch.config.patch(activation_memory_budget=candidate.compile_fraction):
             first_ms = timed_ms(step)  # the partition into saved and recomputed values is chosen here
     else:
         first_ms = timed_ms(step)

@@ -164,6 +164,7 @@ def test_a_stage_that_cannot_be_compiled_runs_eager_with_a_warning_and_the_budge
     with pytest.warns(anode_plan.CompileFallbackWarning, match=fell_back) as caught:
         compiled, got = _compiled_step(model, 10**9, x, y)
     assert len([w for w in caught if w.category is anode_plan.CompileFallbackWarning]) == 1
+    assert compiled.plan.unit is None  # nor can the whole model be one graph: the stages run, as planned
     eager = dict(compiled.plan.eager_stages)
     assert set(eager) == {"ode@0", "ode@1", "ode@2"}, eager
     assert "inductor" in anode_plan.format_report(compiled.plan) and "eager: ode@0" in anode_plan.format_report(

@@ -96,6 +96,10 @@ def plot_timeline(plan: Any, *, title: str = "") -> Any:
     predicted peak are horizontal lines.
     """
     chain, sim = plan.chain, plan.simulation
+    if getattr(plan, "unit", None) is not None:
+        raise ValueError("this plan runs one compiled unit of the whole model (plan.unit), measured as one step on "
+                         "the device; it has no simulated timeline to plot. plot_timeline a per-stage plan (compile "
+                         "with backend='eager', or a named planner)")
     if not sim.timeline:
         raise ValueError("plan.simulation has no timeline; simulate with simulate_plan(..., timeline=True)")
     loss_cost = 0.01 * sim.baseline_cost or 1.0

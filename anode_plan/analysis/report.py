@@ -330,6 +330,9 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
                      "placed online whatever its step count")
     if chain.unsketchable_layers:
         lines.append(f"  exact convs  XConv cannot sketch (groups, dilation, not 2-d): {', '.join(chain.unsketchable_layers)}")
+    if unit is not None:  # one graph, measured as a whole: no simulated breakdown or per-block schedule to show
+        return "\n".join(lines + ["", "  memory at the peak: measured as one training step of the compiled graph "
+                                   "(the allocator's peak); what is live inside it is Inductor's"])
     lines += [
         "",
         format_breakdown(sim),

@@ -60,8 +60,8 @@ def check_plan_fits(schedule: Schedule, chain: Chain, budget_bytes: int, source:
             f"{peak_workspace(chain, simulation)}, above the budget {format_bytes(budget_bytes)} ({budget_bytes} "
             f"bytes){kept}. The plan was edited, or the model's memory has changed since it was planned (plans made before "
             "anode-plan measured kernel workspaces did not count them); give memory_budget="
-            f"{budget_for_peak(simulation.peak_bytes, workspace_margin)} or more, or {REPLAN_ADVICE}.",
-            peak_bytes=simulation.peak_bytes, budget_bytes=budget_bytes)
+            f"{budget_for_peak(peak, workspace_margin)} or more, or {REPLAN_ADVICE}.",
+            peak_bytes=peak, budget_bytes=budget_bytes)
     return simulation
 
 
