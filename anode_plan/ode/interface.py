@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 
 from anode_plan.errors import SolverConfigError
-from anode_plan.ode.solve import METHODS, odeint
+from anode_plan.ode.solve import METHODS, odeint, solve_ode
 
 ADJOINT_NORMS = ("seminorm",)
 """The named ``adjoint_options['norm']`` values torchdiffeq takes (a function is taken too)."""
@@ -33,7 +33,8 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol: float = 1e-7, a
 
     Use it to port code that calls torchdiffeq's ``odeint_adjoint``: change the import. The
     ``adjoint_*`` arguments are validated and otherwise ignored (see the module docstring);
-    ``adjoint_params`` is :func:`anode_plan.odeint`'s ``params``.
+    ``adjoint_params`` is :func:`anode_plan.odeint`'s ``params``. As torchdiffeq's adjoint does, the
+    tensors ``func`` reaches but does not use get zero gradients (``odeint`` leaves them ``None``).
     """
     if adjoint_method is not None and adjoint_method not in METHODS:
         raise SolverConfigError(f"odeint_adjoint(adjoint_method={adjoint_method!r}): the methods are {list(METHODS)}")
@@ -48,8 +49,7 @@ def odeint_adjoint(func: Callable, y0, t: torch.Tensor, *, rtol: float = 1e-7, a
             raise SolverConfigError(f"odeint_adjoint: adjoint_options['norm']={norm!r}; it is a function or one of "
                                     f"{list(ADJOINT_NORMS)}")
     params = None if adjoint_params is None else tuple(adjoint_params)
-    return odeint(func, y0, t, rtol=rtol, atol=atol, method=method, options=options, event_fn=event_fn,
-                  params=params)
+    return solve_ode(func, y0, t, rtol, atol, method, options, event_fn, params, zero_unused=True)
 
 
 def odeint_event(func: Callable, y0, t0: torch.Tensor, *, event_fn: Callable, reverse_time: bool = False,

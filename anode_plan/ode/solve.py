@@ -98,24 +98,30 @@ def odeint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch
         SolverConfigError: an unknown method or option, bad ``t``, or too many steps.
         InfeasibleBudgetError: not even one checkpoint fits the budget.
     """
+    return solve_ode(func, y0, t, rtol, atol, method, options, event_fn, params)
+
+
+def solve_ode(func: Callable, y0, t: torch.Tensor, rtol, atol, method: str | None, options: dict | None,
+              event_fn: Callable | None, params, zero_unused: bool = False):
+    """:func:`odeint`; ``zero_unused``: the tensors ``func`` does not use get zero gradients (the adjoint's way)."""
     method = method or "dopri5"
     if event_fn is not None:
-        return _odeint_until_event(func, y0, t, rtol, atol, method, options, event_fn, params)
+        return _odeint_until_event(func, y0, t, rtol, atol, method, options, event_fn, params, zero_unused)
     problem = Problem.make(func, y0, t, rtol, atol, method, options, params)
-    return problem.unflatten(_solve(problem, t, None))
+    return problem.unflatten(_solve(problem, t, None, zero_unused))
 
 
-def _solve(problem: Problem, t: torch.Tensor, event: Callable | None) -> torch.Tensor:
+def _solve(problem: Problem, t: torch.Tensor, event: Callable | None, zero_unused: bool) -> torch.Tensor:
     flat = problem.flat_y0
     t_grad = t.requires_grad and torch.is_grad_enabled()
     wanted = torch.is_grad_enabled() and (flat.requires_grad or t_grad or any(p.requires_grad for p in problem.params))
     if not wanted:
         with torch.no_grad():
             return run_forward(problem, flat, slots=0, event=event)[0]  # nothing to keep
-    return _OdeintFunction.apply(problem, event, flat, t if t_grad else None, *problem.params)
+    return _OdeintFunction.apply(problem, event, zero_unused, flat, t if t_grad else None, *problem.params)
 
 
-def _odeint_until_event(func, y0, t, rtol, atol, method, options, event_fn, params):
+def _odeint_until_event(func, y0, t, rtol, atol, method, options, event_fn, params, zero_unused):
     """``odeint(..., event_fn=)``: ``(event_t, [y(t0), y(event_t)])``, the event time differentiable."""
     if not isinstance(t, torch.Tensor) or t.dim() != 1 or len(t) < 1:
         raise SolverConfigError("odeint(event_fn=...): t must be a 1-d tensor whose first time is the start (and "
@@ -132,7 +138,7 @@ def _odeint_until_event(func, y0, t, rtol, atol, method, options, event_fn, para
     def event(time: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # solve time, flat state
         return event_fn(problem.user_time(time).to(t.dtype), problem.unflatten(y) if tuple_state else y)
 
-    out = _solve(problem, span, event)
+    out = _solve(problem, span, event, zero_unused)
     event_t = problem.user_time(problem.times[1]).to(t.dtype)
     if out.requires_grad:
         def user_event(time, y):
@@ -148,7 +154,7 @@ def _odeint_until_event(func, y0, t, rtol, atol, method, options, event_fn, para
 
 class _OdeintFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, problem: Problem, event, y0: torch.Tensor, t: torch.Tensor | None,
+    def forward(ctx: Any, problem: Problem, event, zero_unused: bool, y0: torch.Tensor, t: torch.Tensor | None,
                 *params: torch.Tensor) -> torch.Tensor:
         slots = checkpoint_slots(problem, y0)
         before = generator_states(y0.device)
@@ -159,7 +165,7 @@ class _OdeintFunction(torch.autograd.Function):
                 "odeint: func draws random numbers (dropout, randn), and the backward re-runs its steps, which would "
                 "draw other numbers and give wrong gradients; make func deterministic (dropout outside the solve, "
                 "or func.eval())")
-        ctx.problem, ctx.solve = problem, solve
+        ctx.problem, ctx.solve, ctx.zero_unused = problem, solve, zero_unused
         ctx.save_for_backward(y0, t)
         return out
 
@@ -174,8 +180,10 @@ class _OdeintFunction(torch.autograd.Function):
             else:
                 grads = _backward(problem, solve, y0, t, grad_out)
         g_y0, g_t, param_grads = grads
-        return (None, None, g_y0 if ctx.needs_input_grad[2] else None, g_t if ctx.needs_input_grad[3] else None,
-                *param_grads)
+        if ctx.zero_unused:
+            param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, param_grads)]
+        return (None, None, None, g_y0 if ctx.needs_input_grad[3] else None,
+                g_t if ctx.needs_input_grad[4] else None, *param_grads)
 
 
 def _add(total, value):
