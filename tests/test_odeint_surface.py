@@ -180,8 +180,8 @@ def test_a_second_backward_gradcheck_and_gradgradcheck_under_a_budget_that_recom
     for method, options, tol in [("dopri5", {"checkpoints": 2}, 1e-3),
                                  ("rk4", {"checkpoints": 2, "step_size": 0.1}, 1e-5)]:
         solve = functools.partial(anode_plan.odeint, func, method=method, options=options)
-        assert torch.autograd.gradcheck(lambda a, b: solve(a, b), (y0, t))
-        assert torch.autograd.gradgradcheck(lambda a, b: solve(a, b), (y0, t), atol=tol)
+        assert torch.autograd.gradcheck(lambda a, b, solve=solve: solve(a, b), (y0, t))
+        assert torch.autograd.gradgradcheck(lambda a, b, solve=solve: solve(a, b), (y0, t), atol=tol)
     # A gradient penalty, d/dA of |d loss/d y0|², equals backprop's through torchdiffeq with the same first step.
     penalties = []
     for solver in (anode_plan.odeint, torchdiffeq.odeint):

@@ -268,7 +268,7 @@ def _taped_backward(problem: Problem, solve: Solve, y0: torch.Tensor, t: torch.T
         user = t.to(torch.float64)
         times = (user if problem.sign > 0 else -user)
         times = problem.times + (times - times.detach())  # the recorded values (an event's time too), t's gradient
-    y, (t0, f) = y0, _start(problem, y0, times)
+    y, (_, f) = y0, _start(problem, y0, times)
     outputs: dict[int, torch.Tensor] = {0: y0}
     for step in solve.steps:
         y, f, emitted = step_function(problem, step, times)(y, f)
