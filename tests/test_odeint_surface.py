@@ -287,6 +287,35 @@ def test_fixed_grid_methods_equal_torchdiffeq_in_values_and_gradients_under_a_bu
     assert func.nfe == 10 * {"euler": 1, "midpoint": 2, "rk4": 4}[method]  # known before the solve
 
 
+def test_a_fixed_grid_backward_advances_no_more_than_revolves_optimum():
+    """20 euler steps: the forward keeps revolve's first sweep, the backward re-advances at most t(20, c)."""
+    from planners.revolve import optimal_advances
+
+    for slots, want in [(1, 190), (2, 50), (3, 29), (5, 15)]:
+        func = Rotating()
+        out = anode_plan.odeint(func, _y0(), torch.tensor([0.0, 2.0], dtype=F64), method="euler",
+                                options={"step_size": 0.1, "checkpoints": slots})
+        assert func.nfe == 20
+        out.sum().backward()
+        advances = func.nfe - 20 - 20  # less the forward's and the 20 taped re-runs
+        assert advances == want and advances <= optimal_advances(20, slots)
+
+
+def test_step_callbacks_and_a_single_time():
+    func, calls = Rotating(), {"step": 0, "accept": 0, "reject": 0, "adjoint": 0}
+    func.callback_step = lambda t0, y0, dt: calls.__setitem__("step", calls["step"] + 1)
+    func.callback_accept_step = lambda t0, y0, dt: calls.__setitem__("accept", calls["accept"] + 1)
+    func.callback_reject_step = lambda t0, y0, dt: calls.__setitem__("reject", calls["reject"] + 1)
+    func.callback_step_adjoint = lambda t0, y0, dt: calls.__setitem__("adjoint", calls["adjoint"] + 1)
+    out = anode_plan.odeint(func, _y0(), _times(), rtol=1e-4, atol=1e-6)
+    assert calls["step"] == calls["accept"] + calls["reject"] and calls["accept"] > 0
+    out.sum().backward()
+    assert calls["adjoint"] == calls["accept"]  # each accepted step differentiated once
+    y0, t = _y0(), torch.tensor([1.5], dtype=F64, requires_grad=True)
+    only = anode_plan.odeint(func, y0, t)
+    assert torch.equal(only[0], y0) and only.shape == (1, 1, 2)
+
+
 def test_a_grid_constructor_and_euler_give_the_discrete_values_and_gradient():
     x0 = torch.tensor(1.0, dtype=F64, requires_grad=True)
     xs = anode_plan.odeint(lambda t, x: x, x0, torch.tensor([0.0, 1.0], dtype=F64), method="euler",
@@ -354,7 +383,7 @@ def test_an_event_stops_the_solve_with_the_implicit_function_gradient(reverse):
     event_t, solution = anode_plan.odeint_event(lambda t, y: -k * y, y0, start, event_fn=event_fn,
                                                 reverse_time=reverse, rtol=1e-10, atol=1e-12)
     exact = 2.0 - math.log(level) / 1.3 if reverse else math.log(1 / level) / 1.3  # y = y0·exp(−k (t − t0))
-    assert abs(float(event_t) - exact) < 1e-9 and abs(float(solution[-1]) - level) < 1e-9
+    assert abs(event_t.item() - exact) < 1e-9 and abs(solution[-1].item() - level) < 1e-9
     g_y0, g_k, g_t0 = torch.autograd.grad(event_t, (y0, k, start))
     log_ratio = math.log(1.0 / level)  # t* = t0 + ln(y0/level)/k
     assert abs(float(g_y0) - 1 / 1.3) < 1e-8
@@ -367,3 +396,16 @@ def test_an_event_stops_the_solve_with_the_implicit_function_gradient(reverse):
     assert abs(float(t_fixed) - exact) < 1e-8 and abs(float(y_fixed[-1]) - level) < 1e-8
     (g_k_fixed,) = torch.autograd.grad(t_fixed, k)
     assert abs(float(g_k_fixed) + log_ratio / 1.3 ** 2) < 1e-6
+
+
+def test_an_event_on_a_tuple_state_under_a_budget():
+    """A ball thrown up, (height, velocity): it lands at t = 2·v0/g; d t/d v0 = 2/g."""
+    v0 = torch.tensor(3.0, dtype=F64, requires_grad=True)
+    state = (torch.tensor(0.0, dtype=F64), v0)
+    for options in ({}, {"checkpoints": 2}):
+        event_t, (height, velocity) = anode_plan.odeint(
+            lambda t, s: (s[1], torch.full_like(s[1], -9.81)), state, torch.tensor([0.0, 1.0], dtype=F64),
+            event_fn=lambda t, s: s[0] if t > 0.1 else torch.ones_like(s[0]), options=options)
+        assert abs(event_t.item() - 6.0 / 9.81) < 1e-9 and abs(velocity[-1].item() + 3.0) < 1e-9
+        (g,) = torch.autograd.grad(event_t, v0)
+        assert abs(float(g) - 2 / 9.81) < 1e-8

@@ -47,6 +47,7 @@ def _walk(obj: Any, depth: int, found: dict[int, torch.Tensor], seen: set[int]) 
         for value in vars(obj).values():  # tensors held as plain attributes, and what a module's methods close over
             if not isinstance(value, (dict, nn.Module)):
                 _walk(value, depth + 1, found, seen)
+        _walk(getattr(type(obj), "forward", None), depth + 1, found, seen)  # the globals its forward names
         return
     if isinstance(obj, (types.ModuleType, type, str, bytes, int, float, bool, complex)) or obj is None:
         return
