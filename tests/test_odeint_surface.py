@@ -393,7 +393,7 @@ def test_an_event_stops_the_solve_with_the_implicit_function_gradient(reverse):
     span = torch.tensor([2.0, 1.0] if reverse else [0.0, 1.0], dtype=F64)
     t_fixed, y_fixed = anode_plan.odeint(lambda t, y: -k * y, y0, span, event_fn=event_fn, method="rk4",
                                          options={"step_size": 0.01, "interp": "cubic"})
-    assert abs(float(t_fixed) - exact) < 1e-8 and abs(float(y_fixed[-1]) - level) < 1e-8
+    assert abs(t_fixed.item() - exact) < 1e-8 and abs(y_fixed[-1].item() - level) < 1e-8
     (g_k_fixed,) = torch.autograd.grad(t_fixed, k)
     assert abs(float(g_k_fixed) + log_ratio / 1.3 ** 2) < 1e-6
 

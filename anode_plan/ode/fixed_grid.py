@@ -94,7 +94,7 @@ def fixed_grid(func: Callable, y0, t: torch.Tensor, times: torch.Tensor, sign: f
         if not step > 0:
             raise SolverConfigError(f"odeint: options['step_size']={step_size} must be positive")
         count = int(torch.ceil((times[-1] - times[0]) / step + 1).item())
-        grid = torch.arange(0, count, dtype=torch.float64) * step + times[0]
+        grid = torch.arange(0, count, dtype=torch.float64, device=times.device) * step + times[0]
         grid[-1] = times[-1]
         anchors = tuple([0] * (count - 1) + [last])
         if count == 1:
@@ -102,7 +102,7 @@ def fixed_grid(func: Callable, y0, t: torch.Tensor, times: torch.Tensor, sign: f
         return grid, anchors
     if grid_constructor is not None:
         made = grid_constructor(func, y0, t)
-        grid = torch.as_tensor(made).detach().to(torch.float64).reshape(-1) * sign
+        grid = torch.as_tensor(made).detach().to(device=times.device, dtype=torch.float64).reshape(-1) * sign
         if len(grid) < 1 or float(grid[0]) != float(times[0]) or float(grid[-1]) != float(times[-1]):
             raise SolverConfigError(f"odeint: grid_constructor returned a grid from {float(grid[0]) * sign} to "
                                     f"{float(grid[-1]) * sign}; it must start at t[0] and end at t[-1]")

@@ -108,7 +108,7 @@ def _adaptive(problem: Problem, y0: torch.Tensor, slots: int | None, event) -> t
             if problem.min_step <= 0:
                 raise SolverConfigError(f"odeint: the step size became {float(dt)} at "
                                         f"t={float(problem.user_time(t_now)):.6g}")
-            dt = torch.tensor(problem.min_step, dtype=torch.float64)
+            dt = torch.tensor(problem.min_step, dtype=torch.float64, device=t_now.device)
         dt = dt.clamp(problem.min_step, problem.max_step)
         problem.callback("callback_step", t_now, y, dt)
         t1 = t_now + dt
@@ -119,17 +119,17 @@ def _adaptive(problem: Problem, y0: torch.Tensor, slots: int | None, event) -> t
         next_step_t = next((v for v in problem.step_t if v > float(t_now)), None)
         next_jump_t = next((v for v in problem.jump_t if v > float(t_now)), None)
         if next_step_t is not None and next_step_t < float(t1):  # step_t first, then jump_t, as torchdiffeq
-            t1, on_mark = torch.tensor(next_step_t, dtype=torch.float64), True
+            t1, on_mark = torch.tensor(next_step_t, dtype=torch.float64, device=t_now.device), True
         if next_jump_t is not None and next_jump_t < float(t1):
-            t1, on_mark, on_jump = torch.tensor(next_jump_t, dtype=torch.float64), True, True
+            t1, on_mark, on_jump = torch.tensor(next_jump_t, dtype=torch.float64, device=t_now.device), True, True
         step_dt = t1 - t_now if on_mark else dt
         y1, f1, err, ks = rk_step(problem.func, tableau, y, f, t_now, step_dt, t1, end_perturb=on_jump)
         ratio = error_ratio(err, problem.rtol, problem.atol, y, y1, problem.norm)
         del err
         if not bool(torch.isfinite(ratio)):
-            raise SolverConfigError(f"odeint: the error estimate is not finite at t={float(problem.user_time(t_now)):.6g}"
-                                    " (the state or func's value overflowed or became NaN); check func, or lower "
-                                    "first_step")
+            raise SolverConfigError(f"odeint: the error estimate is not finite at "
+                                    f"t={float(problem.user_time(t_now)):.6g} (the state or func's value overflowed "
+                                    "or became NaN); check func, or lower first_step")
         accept = bool(ratio <= 1) or bool(step_dt <= problem.min_step)
         if accept:
             problem.callback("callback_accept_step", t_now, y, step_dt)

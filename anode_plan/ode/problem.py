@@ -160,15 +160,16 @@ class Problem:
             raise SolverConfigError(f"odeint: options['interp']={interp!r}; it is 'linear' or 'cubic'")
         grid, grid_anchors = None, ()
         if fixed is not None:
-            if fixed.name in FIXED and (hasattr(func, "callback_accept_step") or hasattr(func, "callback_reject_step")):
+            if hasattr(func, "callback_accept_step") or hasattr(func, "callback_reject_step"):
                 warnings.warn(f"odeint(method={method!r}): a fixed-grid method accepts every step, so func's "
                               "callback_accept_step / callback_reject_step are never called", stacklevel=3)
-            grid, grid_anchors = fixed_grid(func, y0, t, times, sign, options.get("step_size"), options.get("grid_constructor"))
+            grid, grid_anchors = fixed_grid(func, y0, t, times, sign, options.get("step_size"),
+                                            options.get("grid_constructor"))
         key = (id(func), method, tuple(flat_y0.shape), flat_y0.dtype, flat_y0.device, len(times),
                tuple(tuple(p.shape) for p in params))
         return cls(inner, flat_y0, times, sign, torch.as_tensor(rtol, dtype=dtype, device=flat_y0.device),
-                   torch.as_tensor(atol, dtype=dtype, device=flat_y0.device), tableau, fixed, grid, grid_anchors, interp, norm,
-                   params, None if budget is None else parse_memory_budget(budget),
+                   torch.as_tensor(atol, dtype=dtype, device=flat_y0.device), tableau, fixed, grid, grid_anchors,
+                   interp, norm, params, None if budget is None else parse_memory_budget(budget),
                    _checkpoints(options.get("checkpoints"), budget), int(options.get("max_num_steps", 2**31 - 1)),
                    None if first is None else float(first), float(options.get("safety", 0.9)),
                    float(options.get("ifactor", 10.0)), float(options.get("dfactor", 0.2)), min_step, max_step,

@@ -138,7 +138,8 @@ def step_vjp(problem: Problem, step: Step, y, f, g_y, g_f, grad_out, times=None)
         y1, f1, emitted = step_function(problem, step, times)(y_, f_)
         outs, grads = [], []
         for value, grad in [(y1, g_y), (f1, g_f), *zip(emitted, (grad_out[i] for i in step.outputs))]:
-            if grad is not None and value is not None and value.requires_grad:  # one not depending on the inputs adds nothing
+            # a value not depending on the inputs adds nothing
+            if grad is not None and value is not None and value.requires_grad:
                 outs.append(value)
                 grads.append(grad)
         wants_times = times is not None and times.requires_grad
