@@ -124,6 +124,8 @@ def test_a_tuple_state_with_a_0d_part_equals_torchdiffeq():
     assert ours[0].shape == (4,) and ours[1].shape == (4, 1, 2)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, b, s: anode_plan.odeint(pair, (a, b), s)[0],
+                                    (x0, v0, t.clone().requires_grad_()))
     inputs = (x0, v0, func.A)  # func.A is found through the closure
     want = torch.autograd.grad(sum(p.square().sum() for p in theirs), inputs)
     got = torch.autograd.grad(sum(p.square().sum() for p in ours), inputs)
@@ -239,6 +241,12 @@ def test_min_and_max_step_bound_the_steps_and_a_norm_sees_the_states_structure()
     anode_plan.odeint(lambda t, s: (-s[0], -s[1]), (torch.tensor(1.0, dtype=F64), torch.ones(2, 2, dtype=F64)), t,
                       options={"norm": norm})
     assert seen and set(seen) == {((), (2, 2))}
+    evaluations = []
+    for scale in (1.0, 10.0):  # a larger norm asks for smaller steps
+        func = Rotating()
+        anode_plan.odeint(func, y0, t, options={"norm": lambda x, scale=scale: scale * x.abs().max()})
+        evaluations.append(func.nfe)
+    assert evaluations[0] < evaluations[1]
 
 
 def test_jump_t_lands_on_the_discontinuity_and_perturb_tells_func_which_side():
@@ -260,6 +268,16 @@ def test_jump_t_lands_on_the_discontinuity_and_perturb_tells_func_which_side():
     theirs = torchdiffeq.odeint(plain, x0, t, rtol=1e-8, atol=1e-8, options=options)
     torch.testing.assert_close(anode_plan.odeint(plain, x0, t, rtol=1e-8, atol=1e-8, options=options), theirs,
                                rtol=1e-12, atol=1e-12)  # a func without perturb: the time is nudged instead
+    counted = []
+    for options in ({}, {"jump_t": torch.tensor([0.5])}):  # landing on the jump takes fewer evaluations
+        counted.append(0)
+
+        def counting(t, x):
+            counted[-1] += 1
+            return plain(t, x)
+
+        anode_plan.odeint(counting, x0, t, rtol=1e-6, atol=1e-6, options=options)
+    assert counted[1] < counted[0]
     exact = x0.detach() * math.exp(-0.25)  # then y' = y², y = y_h / (1 − y_h (t − 0.5))
     torch.testing.assert_close(ours[-1].detach(), exact / (1 - 0.5 * exact), rtol=1e-6, atol=0)
     g = torch.autograd.grad(ours[-1].sum(), x0)[0]
