@@ -25,6 +25,7 @@ from anode_plan.errors import (AnodePlanError, ApproximationSpecError, BackendSp
 from anode_plan.measure.lower import lower_to_chain
 from anode_plan.memory import AllocatorMeter, LiveStorageTracker, MemoryMeasurement, measure_peak_memory
 from anode_plan.ode.block import ODEBlock
+from anode_plan.ode.interface import odeint_adjoint, odeint_event
 from anode_plan.ode.solve import odeint
 from anode_plan.plans.files import load_plan, save_plan
 from anode_plan.plans.plan import PLANNER_NAMES, ApproximatedLayer, Plan, plan_for_budget
@@ -44,6 +45,6 @@ __all__ = [
     "InPlaceModificationError", "PlannerSpecError", "NonFiniteStateError", "CompiledModuleError",
     "AllocatorMeter", "budget_for_peak", "BatchPoint", "BatchSearch", "max_batch_size", "search_batch_size",
     "batch_curve", "plot_batch_curve", "XConv2d", "XConv", "ApproximatedLayer", "ApproximationSpecError",
-    "odeint", "SolverConfigError", "BackendSpecError", "CompileFallbackWarning",
+    "odeint", "odeint_adjoint", "odeint_event", "SolverConfigError", "BackendSpecError", "CompileFallbackWarning",
     "MachineMemoryError", "available_memory", "PLANNER_NAMES", "TorchCompileWrapWarning",
 ]

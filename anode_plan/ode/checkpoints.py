@@ -16,8 +16,8 @@ import torch
 from anode_plan.errors import InfeasibleBudgetError, SolverConfigError
 from anode_plan.memory import AllocatorMeter, LiveStorageTracker, allocated_bytes, measure_peak_memory
 from anode_plan.ode.problem import Problem
-from anode_plan.ode.steps import Step, outputs_in, step_vjp
-from anode_plan.ode.tableaus import TABLEAUS, error_ratio, rk_step
+from anode_plan.ode.steps import Step, outputs_in, step_function, step_vjp
+from anode_plan.ode.tableaus import error_ratio, rk_step
 from planners.errors import format_bytes
 
 MAX_SLOTS = 10_000
@@ -73,22 +73,25 @@ def step_costs(problem: Problem, y0: torch.Tensor) -> StepCosts:
     if cached is not None and cached[0]() is problem.source:  # the key holds id(source); a dead one is measured anew
         return cached[1]
     times = problem.times
-    span = float(times[-1] - times[0]) if len(times) > 1 else 1.0
+    span = float(times[-1] - times[0]) if len(times) > 1 and bool(torch.isfinite(times[-1])) else 1.0
     step = Step(times[0], torch.tensor(span / 16, dtype=torch.float64), times[0] + span / 16, (min(1, len(times) - 1),))
     with torch.no_grad():
         y = y0.detach().clone()
-        f = problem.func(times[0].to(y.dtype), y)
+        f = problem.func(times[0].to(y.dtype), y) if problem.tableau is not None else None
     ones = torch.ones_like(y)
     grad_out = torch.ones((len(times), *y.shape), dtype=y.dtype, device=y.device)
 
     def advance() -> None:
         with torch.no_grad():
+            if problem.tableau is None:
+                step_function(problem, step)(y, f)
+                return
             y1, f1, err, ks = rk_step(problem.func, problem.tableau, y, f, step.t0, step.dt, step.t1)
             error_ratio(err, problem.rtol, problem.atol, y, y1, problem.norm)
             list(outputs_in(problem, step, y, y1, ks))
 
     advance_bytes = _peak(advance, y.device)
-    vjp_bytes = _peak(lambda: step_vjp(problem, step, y, f, ones, ones, grad_out), y.device)
+    vjp_bytes = _peak(lambda: step_vjp(problem, step, y, f, ones, ones if f is not None else None, grad_out), y.device)
     state = allocated_bytes(y)
     outputs = allocated_bytes(grad_out)
     params = sum(allocated_bytes(p) for p in problem.params)
@@ -130,5 +133,5 @@ def checkpoint_budget(func: Callable, y0, t: torch.Tensor, checkpoints: int, *, 
     """
     if checkpoints < 1:
         raise SolverConfigError(f"checkpoint_budget: checkpoints={checkpoints} must be at least 1 (the initial state)")
-    problem = Problem.make(func, y0, t, rtol, atol, TABLEAUS[method], {}, params)
+    problem = Problem.make(func, y0, t, rtol, atol, method, {}, params)
     return step_costs(problem, problem.flat_y0).budget_for(checkpoints)

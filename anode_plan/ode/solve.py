@@ -20,6 +20,16 @@ memory of ``c`` checkpoints instead of every step's tape:
 * The accepted step sizes and the first step are constants: torchdiffeq's ``odeint``
   differentiates through its first-step selection (its issue 284), so its gradients differ
   from these by that term; with ``first_step`` given they agree (``tests/test_adaptive.py``).
+* Gradients with respect to ``t`` (only when ``t`` needs one): an output time moves its
+  dense output along the step that holds it; ``t[0]`` moves every step of the solve (their
+  sizes fixed) up to the first step cut onto a ``step_t``/``jump_t`` time
+  (:mod:`anode_plan.ode.steps`). These are the derivatives of the discretisation with its
+  step sizes held, so at the end time the gradient is ``f(t_N, y_N)·grad_N`` to the
+  interpolant's accuracy, as torchdiffeq's adjoint gives it.
+* Autograd like any op: a second backward through the same solve replays the forward
+  from ``y0`` (the first one freed its checkpoints as it went); a backward that builds a
+  graph (``create_graph=True``: ``gradgradcheck``, gradient penalties) differentiates a taped
+  replay of the same steps, so it holds every step's tape, whatever the budget.
 
 The budget (``options={"memory_budget": "64MB"}``) bounds the peak of the solve's
 forward and backward on top of what was allocated when it started: the outputs and their
@@ -41,150 +51,139 @@ from torch import nn
 from anode_plan.errors import SolverConfigError
 from anode_plan.model_state import RestoreRunningStats, generator_states, norm_layers_with_stats
 from anode_plan.ode.checkpoints import checkpoint_slots
-from anode_plan.ode.problem import OPTIONS, Problem
-from anode_plan.ode.steps import (
-    Solve,
-    Step,
-    outputs_in,
-    step_function,
-    step_vjp,
-)
-from anode_plan.ode.tableaus import TABLEAUS, error_ratio, initial_step, next_step, rk_step
-from planners.online import OnlineCheckpointing, reverse_actions
+from anode_plan.ode.events import EventGradient
+from anode_plan.ode.fixed_grid import FIXED
+from anode_plan.ode.forward import run_forward
+from anode_plan.ode.problem import Problem
+from anode_plan.ode.steps import Solve, Step, shift, step_function, step_vjp
+from anode_plan.ode.tableaus import TABLEAUS
+from planners.online import reverse_actions
 
+METHODS = (*TABLEAUS, *FIXED)
+"""The methods :func:`odeint` solves with: the adaptive pairs, then the fixed-grid methods."""
 
 CARRY_DERIVATIVE_GRADIENT = True
 """Carry the gradient of the FSAL derivative from step to step (it must be; a test turns it off to show why)."""
 
 
 def odeint(func: Callable, y0: torch.Tensor | tuple[torch.Tensor, ...], t: torch.Tensor, *, rtol: float = 1e-7,
-           atol: float = 1e-9, method: str = "dopri5", options: dict | None = None,
-           params: Sequence[torch.Tensor] | None = None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+           atol: float = 1e-9, method: str | None = None, options: dict | None = None,
+           event_fn: Callable | None = None, params: Sequence[torch.Tensor] | None = None):
     """Solve ``dy/dt = func(t, y)`` from ``y(t[0]) = y0`` and return ``y`` at every time in ``t``.
 
-    A drop-in for ``torchdiffeq.odeint`` with an adaptive method (``"dopri5"``, ``"bosh3"``,
-    ``"tsit5"``), whose gradients are exact for the steps taken, in the memory ``options``
-    allows (see the module docstring).
+    A drop-in for ``torchdiffeq.odeint``: the same arguments and results, with gradients exact
+    for the steps taken (discretise-then-optimise), in the memory ``options`` allows (see the
+    module docstring). Use it wherever torchdiffeq's ``odeint`` or ``odeint_adjoint`` is called.
 
     Args:
-        func: ``func(t, y)``, an ``nn.Module`` (its parameters get gradients) or a function
-            (give the tensors it closes over that need gradients in ``params``).
-        y0: the initial state, a tensor or a tuple of tensors.
-        t: a 1-d tensor of strictly increasing or decreasing times.
-        rtol, atol: the error tolerances.
-        method: the embedded Runge–Kutta pair.
-        options: ``memory_budget`` (``"64MB"``, ``"1GiB"`` or bytes; ``None``, the default,
-            keeps every accepted state, so backward only re-runs each step once with its tape), or ``checkpoints`` (a count,
-            slot 0 the initial state's, as diffrax and equinox take it), ``max_num_steps``
-            (default ``2**31 - 1``), ``first_step`` (default: chosen from ``func`` at ``y0``).
-        params: the tensors needing gradients that ``func`` uses (default: its parameters).
+        func: ``func(t, y)`` (or ``func(t, y, perturb=...)``, torchdiffeq's discontinuity
+            flag, when it takes ``perturb``): an ``nn.Module``, a function, a bound method; the
+            tensors needing gradients it reaches (parameters, closures, attributes) get them.
+        y0: the initial state, a tensor or a tuple of tensors (0-d ones too).
+        t: a 1-d tensor of strictly increasing or decreasing times (it may need a gradient).
+        rtol, atol: the error tolerances, floats or tensors (broadcast against the state).
+        method: ``"dopri5"`` (the default), ``"bosh3"``, ``"tsit5"`` (adaptive), or
+            ``"euler"``, ``"midpoint"``, ``"rk4"`` (fixed grid, :mod:`anode_plan.ode.fixed_grid`).
+        options: torchdiffeq's: ``first_step``, ``safety``, ``ifactor``, ``dfactor``,
+            ``max_num_steps``, ``min_step``, ``max_step``, ``step_t``, ``jump_t``, ``norm``,
+            ``dtype`` (adaptive); ``step_size``, ``grid_constructor``, ``interp``, ``perturb``
+            (fixed grid); and the budget: ``memory_budget`` (``"64MB"``, ``"1GiB"`` or bytes;
+            ``None``, the default, keeps every state) or ``checkpoints`` (a count, slot 0 the
+            initial state's, as diffrax and equinox take it).
+        event_fn: ``event_fn(t, y)``: solve from ``t[0]`` until its sign changes, and return
+            ``(event_t, solution)`` (:mod:`anode_plan.ode.events`).
+        params: the tensors needing gradients that ``func`` uses (default: all it reaches).
 
     Raises:
         SolverConfigError: an unknown method or option, bad ``t``, or too many steps.
         InfeasibleBudgetError: not even one checkpoint fits the budget.
     """
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise SolverConfigError(f"odeint: unknown options {unknown}; the options are {list(OPTIONS)}")
-    if method not in TABLEAUS:
-        raise SolverConfigError(f"odeint(method={method!r}): the adaptive methods are {sorted(TABLEAUS)}; for fixed "
-                                "steps use anode_plan.ODEBlock(func, nt=..., method='rk4') inside compile")
-    problem = Problem.make(func, y0, t, rtol, atol, TABLEAUS[method], options, params)
+    return solve_ode(func, y0, t, rtol, atol, method, options, event_fn, params)
+
+
+def solve_ode(func: Callable, y0, t: torch.Tensor, rtol, atol, method: str | None, options: dict | None,
+              event_fn: Callable | None, params, zero_unused: bool = False):
+    """:func:`odeint`; ``zero_unused``: the tensors ``func`` does not use get zero gradients (the adjoint's way)."""
+    method = method or "dopri5"
+    if event_fn is not None:
+        return _odeint_until_event(func, y0, t, rtol, atol, method, options, event_fn, params, zero_unused)
+    problem = Problem.make(func, y0, t, rtol, atol, method, options, params)
+    return problem.unflatten(_solve(problem, t, None, zero_unused))
+
+
+def _solve(problem: Problem, t: torch.Tensor, event: Callable | None, zero_unused: bool) -> torch.Tensor:
     flat = problem.flat_y0
-    wanted = torch.is_grad_enabled() and (flat.requires_grad or any(p.requires_grad for p in problem.params))
+    t_grad = t.requires_grad and torch.is_grad_enabled()
+    wanted = torch.is_grad_enabled() and (flat.requires_grad or t_grad or any(p.requires_grad for p in problem.params))
     if not wanted:
         with torch.no_grad():
-            out = _forward(problem, flat, slots=0)[0]  # nothing to keep
-    else:
-        out = _OdeintFunction.apply(problem, flat, *problem.params)
-    return problem.unflatten(out)
+            return run_forward(problem, flat, slots=0, event=event)[0]  # nothing to keep
+    return _OdeintFunction.apply(problem, event, zero_unused, flat, t if t_grad else None, *problem.params)
 
 
-def _forward(problem: Problem, y0: torch.Tensor, slots: int | None) -> tuple[torch.Tensor, Solve]:
-    """The adaptive loop (no tape): the outputs, and the record with the states ``slots`` checkpoints keep."""
-    times, tableau = problem.times, problem.tableau
-    out = y0.new_empty((len(times), *y0.shape))
-    out[0] = y0
-    t0 = times[0]
-    f0 = problem.func(t0.to(y0.dtype), y0)
-    with torch.no_grad():  # the first step is a constant of the discretisation, not differentiated
-        dt = (torch.tensor(problem.first_step, dtype=torch.float64) if problem.first_step is not None
-              else initial_step(problem.func, t0, y0, f0, tableau.order, problem.rtol, problem.atol, problem.norm))
-    solve = Solve([], {}, slots)
-    checkpointer = OnlineCheckpointing(slots) if slots else None  # None: keep every state; 0: keep none
-    state = checkpointer.start() if checkpointer else None
-    y, f, t_now = y0, f0, t0
-    decided = -1
-    index = 1  # the next output time
-    while index < len(times):
-        if solve.attempts >= problem.max_num_steps:
-            raise SolverConfigError(f"odeint: max_num_steps={problem.max_num_steps} reached at t={float(t_now):.6g} "
-                                    f"before t={float(times[index]):.6g}; loosen rtol/atol or raise "
-                                    "options['max_num_steps']")
-        step = len(solve.steps)
-        if step != decided:  # the state at `step` exists: keep it or not, once
-            decided = step
-            if slots is None:
-                solve.kept[step] = (y, f)
-            elif checkpointer is not None:
-                decision, state = checkpointer.decide(state, step)
-                if decision.keep:  # into a slot: what it held is dropped
-                    held = set(state.slot_steps)
-                    solve.kept = {s: v for s, v in solve.kept.items() if s in held}
-                    solve.kept[step] = (y, f)
-        solve.attempts += 1
-        if not torch.isfinite(dt):
-            raise SolverConfigError(f"odeint: the step size became {float(dt)} at t={float(t_now):.6g}")
-        t1 = t_now + dt
-        if not bool(t1 > t_now):
-            raise SolverConfigError(f"odeint: the step size {float(dt):.3g} underflows at t={float(t_now):.6g}")
-        y1, f1, err, ks = rk_step(problem.func, tableau, y, f, t_now, dt, t1)
-        ratio = error_ratio(err, problem.rtol, problem.atol, y, y1, problem.norm)
-        del err
-        if not bool(torch.isfinite(ratio)):
-            raise SolverConfigError(f"odeint: the error estimate is not finite at t={float(t_now):.6g} (the state "
-                                    "or func's value overflowed or became NaN); check func, or lower first_step")
-        if bool(ratio <= 1):
-            # The outputs inside this step are interpolated now, so its stages die with the attempt.
-            first = index
-            while index < len(times) and times[index] <= t1:
-                index += 1
-            accepted = Step(t_now, dt, t1, tuple(range(first, index)))
-            for at, value in zip(accepted.outputs, outputs_in(problem, accepted, y, y1, ks)):
-                out[at] = value
-            solve.steps.append(accepted)
-            y, f, t_now = y1, f1, t1
-        dt = next_step(dt, ratio, tableau.order)
-        del ks, y1, f1
-    solve.kept = {s: v for s, v in solve.kept.items() if s < len(solve.steps) or s == 0}
-    return out, solve
+def _odeint_until_event(func, y0, t, rtol, atol, method, options, event_fn, params, zero_unused):
+    """``odeint(..., event_fn=)``: ``(event_t, [y(t0), y(event_t)])``, the event time differentiable."""
+    if not isinstance(t, torch.Tensor) or t.dim() != 1 or len(t) < 1:
+        raise SolverConfigError("odeint(event_fn=...): t must be a 1-d tensor whose first time is the start (and "
+                                "whose second, if any, gives the direction)")
+    if method in FIXED and "step_size" not in (options or {}):
+        raise SolverConfigError(f"odeint(method={method!r}, event_fn=...): a fixed-grid method looks for the event "
+                                "step by step, so give options['step_size']")
+    backwards = len(t) > 1 and bool(t[1] < t[0])
+    start = t[:1]
+    span = torch.cat([start, start.detach() + (-1.0 if backwards else 1.0)])
+    problem = Problem.make(func, y0, span, rtol, atol, method, options, params)
+    tuple_state = isinstance(y0, (tuple, list))
+
+    def event(time: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # solve time, flat state
+        return event_fn(problem.user_time(time).to(t.dtype), problem.unflatten(y) if tuple_state else y)
+
+    out = _solve(problem, span, event, zero_unused)
+    event_t = problem.user_time(problem.times[1]).to(t.dtype)
+    if out.requires_grad:
+        def user_event(time, y):
+            return event_fn(time, problem.unflatten(y) if tuple_state else y)
+
+        def user_func(time, y):
+            return problem.sign * problem.func(time * problem.sign, y)  # dy/dt in the user's time
+
+        event_t, state_t = EventGradient.apply(user_func, user_event, event_t, out[-1])
+        out = torch.cat([out[:-1], state_t[None]])
+    return event_t, problem.unflatten(out)
 
 
 class _OdeintFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, problem: Problem, y0: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, problem: Problem, event, zero_unused: bool, y0: torch.Tensor, t: torch.Tensor | None,
+                *params: torch.Tensor) -> torch.Tensor:
         slots = checkpoint_slots(problem, y0)
         before = generator_states(y0.device)
         with torch.no_grad():
-            out, solve = _forward(problem, y0, slots)
+            out, solve = run_forward(problem, y0, slots, event)
         if any(not torch.equal(a, b) for a, b in zip(before, generator_states(y0.device))):
             raise SolverConfigError(
                 "odeint: func draws random numbers (dropout, randn), and the backward re-runs its steps, which would "
                 "draw other numbers and give wrong gradients; make func deterministic (dropout outside the solve, "
                 "or func.eval())")
-        ctx.problem, ctx.solve = problem, solve
-        ctx.save_for_backward(y0)
+        ctx.problem, ctx.solve, ctx.zero_unused = problem, solve, zero_unused
+        ctx.save_for_backward(y0, t)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
         problem, solve = ctx.problem, ctx.solve
-        (y0,) = ctx.saved_tensors
-        ctx.solve = None
+        y0, t = ctx.saved_tensors
         with RestoreRunningStats(norm_layers_with_stats(problem.source) if isinstance(problem.source, nn.Module)
                                  else []):  # the re-runs leave BatchNorm statistics as the forward left them
-            return _backward(ctx, problem, solve, y0, grad_out)
+            if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+                grads = _taped_backward(problem, solve, y0, t, grad_out, ctx.needs_input_grad)
+            else:
+                grads = _backward(problem, solve, y0, t, grad_out)
+        g_y0, g_t, param_grads = grads
+        if ctx.zero_unused:
+            param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(problem.params, param_grads)]
+        return (None, None, None, g_y0 if ctx.needs_input_grad[3] else None,
+                g_t if ctx.needs_input_grad[4] else None, *param_grads)
 
 
 def _add(total, value):
@@ -200,13 +199,28 @@ def _accumulate(total, value):
     return value if total is None else total.add_(value)
 
 
-def _backward(ctx: Any, problem: Problem, solve: Solve, y0: torch.Tensor, grad_out: torch.Tensor) -> tuple:
+def _start(problem: Problem, y0: torch.Tensor, times: torch.Tensor | None = None):
+    """``(t0, f0)``: the start time (moving with ``times``) and ``f0 = func(t0, y0)`` (``None`` for fixed grids)."""
+    moved = shift(times, 0)
+    t0 = problem.times[0] if moved is None else problem.times[0] + moved
+    if problem.fixed is not None:
+        return t0, None
+    return t0, problem.func(t0.to(y0.dtype), y0)
+
+
+def _backward(problem: Problem, solve: Solve, y0: torch.Tensor, t: torch.Tensor | None, grad_out: torch.Tensor):
     n = len(solve.steps)
-    g_y = g_f = None
+    g_y = g_f = g_times = None
+    times = problem.times.clone().requires_grad_() if t is not None else None
     param_grads: list = [None] * len(problem.params)
     if n:
-        store, solve.kept = solve.kept, {}  # the backward owns the kept states: each is freed after its vjp
-        slots = solve.slots if solve.slots else len(store)
+        store, solve.kept = solve.kept, None  # the backward owns the kept states: each is freed after its vjp
+        if store is None:  # a second backward: the first used the checkpoints up; start again from y0
+            with torch.no_grad():
+                store = {0: (y0.detach(), _start(problem, y0.detach())[1])}
+            slots = solve.slots if solve.slots else n + 1
+        else:
+            slots = solve.slots if solve.slots else len(store)
         live = None
         for action in reverse_actions(store, n, slots):
             k = action.step
@@ -219,8 +233,12 @@ def _backward(ctx: Any, problem: Problem, solve: Solve, y0: torch.Tensor, grad_o
                 if action.keep:
                     store[k + 1] = (y1, f1)
                 continue
-            g_y, g_f, grads = step_vjp(problem, step, y, f, g_y, g_f, grad_out)
+            problem.callback("callback_step_adjoint", step.t1, y, -step.dt)
+            g_y, g_f, grads, g_t = step_vjp(problem, step, y, f, g_y, g_f, grad_out, times)
+            if problem.tableau is not None:
+                problem.callback("callback_accept_step_adjoint", step.t1, y, -step.dt)
             param_grads = [_accumulate(total, grad) for total, grad in zip(param_grads, grads)]
+            g_times = _accumulate(g_times, g_t)
             live = None
             if store.pop(k, None) is not None and not CARRY_DERIVATIVE_GRADIENT and k:
                 g_f = None  # what dropping the kept derivative's gradient would do (tests show it is wrong)
@@ -228,17 +246,48 @@ def _backward(ctx: Any, problem: Problem, solve: Solve, y0: torch.Tensor, grad_o
     if g_f is not None:  # f0 = func(t0, y0)
         with torch.enable_grad():
             y_ = y0.detach().requires_grad_()
-            f0 = problem.func(problem.times[0].to(y0.dtype), y_)
-            found = (torch.autograd.grad(f0, [y_, *problem.params], g_f, allow_unused=True) if f0.requires_grad
-                     else [None] * (1 + len(problem.params)))
+            _, f0 = _start(problem, y_, times)
+            inputs = [y_, *problem.params, *([times] if times is not None else [])]
+            found = (list(torch.autograd.grad(f0, inputs, g_f, allow_unused=True)) if f0.requires_grad
+                     else [None] * len(inputs))
         g_y0 = _add(g_y0, found[0])
-        param_grads = [_accumulate(total, grad) for total, grad in zip(param_grads, found[1:])]
-    return (None, g_y0 if ctx.needs_input_grad[1] else None, *param_grads)
+        param_grads = [_accumulate(total, grad) for total, grad in zip(param_grads, found[1:1 + len(problem.params)])]
+        if times is not None:
+            g_times = _accumulate(g_times, found[-1])
+    g_t = None
+    if t is not None:
+        g_t = torch.zeros_like(t) if g_times is None else (problem.sign * g_times).to(t.dtype)
+    return g_y0, g_t, param_grads
+
+
+def _taped_backward(problem: Problem, solve: Solve, y0: torch.Tensor, t: torch.Tensor | None,
+                    grad_out: torch.Tensor, needs: tuple[bool, ...]):
+    """The backward as a graph: replay the recorded steps with their tape, and differentiate with create_graph."""
+    times = None
+    if t is not None:
+        user = t.to(torch.float64)
+        times = (user if problem.sign > 0 else -user)
+        times = problem.times + (times - times.detach())  # the recorded values (an event's time too), t's gradient
+    y, (_, f) = y0, _start(problem, y0, times)
+    outputs: dict[int, torch.Tensor] = {0: y0}
+    for step in solve.steps:
+        y, f, emitted = step_function(problem, step, times)(y, f)
+        outputs.update(zip(step.outputs, emitted))
+    grads_for = [grad_out[i] for i in sorted(outputs)]
+    values = [outputs[i] for i in sorted(outputs)]
+    inputs = [y0, *([t] if t is not None else []), *problem.params]
+    wanted = [x for x in inputs if x.requires_grad]
+    found = iter(torch.autograd.grad(values, wanted, grads_for, create_graph=True, allow_unused=True))
+    grads = [next(found) if x.requires_grad else None for x in inputs]
+    g_y0 = grads[0]
+    g_t = grads[1] if t is not None else None
+    param_grads = grads[2 if t is not None else 1:]
+    return g_y0, g_t, param_grads
 
 
 def _quiet(step: Step) -> Step:
     """The step without its outputs: an advance in backward only needs the end state."""
-    return Step(step.t0, step.dt, step.t1, ())
+    return Step(step.t0, step.dt, step.t1, (), step.jump, step.t0_at, step.t1_at)
 
 
 def solve_taped(func: Callable, y0, t: torch.Tensor, *, rtol: float = 1e-7, atol: float = 1e-9,
@@ -250,6 +299,7 @@ def solve_taped(func: Callable, y0, t: torch.Tensor, *, rtol: float = 1e-7, atol
     """
     options = dict(options or {})
     options.pop("memory_budget", None)
-    problem = Problem.make(func, y0, t, rtol, atol, TABLEAUS[method], options, params)
-    out, solve = _forward(problem, problem.flat_y0, slots=None)
+    options.pop("checkpoints", None)
+    problem = Problem.make(func, y0, t, rtol, atol, method, options, params)
+    out, solve = run_forward(problem, problem.flat_y0, slots=None)
     return problem.unflatten(out), [(float(s.t0), float(s.t1)) for s in solve.steps]

@@ -30,6 +30,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from anode_plan.ode.fixed_grid import PREV
+
 Func = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -140,11 +142,13 @@ def _combine(base: torch.Tensor, ks: Sequence[torch.Tensor], weights: Sequence[f
 
 
 def rk_step(func: Func, tableau: Tableau, y0: torch.Tensor, f0: torch.Tensor, t0: torch.Tensor,
-            dt: torch.Tensor, t1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+            dt: torch.Tensor, t1: torch.Tensor, end_perturb: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """One step from ``(y0, f0 = func(t0, y0))``: ``(y1, f1, error estimate, stage derivatives)``.
 
     ``t0``, ``dt``, ``t1`` are 0-d tensors; ``t1`` is given (not ``t0 + dt``) so the last node
-    lands on the step's end exactly.
+    lands on the step's end exactly. ``end_perturb``: the step ends on a discontinuity
+    (``jump_t``), so the stages at its end see ``func`` just before it (``func(t, y, PREV)``).
     """
     dtype = y0.dtype
     t0_, dt_, t1_ = t0.to(dtype), dt.to(dtype), t1.to(dtype)
@@ -153,7 +157,7 @@ def rk_step(func: Func, tableau: Tableau, y0: torch.Tensor, f0: torch.Tensor, t0
     for alpha, beta in zip(tableau.alpha, tableau.beta):
         ti = t1_ if alpha == 1.0 else t0_ + alpha * dt_
         y = _combine(y0, ks, beta, dt_)
-        ks.append(func(ti, y))
+        ks.append(func(ti, y, PREV) if end_perturb and alpha == 1.0 else func(ti, y))
     if not (tableau.c_sol[-1] == 0 and tuple(tableau.c_sol[:-1]) == tuple(tableau.beta[-1])):
         y = _combine(y0, ks, tableau.c_sol, dt_)
     error = _combine(torch.zeros_like(y0), ks, tableau.c_error, dt_)
