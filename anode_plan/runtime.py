@@ -127,8 +127,8 @@ class ScheduleRunner:
         ``sketch``: the stages that run with their convolutions sketched (XConv), and how.
         ``adaptive``: per adaptive ODE block, the checkpoints its solves keep.
         ``compiled``: the stages as compiled functions (:class:`anode_plan.stages.inductor.CompiledStages`), or ``None``.
-        ``unit``: the whole model as one compiled function (:mod:`anode_plan.stages.unit`), which then runs the
-        step instead of the schedule, or ``None``."""
+        ``unit``: the whole model as one compiled function (:mod:`anode_plan.stages.unit`), which the compiled
+        model calls instead of the schedule (it returns the model's output), or ``None``."""
         self.unit = unit
         self.adaptive = adaptive or {}
         self.compiled = compiled
@@ -161,9 +161,7 @@ class ScheduleRunner:
         return values
 
     def run_schedule(self, root: nn.Module, values: tuple, ops: tuple[Op, ...] | None = None) -> tuple:
-        """The stages of ``ops`` (the whole schedule by default), regions as checkpoints; or the unit."""
-        if ops is None and self.unit is not None:
-            return self.unit(values)
+        """The stages of ``ops`` (the whole schedule by default), regions as checkpoints."""
         for op in self.ops if ops is None else ops:
             if isinstance(op, Run):
                 values = self.run_stage(root, op.stage, values)

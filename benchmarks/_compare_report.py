@@ -59,6 +59,7 @@ class Measured:
     backend: str = "eager"
     predicted_ms: float | None = None
     predicted_slowdown: float | None = None
+    cold_setup_s: float | None = None  # the compiled mode: a first compile at this budget, cold (fresh model, cache)
 
     @property
     def predicted_over_measured(self) -> float | None:

@@ -109,6 +109,7 @@ class Candidate:
     backend: str = "eager"  # for anode-plan: compile(..., backend=...)
     predicted_ms: float | None = None  # for anode-plan: plan.predicted_step_seconds, in ms
     predicted_slowdown: float | None = None  # for anode-plan: plan.predicted_slowdown (against plain autograd)
+    cold_setup_s: float | None = None  # the compiled mode: compile at this budget first thing (cold_compile_seconds)
 
 
 def _cold_cache_dir(prefix: str) -> str:
@@ -185,7 +186,8 @@ def measure(candidate: Candidate, params: list[nn.Parameter], x: torch.Tensor, y
                     kept_bytes=kept, grad_rel_err=grad_rel_err,
                     predicted_peak_bytes=candidate.predicted_peak_bytes,
                     predicted_recompute=candidate.predicted_recompute, backend=candidate.backend,
-                    predicted_ms=candidate.predicted_ms, predicted_slowdown=candidate.predicted_slowdown)
+                    predicted_ms=candidate.predicted_ms, predicted_slowdown=candidate.predicted_slowdown,
+                    cold_setup_s=candidate.cold_setup_s)
 
 
 def time_all(candidates: list[Candidate], params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor,
@@ -250,13 +252,24 @@ def planned_candidate(model: nn.Module, budget: int, x: torch.Tensor, name: str,
                      predicted_slowdown=plan.predicted_slowdown)
 
 
+def cold_compile_seconds(model: nn.Module, budget: int, x: torch.Tensor) -> float:
+    """What a first ``compile(..., backend="inductor")`` at ``budget`` takes: on a copy of the model (so nothing
+    compiled for the model before is reused) in a cold inductor cache of its own, trace, measure, compile, plan."""
+    fresh = copy.deepcopy(model)
+    with temporary_cache_dir(_cold_cache_dir("cold")):
+        began = time.perf_counter()
+        anode_plan.compile(fresh, budget, (x,), backend="inductor")
+        return time.perf_counter() - began
+
+
 def compiled_mode_candidates(model: nn.Module, x: torch.Tensor, peers: list[Measured], eager_min: int
                              ) -> tuple[list[Candidate], int]:
     """The compiled mode at each torch.compile peer's peak, and (with the eager mode beside it) at two budgets
     below the lowest of those peaks; and the compiled mode's minimum budget."""
     compile_peers = [p for p in peers if p.compile_fraction is not None]
-    out = [planned_candidate(model, p.peak_bytes, x, f"anode-plan inductor at the peak of: {p.name}",
-                             INDUCTOR_FAMILY, p.name, "inductor") for p in compile_peers]
+    out = [replace(planned_candidate(model, p.peak_bytes, x, f"anode-plan inductor at the peak of: {p.name}",
+                                     INDUCTOR_FAMILY, p.name, "inductor"),
+                   cold_setup_s=cold_compile_seconds(model, p.peak_bytes, x)) for p in compile_peers]
     minimum = min_budget_bytes(model, x, backend="inductor")
     lowest = min((p.peak_bytes for p in compile_peers), default=None)
     if lowest is not None and minimum < lowest:

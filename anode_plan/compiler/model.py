@@ -204,6 +204,8 @@ class CompiledModel(nn.Module):
         """The plan's step (outside TorchDynamo: see :meth:`_under_dynamo`)."""
         self._check_inputs(inputs)
         runner = self._runner_for(inputs) if torch.is_grad_enabled() else None
+        if runner is not None and runner.unit is not None:  # the whole model as one compiled graph
+            return runner.unit(tuple(inputs))
         if runner is not None:
             state = runner.run_schedule(self, tuple(inputs))
         else:

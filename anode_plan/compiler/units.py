@@ -7,10 +7,11 @@ known only once it is compiled and run, and compiling the whole model costs what
 ``torch.compile`` of it costs, so units are tried in order of speed and only where an
 estimate says they may fit:
 
-1. the estimate of a unit at fraction ``f`` is the eager cost model's store-all peak with
-   its tapes scaled by ``f`` (``peak - tapes + f · tapes``), times the ratio of measured to
-   estimated peak of the units measured so far (the partitioner keeps about ``f`` of the
-   activations, Inductor's buffers are its own);
+1. the estimate of a unit at fraction ``f`` is the eager cost model's store-all peak less
+   ``1 - f`` of the activations live at it (the states and tapes: what the save-everything
+   partition keeps), times the largest ratio of measured to estimated peak of the units
+   measured so far (the partitioner keeps about ``f`` of the activations; Inductor's
+   buffers are its own);
 2. the first fraction whose estimate fits the usable budget is compiled and measured
    (:mod:`anode_plan.measure.unit_step`); if its measured peak fits, it is the plan, else
    the estimate is corrected and the next fraction tried, at most :data:`MAX_NEW_UNITS`
@@ -34,6 +35,7 @@ from torch import nn
 
 import planners
 from anode_plan.measure.lower import lower_to_chain
+from anode_plan.measure.phases import needing_grad
 from anode_plan.measure.unit_step import UnitStep, measure_unit_step
 from anode_plan.model_state import state_restored
 from anode_plan.plan_key import describe_call
@@ -61,9 +63,12 @@ def _key(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
 
 
 def _estimate(chain: Chain, fraction: float, ratio: float) -> int:
-    peak = simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=2**62)).peak_bytes
-    tapes = sum(stage.tape_bytes for stage in chain.stages)
-    return int((peak - tapes + fraction * tapes) * ratio)
+    """The unit at ``fraction``'s peak, estimated: store-all's, less the share of its activations (the states and
+    tapes live at its peak, what the save-everything partition keeps) the partitioner does not keep."""
+    simulation = simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=2**62))
+    live = simulation.breakdown()
+    activations = live.get("states", 0) + live.get("tapes", 0)
+    return int((simulation.peak_bytes - (1.0 - fraction) * activations) * ratio)
 
 
 def _measured(model: nn.Module, inputs: Sequence[torch.Tensor], compiled: CompiledStages,
@@ -74,10 +79,10 @@ def _measured(model: nn.Module, inputs: Sequence[torch.Tensor], compiled: Compil
     if found is not None:
         return found
 
-    def runs(fn: Callable[[tuple], tuple]) -> None:
+    def runs(fn: Callable[[tuple], Any]) -> None:
         params = [p for p in model.parameters() if p.requires_grad]
         values = tuple(x.detach().requires_grad_(x.requires_grad) for x in inputs)
-        outputs = [o for o in fn(values) if isinstance(o, torch.Tensor) and o.requires_grad]
+        outputs = needing_grad(fn(values))
         wrt = [v for v in values if v.requires_grad] + params
         if outputs and wrt:
             torch.autograd.grad(outputs, wrt, [torch.ones_like(o) for o in outputs], allow_unused=True)
@@ -136,7 +141,8 @@ def unit_plan(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tens
     base = plan_for_budget(chain, traced, inputs, 2**62, planners.StoreAll())
     schedule = replace(base.schedule, planner="unit", description=(
         f"one compiled unit over {len(chain.stages)} stages at activation_memory_budget={fraction:g}, "
-        f"measured peak {planners.format_bytes(step.peak_bytes)}"))
+        f"measured peak {planners.format_bytes(step.peak_bytes)}"
+        + "".join(f"; {f:g} measured {planners.format_bytes(b)}, over the budget" for f, b in tried[:-1])))
     return replace(base, schedule=schedule, budget_bytes=budget_bytes, backend="inductor",
                    unit=CompiledUnit(fraction=fraction, peak_bytes=step.peak_bytes, step_ms=step.step_ms,
                                      staged_step_ms=staged_ms, tried=tuple(tried)))

@@ -23,7 +23,7 @@ and BatchNorm statistics and the RNG are put back.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -56,7 +56,7 @@ class UnitStep:
     noise: float
 
 
-def _step(fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor],
+def _step(fn: Callable[[tuple], Any], inputs: tuple, params: list[torch.Tensor],
           watch: Stopwatch | None = None, meter: AllocatorMeter | None = None) -> tuple[int, int] | None:
     marks = meter.mark() if meter is not None else None
     if watch is not None:
@@ -74,7 +74,7 @@ def _step(fn: Callable[[tuple], tuple], inputs: tuple, params: list[torch.Tensor
     return (marks, after_forward) if meter is not None else None
 
 
-def measure_unit_step(fn: Callable[[tuple], tuple], model: nn.Module, inputs: Sequence[torch.Tensor], *,
+def measure_unit_step(fn: Callable[[tuple], Any], model: nn.Module, inputs: Sequence[torch.Tensor], *,
                       head_bytes: int) -> UnitStep:
     """``fn``'s (a compiled unit's function, already compiled) training step on ``inputs``, measured."""
     device = inputs[0].device

@@ -30,10 +30,10 @@ import torch
 from torch import nn
 from torch._functorch import config as functorch_config
 
-from anode_plan.stages.inductor import CompiledStages, group_module
-from anode_plan.tracing.trace import StageSpec, TracedModel, run_step
+from anode_plan.stages.inductor import CompiledStages
+from anode_plan.tracing.trace import TracedModel
 
-FRACTIONS = (1.0, 0.8, 0.6, 0.4, 0.2)
+FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 """The partitioner budgets a unit is offered at, most kept (fastest) first."""
 
 
@@ -41,16 +41,9 @@ class UnitCompileError(Exception):
     """The whole model could not be compiled as one graph (the per-stage mode runs it instead)."""
 
 
-def traceable_stages(root: nn.Module, traced: TracedModel) -> list[Callable[..., tuple]]:
-    """Every stage of ``traced`` as a function TorchDynamo traces: a layer group as its own ``GraphModule``
-    (:func:`~anode_plan.stages.inductor.group_module`), a time step through its block's ``step``."""
-    def step(spec: StageSpec) -> Callable[..., tuple]:
-        return lambda *values: run_step(root, spec, values)
-    return [group_module(root, traced, spec) if spec.block is None else step(spec) for spec in traced.stages]
-
-
 class WholeModelUnit:
-    """The traced model as one ``torch.compile(fullgraph=True, dynamic=False)`` graph at partitioner ``fraction``.
+    """The model's own ``forward`` as one ``torch.compile(fullgraph=True, dynamic=False)`` graph at partitioner
+    ``fraction``: the graph ``torch.compile`` of the model makes, so what it fuses is what the user's code allows.
 
     One compiled function, compiled at its first call (:meth:`warm`); another input shape
     recompiles it (TorchDynamo's guards), under the same partitioner budget. ``steps``: per
@@ -63,31 +56,29 @@ class WholeModelUnit:
         self.fraction = fraction
         self.compile_seconds = 0.0
         self.steps: dict[Any, Any] = {}  # input key -> its measured step (anode_plan.measure.unit_step), or why not
-        self._compiled: Callable[..., tuple] | None = None
+        self._compiled: Callable[..., Any] | None = None
 
-    def _build(self) -> Callable[..., tuple]:
-        stages = traceable_stages(self.model, self.traced)
+    def _build(self) -> Callable[..., Any]:
+        model = self.model
 
-        def unit(*values: Any) -> tuple:
-            for stage in stages:  # every stage in order, straight through
-                values = stage(*values)
-            return values
+        def unit(*inputs: Any) -> Any:
+            return model(*inputs)
         # TorchDynamo caches compiled code on the code object: one of its own per unit keeps its graphs apart
         unit.__code__ = unit.__code__.replace(co_name=f"anode_plan_unit_{int(round(self.fraction * 100))}")
         return torch.compile(unit, fullgraph=True, dynamic=False)
 
-    def function(self) -> Callable[[tuple], tuple]:
-        """What runs the unit: its compiled function, under its partitioner budget."""
+    def function(self) -> Callable[[tuple], Any]:
+        """What runs the unit: the model's output for a tuple of inputs, compiled, under its partitioner budget."""
         if self._compiled is None:
             self._compiled = self._build()
         fn, fraction = self._compiled, self.fraction
 
-        def run(values: tuple) -> tuple:
+        def run(inputs: tuple) -> Any:
             with functorch_config.patch(activation_memory_budget=fraction):
-                return fn(*values)
+                return fn(*inputs)
         return run
 
-    def warm(self, runs: Callable[[Callable[[tuple], tuple]], None]) -> None:
+    def warm(self, runs: Callable[[Callable[[tuple], Any]], None]) -> None:
         """Compile by running ``runs(function)`` (a forward and a backward); raises :class:`UnitCompileError`."""
         began = time.perf_counter()
         try:
