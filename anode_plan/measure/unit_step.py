@@ -33,8 +33,11 @@ from anode_plan.measure.timing import Stopwatch, time_phases
 from anode_plan.memory import AllocatorMeter, allocated_bytes
 from anode_plan.model_state import state_restored
 
-TIMED_STEPS = 3
-"""Timed steps of a unit (after the compiling one); their median is its step time."""
+TIMED_STEPS = (5, 9)
+"""The fewest and most timed steps of a unit (after an untimed one: the first steps after compiling can be slow),
+at least :data:`anode_plan.measure.timing.MIN_TIMED_MS` of them; their median is its step time. A whole step
+is timed, not a stage, so a few suffice; more than 3, because one disturbed step of 3 moves the median (a
+compare.py run measured a unit's 3-step median 42% above its later step)."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,7 @@ def measure_unit_step(fn: Callable[[tuple], Any], model: nn.Module, inputs: Sequ
         outputs = needing_grad(fn(inputs))
         seed_bytes = sum(allocated_bytes(o) for o in outputs)
         del outputs
-        times = time_phases(lambda watch: _step(fn, inputs, params, watch=watch), device, min_repeats=TIMED_STEPS,
-                            max_repeats=TIMED_STEPS, warm=True)
+        times = time_phases(lambda watch: _step(fn, inputs, params, watch=watch), device,
+                            min_repeats=TIMED_STEPS[0], max_repeats=TIMED_STEPS[1])
     return UnitStep(peak_bytes=max(peak, kept + seed_bytes + head_bytes), forward_kept_bytes=kept,
                     step_ms=times.get("step"), noise=times.noise.get("step", 0.0))
