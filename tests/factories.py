@@ -12,7 +12,7 @@ from torch import nn
 from anode_plan import ODEBlock
 
 
-class _ConvField(nn.Module):
+class ConvField(nn.Module):
     """dz/dt = tanh(conv3x3(z))."""
 
     def __init__(self, channels: int) -> None:
@@ -29,8 +29,8 @@ class TinyODENet(nn.Module):
     def __init__(self, channels: int, nt: int, method: str) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, channels, 3, padding=1)
-        self.ode1 = ODEBlock(_ConvField(channels), nt=nt, method=method)
-        self.ode2 = ODEBlock(_ConvField(channels), nt=nt, method=method)
+        self.ode1 = ODEBlock(ConvField(channels), nt=nt, method=method)
+        self.ode2 = ODEBlock(ConvField(channels), nt=nt, method=method)
         self.head = nn.Linear(channels, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,17 +21,8 @@ import planners
 from anode_plan.measure.timing import relative_spread, time_phases
 from anode_plan.plans.adaptive_share import adaptive_saving, recomputed
 from anode_plan.plans.plan import plan_schedule
-from factories import tiny_odenet
+from factories import ConvField, tiny_odenet
 from planners import Chain, Region, Run, Stage, simulate_plan
-
-
-class _Field(nn.Module):
-    def __init__(self, width: int) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(width, width, 3, padding=1)
-
-    def forward(self, t, z):
-        return torch.tanh(self.conv(z))
 
 
 class _WideThenNarrow(nn.Module):
@@ -40,9 +31,9 @@ class _WideThenNarrow(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 32, 3, padding=1)
-        self.wide = anode_plan.ODEBlock(_Field(32), nt=2, method="euler")
+        self.wide = anode_plan.ODEBlock(ConvField(32), nt=2, method="euler")
         self.squeeze = nn.Conv2d(32, 4, 1)
-        self.narrow = anode_plan.ODEBlock(_Field(4), nt=2, method="euler")
+        self.narrow = anode_plan.ODEBlock(ConvField(4), nt=2, method="euler")
         self.head = nn.Linear(4, 3)
 
     def forward(self, x):

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 from anode_plan.errors import InPlaceModificationError
 from anode_plan.measure.calibrate import model_unchanged
+from anode_plan.measure.phases import stand_in_loss
 from anode_plan.measure.timing import Stopwatch, gc_paused
 from anode_plan.plans.adaptive_share import adaptive_saving, adaptive_stages
 from anode_plan.runtime import ScheduleRunner
@@ -63,12 +63,6 @@ def every_stage_checkpointed(chain: Chain) -> tuple[Op, ...]:
     """The schedule that makes every stage a checkpoint region of its own (adaptive blocks run taped)."""
     adaptive = set(adaptive_stages(chain))
     return tuple(Run(i) if i in adaptive else Region(i, i + 1, (Run(i),)) for i in range(len(chain.stages)))
-
-
-def stand_in_loss(outputs: Any) -> torch.Tensor:
-    """The loss whole measured steps use: the mean of the squared floating-point outputs, summed over outputs."""
-    parts = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    return sum(t.float().square().mean() for t in parts) if parts else torch.zeros(())
 
 
 def fit_whole_step(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tensor], chain: Chain, *,

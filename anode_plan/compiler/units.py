@@ -4,8 +4,8 @@
 compiled unit of the whole model (:mod:`anode_plan.stages.unit`) at each partitioner budget
 of :data:`~anode_plan.stages.unit.FRACTIONS`, most kept first. A unit's peak and time are
 known only once it is compiled and run, and compiling the whole model costs what
-``torch.compile`` of it costs, so units are tried in order of speed and only where an
-estimate says they may fit:
+``torch.compile`` of it costs (``benchmarks/unit_parity.py``: 48 and 53 s against the peer's 58
+and 51 s), so units are tried in order of speed and only where an estimate says they may fit:
 
 1. the estimate of a unit at fraction ``f`` is the eager cost model's store-all peak less
    ``1 - f`` of the activations live at it (the states and tapes: what the save-everything
@@ -35,12 +35,10 @@ from torch import nn
 
 import planners
 from anode_plan.measure.lower import lower_to_chain
-from anode_plan.measure.phases import needing_grad
-from anode_plan.measure.unit_step import UnitStep, measure_unit_step
+from anode_plan.measure.unit_step import UnitStep, measure_unit_step, run_step
 from anode_plan.model_state import state_restored
-from anode_plan.plan_key import describe_call
 from anode_plan.plans.plan import CompiledUnit, Plan, plan_for_budget
-from anode_plan.stages.inductor import CompiledStages
+from anode_plan.stages.inductor import CompiledStages, input_key
 from anode_plan.stages.unit import FRACTIONS, UnitCompileError, unit_for
 from anode_plan.tracing.trace import TracedModel
 from planners import Chain, simulate_plan
@@ -58,17 +56,13 @@ def offers_units(planner: Any, compiled: CompiledStages) -> bool:
     return any(planner is auto for auto in AUTO_PLANNERS) and not compiled.eager
 
 
-def _key(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
-    return describe_call(inputs, list(model.modules())), tuple(x.requires_grad for x in inputs)
-
-
-def _estimate(chain: Chain, fraction: float, ratio: float) -> int:
-    """The unit at ``fraction``'s peak, estimated: store-all's, less the share of its activations (the states and
+def _estimator(chain: Chain) -> Callable[[float], int]:
+    """The unit at a fraction's peak, estimated: store-all's, less the share of its activations (the states and
     tapes live at its peak, what the save-everything partition keeps) the partitioner does not keep."""
     simulation = simulate_plan(chain, planners.StoreAll().plan(chain, budget_bytes=2**62))
     live = simulation.breakdown()
     activations = live.get("states", 0) + live.get("tapes", 0)
-    return int((simulation.peak_bytes - (1.0 - fraction) * activations) * ratio)
+    return lambda fraction: int(simulation.peak_bytes - (1.0 - fraction) * activations)
 
 
 def _measured(model: nn.Module, inputs: Sequence[torch.Tensor], compiled: CompiledStages,
@@ -79,18 +73,10 @@ def _measured(model: nn.Module, inputs: Sequence[torch.Tensor], compiled: Compil
     if found is not None:
         return found
 
-    def runs(fn: Callable[[tuple], Any]) -> None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        values = tuple(x.detach().requires_grad_(x.requires_grad) for x in inputs)
-        outputs = needing_grad(fn(values))
-        wrt = [v for v in values if v.requires_grad] + params
-        if outputs and wrt:
-            torch.autograd.grad(outputs, wrt, [torch.ones_like(o) for o in outputs], allow_unused=True)
-
     before = unit.compile_seconds
     try:
         with state_restored(model, inputs[0].device):
-            unit.warm(runs)
+            unit.warm(lambda fn: run_step(fn, model, inputs))
     except UnitCompileError as error:
         unit.steps[key] = f"{error}"
         return unit.steps[key]
@@ -108,13 +94,14 @@ def unit_plan(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tens
     ``estimated=False`` measures them without estimating first (a saved plan's unit)."""
     chain = lower_to_chain(model, traced, inputs, calibrate=False)
     usable = budget_bytes  # a unit's peak is measured on the step itself (anode_plan.measure.unit_step)
-    key = _key(model, inputs)
+    key = input_key(model, inputs)
+    estimate = _estimator(chain)
     ratio, tried, new = 1.0, [], 0
     chosen: tuple[float, UnitStep] | None = None
     for fraction in fractions:
         unit = unit_for(compiled, fraction)
         known = unit.steps.get(key)
-        if known is None and (new >= MAX_NEW_UNITS or (estimated and _estimate(chain, fraction, ratio) > usable)):
+        if known is None and (new >= MAX_NEW_UNITS or (estimated and estimate(fraction) * ratio > usable)):
             continue
         new += known is None
         step = _measured(model, inputs, compiled, fraction, key, chain.head_bytes)
@@ -124,7 +111,7 @@ def unit_plan(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tens
         if step.peak_bytes <= usable:
             chosen = (fraction, step)
             break
-        ratio = max(ratio, step.peak_bytes / max(1, _estimate(chain, fraction, 1.0)))
+        ratio = max(ratio, step.peak_bytes / max(1, estimate(fraction)))
     if chosen is None:
         return None
     fraction, step = chosen
@@ -150,5 +137,5 @@ def unit_plan(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tens
 
 def unit_peak(compiled: CompiledStages, model: nn.Module, inputs: Sequence[torch.Tensor], unit: CompiledUnit) -> str:
     """The measured peak of ``unit``'s fraction for these inputs, as text (for an error), or why there is none."""
-    step = unit_for(compiled, unit.fraction).steps.get(_key(model, inputs))
+    step = unit_for(compiled, unit.fraction).steps.get(input_key(model, inputs))
     return str(step.peak_bytes) if isinstance(step, UnitStep) else f"nothing ({step})"

@@ -46,8 +46,7 @@ from anode_plan.measure.phases import (
 from anode_plan.measure.profile import storage_bytes
 from anode_plan.memory import AllocatorMeter
 from anode_plan.model_state import RestoreRunningStats, state_restored
-from anode_plan.plan_key import describe_call
-from anode_plan.stages.inductor import CompiledStages
+from anode_plan.stages.inductor import CompiledStages, input_key
 from anode_plan.tracing.trace import StageFn, TracedModel
 from planners import Chain, Stage
 
@@ -200,7 +199,7 @@ def compiled_chain_for(model: nn.Module, traced: TracedModel, inputs: Sequence[t
                        stages: CompiledStages) -> Chain:
     """The chain of ``model`` run by ``stages`` for these inputs: measured once per input key
     (:mod:`anode_plan.compiler.plan_cache`: shapes, dtypes, modes, frozen parameters), then reused."""
-    key = (describe_call(inputs, list(model.modules())), tuple(x.requires_grad for x in inputs))
+    key = input_key(model, inputs)
     chain = stages.chain_for(key)
     if chain is None:  # the eager chain gives the structure; every figure of a stage is then measured compiled
         skeleton = lower_to_chain(model, traced, inputs, calibrate=False)

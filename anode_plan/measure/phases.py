@@ -49,6 +49,14 @@ def needing_grad(values: Any) -> list[torch.Tensor]:
     return [v for v in tree_flatten(values)[0] if isinstance(v, torch.Tensor) and v.requires_grad]
 
 
+def stand_in_loss(outputs: Any) -> torch.Tensor:
+    """The loss whole measured steps use (the user's is not known when planning): the mean of the squared
+    floating-point outputs, summed over outputs. Like a classification loss it keeps an output-sized value for
+    its backward and hands backward an output-sized gradient."""
+    parts = [t for t in tree_flatten(outputs)[0] if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return sum(t.float().square().mean() for t in parts) if parts else torch.zeros(())
+
+
 def fresh_input(value: Any, requires_grad: bool | None = None) -> Any:
     """A stand-in for a stage input with its own autograd history (not a leaf, so in-place ops work).
 

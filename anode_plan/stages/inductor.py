@@ -34,13 +34,14 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
 
 from anode_plan.errors import BackendSpecError, CompileFallbackWarning
 from anode_plan.model_state import norm_layers_with_stats
+from anode_plan.plan_key import describe_call
 from anode_plan.tracing.trace import StageFn, StageSpec, TracedModel, run_step, stage_function
 
 BACKENDS = ("eager", "inductor")
@@ -188,7 +189,7 @@ class CompiledStages:
         try:
             runs(self.function(position, key))
         except torch._dynamo.exc.TorchDynamoException as error:  # Unsupported, BackendCompilerFailed, InductorError
-            self.eager[position] = f"{type(error).__name__}: {_first_line(error)}"
+            self.eager[position] = f"{type(error).__name__}: {first_line(error)}"
             self._compiled.pop((key, position), None)
             self._unreported.append(position)
             runs(self.function(position, key))  # the user's own error, if it is one, comes out of the eager run
@@ -228,12 +229,19 @@ class StageView:
         return self.stages.function(position, self.key)
 
 
+def input_key(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:
+    """What compiled code and its measurements are kept by: the call's plan key (shapes, dtypes, modes, frozen
+    parameters: :func:`anode_plan.plan_key.describe_call`) and which inputs need a gradient."""
+    return describe_call(inputs, list(model.modules())), tuple(x.requires_grad for x in inputs)
+
+
 def model_identity(model: nn.Module) -> tuple[int, ...]:
     """The ids of ``model``'s modules, parameters and buffers: compiled stages hold these very objects."""
     return tuple(id(obj) for obj in (*model.modules(), *model.parameters(), *model.buffers()))
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
+    """The first line of ``error``'s message, at most 300 characters (for a warning or a plan's note)."""
     text = str(error).strip().splitlines()
     return (text[0] if text else "")[:300]
 

@@ -5,8 +5,9 @@ graph of the whole model fits the budget, the compiled mode runs it instead of s
 compiled one by one (:mod:`anode_plan.compiler.units` chooses; ``plan.unit`` says which).
 One graph fuses across every stage boundary (the pointwise tail of one step into the
 next step's convolution, the normalisation recompute into the backward kernels), which
-per-stage graphs cannot; issue #16's measurements (``docs/algorithms.md`` §11) show that
-is where ``torch.compile`` of the whole model gains its speed.
+per-stage graphs cannot, and that is where ``torch.compile`` of the whole model gains its
+speed (``benchmarks/RESULTS.md``, notes: ``torch.compile`` of each ODE function took 0.998x
+eager's step, of the whole model 0.722x).
 
 What the graph keeps for backward is the choice of AOTAutograd's min-cut partitioner,
 steered by ``torch._functorch.config.activation_memory_budget`` (Inductor's "Memory-budget
@@ -30,8 +31,7 @@ import torch
 from torch import nn
 from torch._functorch import config as functorch_config
 
-from anode_plan.stages.inductor import CompiledStages
-from anode_plan.tracing.trace import TracedModel
+from anode_plan.stages.inductor import CompiledStages, first_line
 
 FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 """The partitioner budgets a unit is offered at, most kept (fastest) first."""
@@ -50,9 +50,8 @@ class WholeModelUnit:
     input key, its measured training step, or why it could not be compiled.
     """
 
-    def __init__(self, model: nn.Module, traced: TracedModel, fraction: float) -> None:
+    def __init__(self, model: nn.Module, fraction: float) -> None:
         self.model = model
-        self.traced = traced
         self.fraction = fraction
         self.compile_seconds = 0.0
         self.steps: dict[Any, Any] = {}  # input key -> its measured step (anode_plan.measure.unit_step), or why not
@@ -85,19 +84,14 @@ class WholeModelUnit:
             runs(self.function())
         except torch._dynamo.exc.TorchDynamoException as error:  # Unsupported, BackendCompilerFailed, InductorError
             self._compiled = None
-            raise UnitCompileError(f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}") from error
+            raise UnitCompileError(f"{type(error).__name__}: {first_line(error)}") from error
         finally:
             self.compile_seconds += time.perf_counter() - began
 
 
-def units_of(stages: CompiledStages) -> dict[float, WholeModelUnit]:
-    """The whole-model units of ``stages``' model, by fraction, kept with its compiled stages (so every
-    compiled model made from the model, at any budget, shares them)."""
-    return stages.units
-
-
 def unit_for(stages: CompiledStages, fraction: float) -> WholeModelUnit:
-    found = units_of(stages)
-    if fraction not in found:
-        found[fraction] = WholeModelUnit(stages.model, stages.traced, fraction)
-    return found[fraction]
+    """The whole-model unit of ``stages``' model at ``fraction``, kept with its compiled stages (so every
+    compiled model made from the model, at any budget, shares it)."""
+    if fraction not in stages.units:
+        stages.units[fraction] = WholeModelUnit(stages.model, fraction)
+    return stages.units[fraction]
