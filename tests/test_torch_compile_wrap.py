@@ -1,9 +1,9 @@
 """``torch.compile(compiled_model)``, the habit: the schedule still runs as planned and the budget holds.
 
 TorchDynamo tracing into the schedule would turn its checkpoint regions into one graph
-(flattening nested regions, saving what the partitioner likes); issue #25 measured an
-``ode_resnet`` at half of plain autograd's peak go 0.7% over its budget that way, with no
-word. A compiled model now stops TorchDynamo at its schedule and says so once; these
+(flattening nested regions, saving what the partitioner likes): the ``ode_resnet`` below, at half
+of plain autograd's 16,950,512 B peak, peaked at 8,651,312 B against its 8,475,256 B budget that
+way (2.1% over), with no word. A compiled model now stops TorchDynamo at its schedule and says so once; these
 tests measure the wrapped model's training step with the allocator.
 """
 
