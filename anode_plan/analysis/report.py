@@ -311,6 +311,13 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
             + (f"; the per-stage plan was predicted at {unit.staged_step_ms:.1f} ms" if unit.staged_step_ms else ""),
             f"  backend      inductor: one unit compiled by torch.compile (compile {plan.compile_seconds:.1f} s for "
             "this plan" + (", compiled already)" if plan.compile_seconds == 0 else ")")]
+    elif getattr(plan, "segments", ()):
+        lines.append(f"  backend      inductor: the model's {_count(plan.segments[-1][1], 'stage')} as "
+                     f"{_count(len(plan.segments), 'compiled unit')} (runs of stages fused into one graph each, the "
+                     f"partitioner at activation_memory_budget={plan.segment_fraction:g}), each measured on the "
+                     f"device (compile {plan.compile_seconds:.1f} s for this plan"
+                     + (", compiled already)" if plan.compile_seconds == 0 else ")"))
+        lines += [f"    unit {name}" for name in (stage.name for stage in chain.stages) if " .. " in name]
     elif _backend(plan) == "inductor":
         compiled = len(chain.stages) - len(plan.eager_stages)
         lines.append(f"  backend      inductor: {compiled} of {_count(len(chain.stages), 'stage')} compiled by "
@@ -354,6 +361,8 @@ def format_report(plan, landmarks: BudgetLandmarks | None = None) -> str:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         for row in [header, *rows]:
             lines.append("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    elif getattr(plan, "segments", ()):
+        lines.append("  (ODE blocks run inside the compiled units: the planner keeps or recomputes each unit whole)")
     else:
         lines.append("  (no ODE blocks: the model is planned as a plain chain of layers)")
     return "\n".join(lines)

@@ -14,6 +14,7 @@ from torch import nn
 
 from anode_plan.compiler.chains import measured_chain, with_backend
 from anode_plan.compiler.plan_cache import CachedPlan, PlanCache
+from anode_plan.compiler.segmented import with_block_units
 from anode_plan.compiler.units import offers_units, unit_plan
 from anode_plan.errors import AnodePlanError, InfeasibleBudgetError, InputMismatchError, TorchCompileWrapWarning
 from anode_plan.plan_key import describe_call, describe_plan
@@ -46,6 +47,9 @@ def runner_for(traced: TracedModel, plan: Plan, model: nn.Module, sketch_ops: di
     if compiled is not None and plan.unit is not None:  # the whole step is one graph; no_grad runs eager stages
         return ScheduleRunner(traced, plan.schedule.ops, model, random_stages,
                               unit=compiled.units[plan.unit.fraction].function())
+    if compiled is not None and plan.segments:  # the schedule is over units (runs of stages compiled as one graph)
+        compiled = compiled.segmented_stages(plan.segments, plan.segment_fraction)
+        traced = compiled.traced
     return ScheduleRunner(traced, plan.schedule.ops, model, random_stages, sketch, dict(plan.adaptive_checkpoints),
                           compiled=compiled.view(plan.chain) if compiled is not None and plan.backend == "inductor"
                           else None)
@@ -165,9 +169,8 @@ class CompiledModel(nn.Module):
                 f"called with {shapes}; planning for the new shapes failed ({type(error).__name__}: {error}). Call it "
                 "with inputs shaped like example_inputs (the batch size may change).") from error
         try:
-            return with_backend(plan_for_budget(chain, self.traced, inputs, first.budget_bytes, self.planner,
-                                                workspace_margin=first.workspace_margin), compiled,
-                                (compiled.compile_seconds - before) if compiled is not None else 0.0)
+            plan = plan_for_budget(chain, self.traced, inputs, first.budget_bytes, self.planner,
+                                   workspace_margin=first.workspace_margin)
         except InfeasibleBudgetError as error:
             raise InfeasibleBudgetError(
                 f"{self.traced.model_name} was planned for inputs {list(first.input_shapes)} under a budget of "
@@ -177,6 +180,9 @@ class CompiledModel(nn.Module):
                 f"planned), or compile with memory_budget of at least {error.min_budget_bytes} bytes.",
                 budget_bytes=first.budget_bytes, min_budget_bytes=error.min_budget_bytes,
                 breakdown=error.breakdown) from None
+        if compiled is not None and offers_units(self.planner, compiled):
+            plan = with_block_units(plan, self.original_model, self.traced, inputs, compiled, self.planner)
+        return with_backend(plan, compiled, (compiled.compile_seconds - before) if compiled is not None else 0.0)
 
     def forward(self, *inputs: Any) -> Any:
         if torch.compiler.is_compiling():  # true only while TorchDynamo traces this frame

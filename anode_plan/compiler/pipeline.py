@@ -22,6 +22,7 @@ from torch import nn
 from anode_plan.budget import parse_memory_budget, usable_bytes
 from anode_plan.compiler.chains import measured_chain, with_backend
 from anode_plan.compiler.model import CompiledModel
+from anode_plan.compiler.segmented import with_block_units
 from anode_plan.compiler.units import offers_units, unit_peak, unit_plan
 from anode_plan.errors import PlanMismatchError, PlanOverBudgetError
 from anode_plan.measure.calibrate import UNCALIBRATED_MARGIN
@@ -116,6 +117,8 @@ def compile(model: nn.Module, memory_budget: int | float | str | None = None,
     plan = None
     if compiled is not None and offers_units(planner, compiled):  # one graph of the whole model, where one fits
         plan = unit_plan(model, traced, example_inputs, parse_memory_budget(memory_budget), compiled, staged)
+        if plan is None:  # else each ODE block as one graph, where that is faster than stage by stage
+            plan = with_block_units(staged(), model, traced, example_inputs, compiled, planner)
     plan = with_backend(plan or staged(), compiled, compiled.compile_seconds - before if compiled is not None else 0.0)
     return CompiledModel(model, traced, plan, planner=planner, calibrate=calibrate, approximate=approximate,
                          compiled=compiled)
@@ -159,12 +162,23 @@ def _reuse_plan(model: nn.Module, plan: "str | os.PathLike | Plan", memory_budge
         fresh = replace(fresh, fingerprint=saved.fingerprint)
         return CompiledModel(model, traced, with_backend(fresh, compiled, compiled.compile_seconds - before),
                              calibrate=calibrate, compiled=compiled)
-    chain = measured_chain(model, traced, inputs, calibrate=calibrate, approximate=approximate, compiled=compiled)
+    runs, measuring = traced, compiled
+    if saved.segments:  # the schedule is over compiled units: measure those again
+        if compiled is None:
+            raise PlanMismatchError(f"{source} runs its schedule over compiled units (runs of stages {list(saved.segments)}), "
+                                    "which only backend='inductor' runs; leave backend unset to reuse it as saved",
+                                    differences=("backend: 'inductor' saved with units, 'eager' given",))
+        try:
+            measuring = compiled.segmented_stages(saved.segments, saved.segment_fraction)
+        except ValueError as error:
+            raise PlanMismatchError(f"{source}: {error}", differences=(str(error),)) from None
+        runs = measuring.traced
+    chain = measured_chain(model, runs, inputs, calibrate=calibrate, approximate=approximate, compiled=measuring)
     margin = 0.0 if calibrate else UNCALIBRATED_MARGIN
     simulation = check_plan_fits(saved.schedule, chain, budget_bytes, source, margin)
     fresh = Plan(schedule=saved.schedule, chain=chain, budget_bytes=budget_bytes, simulation=simulation,
                  input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
-                 workspace_margin=margin,
+                 workspace_margin=margin, segments=saved.segments, segment_fraction=saved.segment_fraction,
                  adaptive_checkpoints=adaptive_checkpoints(chain, simulation, usable_bytes(budget_bytes, margin)))
     fresh = with_backend(fresh, compiled, compiled.compile_seconds - before if compiled is not None else 0.0)
     return CompiledModel(model, traced, fresh, calibrate=calibrate, approximate=approximate, compiled=compiled)

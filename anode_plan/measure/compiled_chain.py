@@ -46,7 +46,8 @@ from anode_plan.measure.phases import (
 from anode_plan.measure.profile import storage_bytes
 from anode_plan.memory import AllocatorMeter
 from anode_plan.model_state import RestoreRunningStats, state_restored
-from anode_plan.stages.inductor import CompiledStages, input_key
+from anode_plan.stages.inductor import CompiledStages, UnitStages, input_key
+from anode_plan.tracing.segments import Segments
 from anode_plan.tracing.trace import StageFn, TracedModel
 from planners import Chain, Stage
 
@@ -198,13 +199,37 @@ def _restoring(fn: StageFn, norms: list[nn.Module]) -> StageFn:
 def compiled_chain_for(model: nn.Module, traced: TracedModel, inputs: Sequence[torch.Tensor],
                        stages: CompiledStages) -> Chain:
     """The chain of ``model`` run by ``stages`` for these inputs: measured once per input key
-    (:mod:`anode_plan.compiler.plan_cache`: shapes, dtypes, modes, frozen parameters), then reused."""
+    (:mod:`anode_plan.compiler.plan_cache`: shapes, dtypes, modes, frozen parameters), then reused.
+    ``traced``: the stages' own cut (a :class:`~anode_plan.stages.inductor.UnitStages`' coarse one)."""
     key = input_key(model, inputs)
     chain = stages.chain_for(key)
     if chain is None:  # the eager chain gives the structure; every figure of a stage is then measured compiled
-        skeleton = lower_to_chain(model, traced, inputs, calibrate=False)
+        if isinstance(stages, UnitStages):
+            skeleton = merged_skeleton(lower_to_chain(model, stages.parent.traced, inputs, calibrate=False),
+                                       stages.segments, traced)
+        else:
+            skeleton = lower_to_chain(model, traced, inputs, calibrate=False)
         chain = stages.add_chain(key, measure_compiled_chain(skeleton, model, traced, inputs, stages, key=key))
     return chain
+
+
+def merged_skeleton(chain: Chain, segments: Segments, coarse: TracedModel) -> Chain:
+    """``chain`` with each run of ``segments`` as one stage, for :func:`measure_compiled_chain` to measure: the
+    states at the runs' boundaries, the union of a run's parameters; its memory and times are placeholders
+    (sums) until measured. No ODE blocks: a unit's steps are not stages of their own."""
+    stages = []
+    for (start, stop), spec in zip(segments, coarse.stages):
+        run = chain.stages[start:stop]
+        stages.append(run[0] if stop - start == 1 else Stage(
+            name=spec.name, input_bytes=run[0].input_bytes, output_bytes=run[-1].output_bytes,
+            tape_bytes=sum(stage.tape_bytes + stage.output_bytes for stage in run),
+            param_ids=tuple(sorted({p for stage in run for p in stage.param_ids})),
+            fwd_cost=sum(stage.fwd_cost for stage in run), bwd_cost=sum(stage.bwd_cost for stage in run),
+            uses_rng=any(stage.uses_rng for stage in run)))
+    boundaries = tuple(chain.state_values[start] for start, _ in segments) + (chain.state_values[-1],)
+    kept = {v for values in boundaries for v in values}
+    return dataclasses.replace(chain, stages=tuple(stages), blocks=(), state_values=boundaries,
+                               gradless_values=tuple(v for v in chain.gradless_values if v in kept))
 
 
 def _adaptive(model: nn.Module, spec: Any) -> bool:

@@ -94,6 +94,20 @@ def read_plan_file(path: str | os.PathLike) -> SavedPlan:
                                 f"needs backend 'inductor' and a fraction in (0, 1]; {REPLAN_ADVICE}")
         unit = CompiledUnit(fraction=fraction, peak_bytes=reader.integer(found, "peak_bytes", "unit", minimum=1),
                             step_ms=reader.number(found, "step_ms", "unit"))
+    segments: tuple[tuple[int, int], ...] = ()
+    if "segments" in top:
+        runs = reader.sequence(top["segments"], "segments")
+        segments = tuple(tuple(reader.integers(run, f"segments[{i}]", minimum=0)) for i, run in enumerate(runs))
+        at = 0
+        for run in segments:
+            if backend != "inductor" or len(run) != 2 or run[0] != at or run[1] <= run[0]:
+                raise PlanFileError(f"{source}: segments {[list(r) for r in segments]} with backend {backend!r}; "
+                                    "compiled units need backend 'inductor' and [start, stop] runs covering the "
+                                    f"stages in order; {REPLAN_ADVICE}")
+            at = run[1]
+    fraction = reader.number(top, "segment_fraction", "the file") if "segment_fraction" in top else 1.0
+    if not 0.0 < fraction <= 1.0:
+        raise PlanFileError(f"{source}: segment_fraction is {fraction!r}, not a fraction in (0, 1]; {REPLAN_ADVICE}")
     schedule = Schedule(ops=tuple(reader.op(op, f"schedule[{i}]")
                                   for i, op in enumerate(reader.sequence(reader.field(top, "schedule"), "schedule"))),
                         planner=reader.string(top, "planner"),
@@ -104,7 +118,7 @@ def read_plan_file(path: str | os.PathLike) -> SavedPlan:
     return SavedPlan(schedule=schedule, chain=reader.chain(reader.field(top, "chain")), budget_bytes=budget_bytes,
                      input_shapes=tuple(shapes), input_dtypes=tuple(dtypes),
                      fingerprint=reader.string(top, "fingerprint"), source=source, workspace_margin=margin,
-                     backend=backend, unit=unit)
+                     backend=backend, unit=unit, segments=segments, segment_fraction=fraction)
 
 
 class _Reader:
@@ -332,5 +346,6 @@ def load_plan(path: str | os.PathLike) -> Plan:
     return Plan(schedule=saved.schedule, chain=saved.chain, budget_bytes=saved.budget_bytes, simulation=simulation,
                 input_shapes=saved.input_shapes, input_dtypes=saved.input_dtypes, fingerprint=saved.fingerprint,
                 workspace_margin=saved.workspace_margin, backend=saved.backend, unit=saved.unit,
+                segments=saved.segments, segment_fraction=saved.segment_fraction,
                 adaptive_checkpoints=adaptive_checkpoints(saved.chain, simulation,
                                                           usable_bytes(saved.budget_bytes, saved.workspace_margin)))

@@ -55,6 +55,11 @@ class Plan:
             under :attr:`schedule`. With a unit, the predicted peak and step are the unit's,
             measured on the device, and :attr:`schedule` is store-all (anode-plan recomputes
             nothing; the partitioner recomputes inside the graph).
+        segments: with ``"inductor"``, the runs of the model's stages compiled as one graph each
+            (``(start, stop)`` positions: :mod:`anode_plan.tracing.segments`), when :attr:`chain` and
+            :attr:`schedule` are over those units; empty when they are over the model's own stages.
+        segment_fraction: with :attr:`segments`, the partitioner's ``activation_memory_budget`` the
+            units are compiled at (1: it saves what backward reads; below, it recomputes inside).
 
     Times: :attr:`predicted_step_seconds` is the whole training step (forward, the loss,
     backward), in the milliseconds calibration measured on the device when
@@ -75,6 +80,8 @@ class Plan:
     compile_seconds: float = 0.0
     eager_stages: tuple[tuple[str, str], ...] = ()
     unit: "CompiledUnit | None" = None
+    segments: tuple[tuple[int, int], ...] = ()
+    segment_fraction: float = 1.0
 
     @property
     def predicted_peak_bytes(self) -> int:

@@ -79,6 +79,8 @@ class SavedPlan:
     workspace_margin: float = 0.0
     backend: str = "eager"
     unit: Any = None
+    segments: tuple[tuple[int, int], ...] = ()
+    segment_fraction: float = 1.0
 
 
 def structure_digest(traced: TracedModel) -> str:
@@ -121,6 +123,8 @@ def dump_plan(plan: Any) -> str:
         "backend": plan.backend,
         **({"unit": {"fraction": plan.unit.fraction, "peak_bytes": plan.unit.peak_bytes, "step_ms": plan.unit.step_ms}}
            if plan.unit is not None else {}),
+        **({"segments": [list(run) for run in plan.segments], "segment_fraction": plan.segment_fraction}
+           if plan.segments else {}),
         "planner": plan.schedule.planner,
         "description": plan.schedule.description,
         "proven_optimal": plan.schedule.proven_optimal,

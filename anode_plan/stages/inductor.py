@@ -38,10 +38,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
+from torch._functorch import config as functorch_config
 
 from anode_plan.errors import BackendSpecError, CompileFallbackWarning
 from anode_plan.model_state import norm_layers_with_stats
 from anode_plan.plan_key import describe_call
+from anode_plan.tracing.segments import Segments, check_segments, coarsen
 from anode_plan.tracing.trace import StageFn, StageSpec, TracedModel, run_step, stage_function
 
 BACKENDS = ("eager", "inductor")
@@ -118,6 +120,7 @@ class CompiledStages:
         self._warm: set[tuple[Any, int]] = set()
         self._unreported: list[int] = []
         self.units: dict[float, Any] = {}  # whole-model units, by partitioner fraction (anode_plan.stages.unit)
+        self.segmented: dict[tuple[Segments, float], UnitStages] = {}  # coarser cuts (segmented_stages)
         for at, spec in enumerate(traced.stages):
             if spec.block is not None and model.get_submodule(spec.block_target).adaptive:
                 self.eager[at] = "an adaptive solve: its step count depends on values, so it runs eager"
@@ -161,20 +164,25 @@ class CompiledStages:
 
     def _build(self, position: int) -> Callable[..., tuple]:
         spec = self.traced.stages[position]
-        if spec.block is None:
-            module = group_module(self.model, self.traced, spec)
+        parts = [self._runner(part) for part in (spec.parts or (spec,))]  # a unit: its stages in one graph
 
-            def stage(*values: Any) -> tuple:
-                return module(*values)
-        else:
-            model = self.model
-
-            def stage(*values: Any) -> tuple:
-                return run_step(model, spec, values)
+        def stage(*values: Any) -> tuple:
+            for part in parts:
+                values = part(values)
+            return tuple(values)
         # TorchDynamo caches compiled code on the code object: one of its own per stage (and per
         # compiled model) keeps each stage's guards and graphs apart.
         stage.__code__ = stage.__code__.replace(co_name=f"anode_plan_stage_{position}_{_slug(spec.name)}")
         return torch.compile(stage, fullgraph=True, dynamic=False)
+
+    def _runner(self, spec: StageSpec) -> Callable[[tuple], tuple]:
+        """What runs one stage inside a compiled function: a layer group as a ``GraphModule`` of its own, a step
+        through its block."""
+        if spec.block is None:
+            module = group_module(self.model, self.traced, spec)
+            return lambda values: module(*values)
+        model = self.model
+        return lambda values: run_step(model, spec, values)
 
     def warm(self, position: int, runs: Callable[[StageFn], None], key: Any = None) -> None:
         """Compile the stage by running ``runs(function)`` (its forward and backward variants), once.
@@ -210,9 +218,72 @@ class CompiledStages:
             "control flow, .item(), print, torch.compiler.disable); TORCH_LOGS=graph_breaks shows where."),
             stacklevel=stacklevel + 1)
 
+    def segmented_stages(self, segments: Segments, fraction: float = 1.0) -> "UnitStages":
+        """These stages cut into ``segments``, each unit at partitioner budget ``fraction`` (:class:`UnitStages`),
+        made once and kept."""
+        segments = check_segments(self.traced, segments)
+        if (segments, fraction) not in self.segmented:
+            self.segmented[(segments, fraction)] = UnitStages(self, segments, fraction)
+        return self.segmented[(segments, fraction)]
+
     def describe_eager(self) -> tuple[tuple[str, str], ...]:
         """(stage name, why) for every stage that runs eager."""
         return tuple((self.traced.stages[at].name, why) for at, why in sorted(self.eager.items()))
+
+
+class UnitStages(CompiledStages):
+    """The compiled stages of ``parent``'s model cut into ``segments`` (:func:`~anode_plan.tracing.segments.coarsen`):
+    each run of two stages or more is one compiled graph (a unit); a run of one is ``parent``'s own compiled
+    stage, shared, so it compiles once for both cuts.
+
+    ``fraction``: the AOTAutograd partitioner's ``activation_memory_budget`` every unit is compiled and run at
+    (as for a whole-model unit, :mod:`anode_plan.stages.unit`): below 1 a unit saves that share of what it
+    would save for backward and recomputes the cheapest rest inside its backward graph.
+
+    A unit that cannot be compiled as one graph runs eager and is listed in :attr:`eager` without a
+    warning: the cut is only a candidate, and :mod:`anode_plan.compiler.segmented` drops it.
+    """
+
+    def __init__(self, parent: CompiledStages, segments: Segments, fraction: float = 1.0) -> None:
+        super().__init__(parent.model, coarsen(parent.traced, segments), parent.digest)
+        self.parent = parent
+        self.segments = segments
+        self.fraction = fraction
+
+    def _fine(self, position: int) -> int | None:
+        """The parent's position of a one-stage run, or ``None`` for a unit."""
+        start, stop = self.segments[position]
+        return start if stop - start == 1 else None
+
+    def compiled(self, position: int) -> bool:
+        fine = self._fine(position)
+        return self.parent.compiled(fine) if fine is not None else super().compiled(position)
+
+    def function(self, position: int, key: Any = None) -> StageFn:
+        fine = self._fine(position)
+        if fine is not None:
+            return self.parent.function(fine, key)
+        fn, fraction = super().function(position, key), self.fraction
+        if fraction == 1.0 or position in self.eager:
+            return fn
+
+        def run(values: tuple) -> tuple:
+            with functorch_config.patch(activation_memory_budget=fraction):
+                return fn(values)
+        return run
+
+    def warm(self, position: int, runs: Callable[[StageFn], None], key: Any = None) -> None:
+        """As :meth:`CompiledStages.warm`; a unit's compile time counts in ``parent``'s too (what a plan reports)."""
+        fine = self._fine(position)
+        if fine is not None:
+            self.parent.warm(fine, runs, key)
+            return
+        before = self.compile_seconds
+        super().warm(position, runs, key)
+        self.parent.compile_seconds += self.compile_seconds - before
+
+    def warn_fallbacks(self, stacklevel: int = 2) -> None:
+        self._unreported = []
 
 
 @dataclass(frozen=True)

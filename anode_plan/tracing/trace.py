@@ -48,6 +48,8 @@ class StageSpec:
             and ``z_out`` are tuples of names, the last step's first being the block's output.
         context: for a step, the names of the block's constant extra inputs
             (``block(z, *context)``), carried through all its steps.
+        parts: for a *unit* (a run of consecutive stages compiled as one graph:
+            :mod:`anode_plan.tracing.segments`), the stages it runs, in order; empty otherwise.
     """
 
     name: str
@@ -60,6 +62,7 @@ class StageSpec:
     z_in: str | tuple[str, ...] | None = None
     z_out: str | None = None
     context: tuple[str, ...] = ()
+    parts: tuple["StageSpec", ...] = ()
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,11 @@ def run_step(root: nn.Module, spec: StageSpec, values: Sequence[Any]) -> tuple:
 
 
 def run_stage(root: nn.Module, traced: TracedModel, spec: StageSpec, values: Sequence[Any]) -> tuple:
-    """Run any stage of ``traced`` from its input state ``values``."""
+    """Run any stage of ``traced`` from its input state ``values`` (a unit's parts one after another)."""
+    if spec.parts:
+        for part in spec.parts:
+            values = run_stage(root, traced, part, values)
+        return tuple(values)
     if spec.block is None:
         return run_layer_group(root, traced, spec, values)
     return run_step(root, spec, values)
