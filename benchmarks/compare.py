@@ -16,8 +16,8 @@ peer's measured peak as ``memory_budget``. Where a peer's peak is below anode-pl
 the row says so and gives the minimum.
 
 And anode-plan's compiled mode (``backend="inductor"``) at the peak of every ``torch.compile``
-row, and at two budgets below the lowest of them (its minimum, and halfway there on a log
-scale), each beside the eager mode at the same budget. Its first compile, which compiles
+row, and at three budgets below the lowest of them (its minimum, halfway there on a log
+scale, and halfway again from there to the lowest peak), each beside the eager mode at the same budget. Its first compile, which compiles
 and measures the stages once for every budget, runs before any ``torch.compile`` peer, after
 one trivial compiled function has paid TorchInductor's start-up in this process, so neither
 side's first compile pays it and the peers', not anode-plan's, find kernels cached.
@@ -264,7 +264,7 @@ def cold_compile_seconds(model: nn.Module, budget: int, x: torch.Tensor) -> floa
 
 def compiled_mode_candidates(model: nn.Module, x: torch.Tensor, peers: list[Measured], eager_min: int
                              ) -> tuple[list[Candidate], int]:
-    """The compiled mode at each torch.compile peer's peak, and (with the eager mode beside it) at two budgets
+    """The compiled mode at each torch.compile peer's peak, and (with the eager mode beside it) at three budgets
     below the lowest of those peaks; and the compiled mode's minimum budget."""
     compile_peers = [p for p in peers if p.compile_fraction is not None]
     out = [replace(planned_candidate(model, p.peak_bytes, x, f"anode-plan inductor at the peak of: {p.name}",
@@ -273,7 +273,8 @@ def compiled_mode_candidates(model: nn.Module, x: torch.Tensor, peers: list[Meas
     minimum = min_budget_bytes(model, x, backend="inductor")
     lowest = min((p.peak_bytes for p in compile_peers), default=None)
     if lowest is not None and minimum < lowest:
-        for budget in sorted({minimum, round((minimum * lowest) ** 0.5)}, reverse=True):
+        middle = (minimum * lowest) ** 0.5  # budgets spaced geometrically from the minimum to the lowest peak
+        for budget in sorted({minimum, round(middle), round((middle * lowest) ** 0.5)}, reverse=True):
             out.append(planned_candidate(model, budget, x, f"anode-plan inductor at {mib(budget)} MiB",
                                          BELOW_FAMILY, None, "inductor"))
             if budget >= eager_min:

@@ -1,30 +1,34 @@
-"""The compiled mode below a whole-model unit: stages compiled one by one, or ODE blocks compiled whole.
+"""The compiled mode below a whole-model unit: stages compiled one by one, or units of several stages.
 
 Where no compiled unit of the whole model fits the budget (:mod:`anode_plan.compiler.units`),
 ``compile(..., backend="inductor")`` plans the per-stage compiled chain, whose nested
 recompute reaches the lowest budgets, with every time step a compiled call of its own. This
-module offers the planner a coarser cut of the same model: each ODE block's steps as one
-compiled graph, and each run of layer groups between blocks as another
-(:func:`~anode_plan.tracing.segments.block_segments`). Inside a block unit Inductor fuses
-across steps; across units the schedule stays the planner's, eager, so a unit is either
-kept (taped, what its compiled graph saves) or recomputed whole from its kept input, and
-recompute still nests across units (revolve over blocks). That is the route the
-measurements in ``docs/algorithms.md`` §11 leave open: one graph holds single-level
-keep-or-recompute, nested recompute stays eager across compiled leaves.
+module offers the planner coarser *cuts* of the same model (:func:`candidate_cuts`): each ODE
+block's steps as one compiled graph, or its steps two at a time, with each run of layer
+groups between blocks as another (:func:`~anode_plan.tracing.segments.block_segments`), at
+partitioner budget 1 or 0.5 (:data:`FRACTIONS`). Inside a unit Inductor fuses across steps;
+across units the schedule stays the planner's, eager, so a unit is either kept (taped, what
+its compiled graph saves) or recomputed whole from its kept input, and recompute still nests
+across units (revolve over blocks). That is the route the measurements in
+``docs/algorithms.md`` §11 leave open: one graph holds single-level keep-or-recompute, nested
+recompute stays eager across compiled leaves.
 
-How it is chosen:
+How a plan is chosen (:func:`with_block_units`):
 
 1. the per-stage plan is made first (its chain measured on the device, as before);
-2. a screen: the cut's lowest peak is about that of keeping each unit's input and re-running
-   the units one at a time, simulated on the per-stage chain; above :data:`SCREEN_SLACK` times
-   the budget the units are not compiled;
-3. else every unit is compiled and measured on the device like a stage (its allocator peaks in the
-   phases of a step, its times, then whole steps: :func:`~anode_plan.compiler.chains.measured_chain`),
-   the coarse chain planned at the budget, and the plan of the two predicted faster, in measured
-   milliseconds, is taken. A unit that cannot be compiled as one graph drops the cut.
+2. a screen per cut: its lowest peak is about that of keeping each unit's input and re-running
+   the units one at a time, simulated on the per-stage chain (tapes scaled by the fraction);
+   above :data:`SCREEN_SLACK` times the budget the cut is not compiled, and at most
+   :data:`MAX_NEW_CUTS` cuts are compiled for one plan;
+3. every unit of a cut that passes is compiled and measured on the device like a stage (its
+   allocator peaks in the phases of a step, its times, then whole steps:
+   :func:`~anode_plan.compiler.chains.measured_chain`), the coarse chain is planned at the
+   budget (:func:`cut_plan`), and the plan predicted fastest, in measured milliseconds, of the
+   per-stage plan and every measured cut's is taken. A unit that cannot be compiled as one graph
+   drops its cut.
 
-The coarse chain is kept with the model's compiled stages per input key, so later budgets
-plan on it without compiling.
+Measured cuts are kept with the model's compiled stages per input key, so later budgets plan
+on them without compiling.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ import torch
 from anode_plan.budget import budget_for_peak, usable_bytes
 from anode_plan.errors import PlanInvariantError, PlanMismatchError, PlanOverBudgetError
 from anode_plan.plans.serialise import structure_digest
+from anode_plan.tracing.segments import coarsen
 from anode_plan.tracing.trace import TracedModel
 from planners import (
     Chain,
@@ -88,6 +89,12 @@ def structure_differences(plan: Any, traced: TracedModel) -> list[str]:
         return []
     chain = plan.chain
     found = []
+    segments = getattr(plan, "segments", ())
+    if segments:  # the plan's chain is over compiled units: compare the model cut the same way
+        try:
+            traced = coarsen(traced, segments)
+        except ValueError as error:
+            found.append(f"the plan's compiled units do not fit the model: {error}")
     theirs = [(b.name, b.nt, b.method) for b in chain.blocks]
     ours = [(b.target, b.nt, b.method) for b in traced.blocks]
     if len(theirs) != len(ours):
