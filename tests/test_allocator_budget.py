@@ -60,14 +60,29 @@ def _min_budget(chain, traced, x):
     return info.value.min_budget_bytes
 
 
+@pytest.fixture(scope="module")
+def measured():
+    """``measured(name, calibrate)``: the model of ``MODELS``, an input batch, labels, its trace and its chain, each
+    built and measured once in the module (the tests plan on them and only read them)."""
+    found = {}
+
+    def get(name, calibrate=True):
+        if name not in found:
+            build, shape = MODELS[name]
+            model = build()
+            x = torch.randn(*shape)
+            y = torch.randint(0, 10, (shape[0],))
+            found[name] = model, x, y, anode_plan.trace_model(model, (x,)), {}
+        model, x, y, traced, chains = found[name]
+        if calibrate not in chains:
+            chains[calibrate] = anode_plan.lower_to_chain(model, traced, (x,), calibrate=calibrate)
+        return model, x, y, traced, chains[calibrate]
+    return get
+
+
 @pytest.fixture(scope="module", params=list(MODELS))
-def lowered(request):
-    build, shape = MODELS[request.param]
-    model = build()
-    x = torch.randn(*shape)
-    y = torch.randint(0, 10, (shape[0],))
-    traced = anode_plan.trace_model(model, (x,))
-    return request.param, model, x, y, traced, anode_plan.lower_to_chain(model, traced, (x,))
+def lowered(request, measured):
+    return request.param, *measured(request.param)
 
 
 def test_allocator_peak_within_budget_from_the_minimum_to_store_all(lowered):
@@ -83,13 +98,19 @@ def test_allocator_peak_within_budget_from_the_minimum_to_store_all(lowered):
                               (name, budget, plan.schedule.description, measured.kernel))
 
 
-def test_the_mnist_peak_is_a_convolution_backward_workspace():
+@pytest.fixture(scope="module")
+def mnist(measured):
+    """The MNIST ODE-net at batch 32, traced, and its chain lowered with and without calibration."""
+    model, x, _, traced, chain = measured("mnist-odenet")
+    return model, x, traced, {True: chain, False: measured("mnist-odenet", calibrate=False)[4]}
+
+
+def test_the_mnist_peak_is_a_convolution_backward_workspace(mnist):
     """The stem's backward allocates buffers inside the kernel, which calibration finds and the plan charges where
     they occur. Their size is the CPU's kernel family's: with oneDNN's AVX2 and AVX-512 kernels two buffers the
     size of the stem's activation (5.3 MiB each here), under SSE4.1 33 KB; so what is asserted follows from it."""
-    model, x = mnist_odenet(), torch.randn(32, 1, 28, 28)
-    traced = anode_plan.trace_model(model, (x,))
-    chain = anode_plan.lower_to_chain(model, traced, (x,))
+    model, x, traced, chains = mnist
+    chain = chains[True]
     activation = 32 * 64 * 26 * 26 * 4
     stem = chain.stages[0]
     assert stem.workspace_kernels[3].startswith("aten::convolution_backward")
@@ -107,11 +128,10 @@ def test_the_mnist_peak_is_a_convolution_backward_workspace():
     assert_budget_promise(measured.peak_bytes, plan.predicted_peak_bytes, half, "mnist at half of store-all")
 
 
-def test_a_budget_between_the_peaks_without_and_with_workspaces_names_the_kernel():
-    model, x = mnist_odenet(), torch.randn(32, 1, 28, 28)
-    traced = anode_plan.trace_model(model, (x,))
-    without = _min_budget(anode_plan.lower_to_chain(model, traced, (x,), calibrate=False), traced, x)
-    with_workspaces = _min_budget(anode_plan.lower_to_chain(model, traced, (x,)), traced, x)
+def test_a_budget_between_the_peaks_without_and_with_workspaces_names_the_kernel(mnist):
+    model, x, traced, chains = mnist
+    without = _min_budget(chains[False], traced, x)
+    with_workspaces = _min_budget(chains[True], traced, x)
     assert with_workspaces > without
     budget = (without + with_workspaces) // 2
     with pytest.raises(anode_plan.InfeasibleBudgetError) as info:
@@ -126,11 +146,10 @@ def test_a_budget_between_the_peaks_without_and_with_workspaces_names_the_kernel
         assert "aten::convolution_backward" in message
 
 
-def test_a_plan_saved_without_workspaces_is_rechecked_and_refused(tmp_path):
+def test_a_plan_saved_without_workspaces_is_rechecked_and_refused(tmp_path, mnist):
     """A plan file made before calibration existed fits its old numbers, not the allocator's."""
-    model, x = mnist_odenet(), torch.randn(32, 1, 28, 28)
-    traced = anode_plan.trace_model(model, (x,))
-    old_chain = anode_plan.lower_to_chain(model, traced, (x,), calibrate=False)
+    model, x, traced, chains = mnist
+    old_chain = chains[False]
     budget = _min_budget(old_chain, traced, x)
     old_plan = anode_plan.plan_for_budget(old_chain, traced, (x,), budget)
     path = tmp_path / "old-plan.yaml"

@@ -27,9 +27,16 @@ def mnist():
     return published.odenet_mnist(nt=3, method="rk4"), torch.randn(4, 1, 28, 28)
 
 
-def test_the_largest_batch_fits_as_the_allocator_counts_and_five_percent_more_does_not(mnist):
+@pytest.fixture(scope="module")
+def search(mnist):
+    """``search_batch_size`` of the MNIST ODE-net under ``BUDGET``, searched once for the tests that read it."""
     model, x = mnist
-    found = anode_plan.search_batch_size(model, BUDGET, (x,))
+    return anode_plan.search_batch_size(model, BUDGET, (x,))
+
+
+def test_the_largest_batch_fits_as_the_allocator_counts_and_five_percent_more_does_not(mnist, search):
+    model, x = mnist
+    found = search
     batch = found.batch
     assert batch > x.shape[0] and found.limited_by == "budget" and found.stopped is None
     assert len(found.measured_batches) <= 6  # two to fit the lines, then confirmations; not one per candidate
@@ -43,9 +50,9 @@ def test_the_largest_batch_fits_as_the_allocator_counts_and_five_percent_more_do
     assert anode_plan.max_batch_size(model, BUDGET, (x,)) == batch
 
 
-def test_a_recompute_limit_gives_a_smaller_batch_within_it(mnist):
+def test_a_recompute_limit_gives_a_smaller_batch_within_it(mnist, search):
     model, x = mnist
-    free = anode_plan.search_batch_size(model, BUDGET, (x,))
+    free = search
     limited = anode_plan.search_batch_size(model, BUDGET, (x,), max_overhead=0.0)
     assert 0 < limited.batch < free.batch
     assert limited.plan.recompute_overhead == 0

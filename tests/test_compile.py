@@ -36,14 +36,6 @@ def _min_budget(model, x, planner):
     return info.value.min_budget_bytes
 
 
-def _budgets(model, x, planner, count=5):
-    """``count`` budgets from the planner's minimum to above the store-all peak."""
-    low = _min_budget(model, x, planner)
-    high = int(anode_plan.compile(model, 10**12, (x,), planner=planners.StoreAll()).plan.predicted_peak_bytes * 1.2)
-    high = max(high, low + count)
-    return [low + (high - low) * k // (count - 1) for k in range(count)]
-
-
 def _loss(out, target):
     return F.cross_entropy(out, target)
 
@@ -56,22 +48,63 @@ def _grads_of(model, x, target, compiled=None):
     return loss.detach(), x.grad, {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+@pytest.fixture(scope="module")
+def measured_models():
+    """Per model of ``_models()``: the model, its example input and target, its trace, and its chain as ``compile``
+    measures it (calibrated) for that input and for the input requiring a gradient (as the test calls it, which a
+    model compiled for the first plans again for), measured once for every planner and budget of the module; and
+    the model's state then, which a test puts back before each use. ``plan_for_budget`` on these chains is the
+    rest of what ``compile`` and the re-plan do."""
+    found = {}
+
+    def get(model_name):
+        if model_name not in found:
+            build, shape = _models()[model_name]
+            torch.manual_seed(0)
+            x = torch.randn(*shape, dtype=torch.float64)
+            target = torch.randint(0, 3, (shape[0],))
+            model = build()
+            traced = anode_plan.trace_model(model, (x,))
+            chains = {grad: anode_plan.lower_to_chain(model, traced, (x.clone().requires_grad_(grad),))
+                      for grad in (False, True)}
+            found[model_name] = (model, x, target, traced, chains, copy.deepcopy(model.state_dict()))
+        return found[model_name]
+    return get
+
+
 @pytest.mark.parametrize("model_name", list(_models()))
 @pytest.mark.parametrize("planner", PLANNERS, ids=lambda p: repr(p))
-def test_gradients_equal_plain_autograd_at_every_budget(model_name, planner):
-    build, shape = _models()[model_name]
-    torch.manual_seed(0)
-    x = torch.randn(*shape, dtype=torch.float64)
-    target = torch.randint(0, 3, (shape[0],))
-    budgets = _budgets(build(), x, planner)
+def test_gradients_equal_plain_autograd_at_every_budget(model_name, planner, measured_models):
+    """Five budgets from the planner's minimum to above the store-all peak. The smallest is compiled by ``compile``
+    from scratch (traced and measured, and measured again for the input that requires a gradient); the others are
+    planned on the module's one measurement of the model (``plan_for_budget``), the plan that runs made for the
+    input as it is called."""
+    build = _models()[model_name][0]
+    model, x, target, traced, chains, state = measured_models(model_name)
+    with pytest.raises(anode_plan.InfeasibleBudgetError) as info:
+        anode_plan.plan_for_budget(chains[False], traced, (x,), 1, planner)
+    low = info.value.min_budget_bytes
+    high = anode_plan.plan_for_budget(chains[False], traced, (x,), 10**12, planners.StoreAll()).predicted_peak_bytes
+    high = max(int(high * 1.2), low + 5)
+    budgets = [low + (high - low) * k // 4 for k in range(5)]
     assert len(set(budgets)) >= 5
     reference_model = build()
     ref_loss, ref_dx, ref_grads = _grads_of(reference_model, x, target)
     for budget in budgets:
-        model = build()
-        compiled = anode_plan.compile(model, budget, (x,), planner=planner)
-        assert compiled.plan.predicted_peak_bytes <= budget
+        model.load_state_dict(state)  # as built: the previous budget's step moved its BatchNorm statistics
+        model.zero_grad(set_to_none=True)
+        if budget == low:
+            compiled = anode_plan.compile(model, budget, (x,), planner=planner)
+            assert compiled.plan.predicted_peak_bytes <= budget
+        else:
+            assert anode_plan.plan_for_budget(chains[False], traced, (x,), budget, planner).predicted_peak_bytes <= budget
+            x_grad = x.clone().requires_grad_()
+            compiled = anode_plan.CompiledModel(
+                model, traced, anode_plan.plan_for_budget(chains[True], traced, (x_grad,), budget, planner),
+                planner=planner)
         loss, dx, grads = _grads_of(model, x, target, compiled)
+        assert compiled.plan.predicted_peak_bytes <= budget  # the plan that ran
+        assert budget == low or len(compiled.plans) == 1  # the plan made here ran, not one made on a new measurement
         torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(dx, ref_dx, rtol=1e-10, atol=1e-12)
         for name, grad in grads.items():

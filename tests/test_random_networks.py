@@ -93,11 +93,14 @@ def test_random_network_exact_gradients_and_measured_peak_within_budget(spec, po
     generator = torch.Generator().manual_seed(spec.seed)
     x = torch.randn(spec.batch, spec.features, dtype=torch.float64, generator=generator).requires_grad_()
     y = torch.randint(0, 3, (spec.batch,), generator=generator)
+    # The smallest budget and store-all's peak, as compile(model, 1 / 10**12, (x,)) finds them, on one measurement.
+    traced = anode_plan.trace_model(model, (x,))
+    chain = anode_plan.lower_to_chain(model, traced, (x,))
     try:
-        anode_plan.compile(model, 1, (x,))
+        anode_plan.plan_for_budget(chain, traced, (x,), 1)
     except anode_plan.InfeasibleBudgetError as error:
         minimum = error.min_budget_bytes
-    store_all = anode_plan.compile(model, 10**12, (x,), planner=planners.StoreAll()).plan.predicted_peak_bytes
+    store_all = anode_plan.plan_for_budget(chain, traced, (x,), 10**12, planners.StoreAll()).predicted_peak_bytes
     budget = minimum + int(position * max(store_all - minimum, 0))
     compiled = anode_plan.compile(model, budget, (x,))
     assert compiled.plan.predicted_peak_bytes <= budget
