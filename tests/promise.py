@@ -11,6 +11,7 @@ measured budget`` to ``path``: the worst ratio over a whole run is then one ``so
 
 from __future__ import annotations
 
+import copy
 import os
 
 import torch.nn.functional as F
@@ -47,3 +48,26 @@ def step_peak(compiled, model, x, y) -> anode_plan.MemoryMeasurement:
     measured = anode_plan.measure_peak_memory(lambda: F.cross_entropy(compiled(x), y).backward())
     model.zero_grad(set_to_none=True)
     return measured
+
+
+def training_step(module, model, x, y) -> list:
+    """Loss, input gradient, parameter gradients and buffers after one step ``cross_entropy(module(x), y)
+    .backward()``, flat; ``model`` (whose parameters ``module`` trains) is put back as it was."""
+    state = copy.deepcopy(model.state_dict())
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    loss = F.cross_entropy(module(x), y)
+    loss.backward()
+    found = [loss.detach(), x.grad, *(p.grad.clone() for p in model.parameters()),
+             *(b.clone() for b in model.buffers())]
+    model.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    return found
+
+
+def restored_peak(module, model, x, y) -> int:
+    """:func:`step_peak`'s allocator peak, in bytes, with ``model``'s statistics put back afterwards."""
+    state = copy.deepcopy(model.state_dict())
+    peak = step_peak(module, model, x, y).peak_bytes
+    model.load_state_dict(state)
+    return peak

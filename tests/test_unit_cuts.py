@@ -12,7 +12,6 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import anode_plan
 import planners
@@ -21,7 +20,7 @@ from anode_plan.compiler.segmented import MAX_NEW_CUTS, candidate_cuts, cut_plan
 from anode_plan.stages.inductor import input_key
 from anode_plan.tracing.segments import block_segments, coarsen
 from models import mlp_ode, ode_resnet, unet_ode
-from promise import assert_budget_promise, step_peak
+from promise import assert_budget_promise, restored_peak as _peak, training_step as _step
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*No CUDA runtime.*")
 
@@ -54,27 +53,6 @@ def _staged(name):
         model, x, y = MODELS[name]()
         _STAGED[name] = model, x, y, anode_plan.compile(model, 2**40, (x,), backend="inductor", planner=AUTO)
     return _STAGED[name]
-
-
-def _step(module, model, x, y):
-    """Loss, input gradient, parameter gradients and buffers after one training step; the model is put back."""
-    state = copy.deepcopy(model.state_dict())
-    model.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    loss = F.cross_entropy(module(x), y)
-    loss.backward()
-    found = [loss.detach(), x.grad, *(p.grad.clone() for p in model.parameters()),
-             *(b.clone() for b in model.buffers())]
-    model.load_state_dict(state)
-    model.zero_grad(set_to_none=True)
-    return found
-
-
-def _peak(module, model, x, y) -> int:
-    state = copy.deepcopy(model.state_dict())
-    peak = step_peak(module, model, x, y).peak_bytes
-    model.load_state_dict(state)
-    return peak
 
 
 def _assert_exact(got, want, what):

@@ -49,8 +49,10 @@ from anode_plan.tracing.trace import TracedModel
 from planners import Chain, Region, Run, simulate_plan
 
 SCREEN_SLACK = 1.25
-"""Units are compiled only when the screen's peak is at most this times the budget: a compiled unit can save
-less than its stages (fused pointwise values are recomputed) or more (a shared weight's gradient partials)."""
+"""Units are compiled only when the screen's peak is at most this times the budget: a compiled unit can need
+less than its stages (fused pointwise values are recomputed) or more (a shared weight's gradient partials: on
+the benchmark model, the first block as one unit at fraction 0.5 measured a 24.01 MiB backward peak, 2.03 MiB
+at fraction 1)."""
 
 FRACTIONS = (1.0, 0.5)
 """The partitioner budgets units are offered at: 1 saves what backward reads; 0.5 keeps half of it and
@@ -111,10 +113,12 @@ def with_block_units(staged: Plan, model: nn.Module, traced: TracedModel, inputs
     (the module docstring says how they are chosen)."""
     usable = usable_bytes(staged.budget_bytes, staged.workspace_margin)
     key = input_key(model, inputs)
-    best, new = staged, 0
+    best, new, screens = staged, 0, {}
     for segments, fraction in candidate_cuts(traced):
         if compiled.segmented_stages(segments, fraction).chain_for(key) is None:
-            if new >= MAX_NEW_CUTS or screen_peak(staged.chain, segments)(fraction) > SCREEN_SLACK * usable:
+            if segments not in screens:
+                screens[segments] = screen_peak(staged.chain, segments)
+            if new >= MAX_NEW_CUTS or screens[segments](fraction) > SCREEN_SLACK * usable:
                 continue
             new += 1
         plan = cut_plan(staged, model, traced, inputs, compiled, planner, segments, fraction)

@@ -263,14 +263,8 @@ class UnitStages(CompiledStages):
         fine = self._fine(position)
         if fine is not None:
             return self.parent.function(fine, key)
-        fn, fraction = super().function(position, key), self.fraction
-        if fraction == 1.0 or position in self.eager:
-            return fn
-
-        def run(values: tuple) -> tuple:
-            with functorch_config.patch(activation_memory_budget=fraction):
-                return fn(values)
-        return run
+        fn = super().function(position, key)
+        return fn if self.fraction == 1.0 or position in self.eager else at_fraction(fn, self.fraction)
 
     def warm(self, position: int, runs: Callable[[StageFn], None], key: Any = None) -> None:
         """As :meth:`CompiledStages.warm`; a unit's compile time counts in ``parent``'s too (what a plan reports)."""
@@ -298,6 +292,15 @@ class StageView:
 
     def function(self, position: int) -> StageFn:
         return self.stages.function(position, self.key)
+
+
+def at_fraction(fn: Callable[[tuple], Any], fraction: float) -> Callable[[tuple], Any]:
+    """``fn`` (taking one tuple) run under AOTAutograd's partitioner budget ``activation_memory_budget=fraction``,
+    so it compiles, and recompiles for another shape, partitioned that way."""
+    def run(values: tuple) -> Any:
+        with functorch_config.patch(activation_memory_budget=fraction):
+            return fn(values)
+    return run
 
 
 def input_key(model: nn.Module, inputs: Sequence[torch.Tensor]) -> Any:

@@ -29,9 +29,8 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch._functorch import config as functorch_config
 
-from anode_plan.stages.inductor import CompiledStages, first_line
+from anode_plan.stages.inductor import CompiledStages, at_fraction, first_line
 
 FRACTIONS = (1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1)
 """The partitioner budgets a unit is offered at, most kept (fastest) first."""
@@ -70,12 +69,8 @@ class WholeModelUnit:
         """What runs the unit: the model's output for a tuple of inputs, compiled, under its partitioner budget."""
         if self._compiled is None:
             self._compiled = self._build()
-        fn, fraction = self._compiled, self.fraction
-
-        def run(inputs: tuple) -> Any:
-            with functorch_config.patch(activation_memory_budget=fraction):
-                return fn(*inputs)
-        return run
+        fn = self._compiled
+        return at_fraction(lambda inputs: fn(*inputs), self.fraction)
 
     def warm(self, runs: Callable[[Callable[[tuple], Any]], None]) -> None:
         """Compile by running ``runs(function)`` (a forward and a backward); raises :class:`UnitCompileError`."""
